@@ -1,0 +1,39 @@
+# Copyright 2026 The trl_arcopo contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""AR-CoPO for streaming autoregressive video generators, in TRL's conventions."""
+
+__version__ = "0.1.0.dev0"
+
+from .kv_cache import KVCache
+from .models import CausalWanTransformer3DModel, block_causal_mask, teacher_forcing_mask
+from .pipelines import ChunkDenoisingOutput, SelfForcingPipeline, SelfForcingPipelineOutput
+from .rollout import ForkedRollout, forked_rollout
+from .sampling import RolloutNoise, get_schedule, neighbor_noise, self_forcing_scheduler
+
+
+__all__ = [
+    "CausalWanTransformer3DModel",
+    "ChunkDenoisingOutput",
+    "ForkedRollout",
+    "KVCache",
+    "RolloutNoise",
+    "SelfForcingPipeline",
+    "SelfForcingPipelineOutput",
+    "block_causal_mask",
+    "forked_rollout",
+    "get_schedule",
+    "neighbor_noise",
+    "self_forcing_scheduler",
+    "teacher_forcing_mask",
+]

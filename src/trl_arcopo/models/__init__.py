@@ -1,0 +1,1 @@
+from .causal_wan import CausalWanTransformer3DModel, block_causal_mask, teacher_forcing_mask, transformer_flops

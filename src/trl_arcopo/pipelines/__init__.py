@@ -1,0 +1,1 @@
+from .pipeline_self_forcing import ChunkDenoisingOutput, SelfForcingPipeline, SelfForcingPipelineOutput

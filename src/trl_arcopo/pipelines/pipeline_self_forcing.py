@@ -1,0 +1,527 @@
+# Copyright 2026 The trl_arcopo contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Streaming (chunk-by-chunk, KV-cached) text-to-video generation with a Self-Forcing causal Wan transformer."""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers.loaders import WanLoraLoaderMixin
+from diffusers.utils import BaseOutput
+from diffusers.video_processor import VideoProcessor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..kv_cache import KVCache
+from ..models.causal_wan import CausalWanTransformer3DModel
+from ..sampling import SAMPLERS, RolloutNoise, SamplerType, consistency_step, get_schedule, ode_step, x0_from_velocity
+
+
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+
+
+@dataclass
+class SelfForcingPipelineOutput(BaseOutput):
+    r"""
+    Output of [`SelfForcingPipeline`].
+
+    Args:
+        frames (`torch.Tensor`, `np.ndarray` or `list[list[PIL.Image.Image]]`):
+            `"pt"`: `[B, F, C, H, W]` in `[0, 1]`; `"np"`: `[B, F, H, W, C]`; `"pil"`: lists of images; `"latent"`: the
+            latents `[B, C, F_latent, H_latent, W_latent]`.
+    """
+
+    frames: torch.Tensor | np.ndarray | list[list[PIL.Image.Image]]
+
+
+@dataclass
+class ChunkDenoisingOutput:
+    r"""
+    Result of denoising one chunk.
+
+    Args:
+        x0 (`torch.Tensor` of shape `[B, C, Fc, H, W]`): the chunk's output (the last step's clean estimate).
+        states (`torch.Tensor` of shape `[B, T, C, Fc, H, W]`, *optional*): the state `x_t` fed to each step.
+        x0_preds (`torch.Tensor` of shape `[B, T, C, Fc, H, W]`, *optional*): the clean estimate `x̂0` of each step.
+    """
+
+    x0: torch.Tensor
+    states: torch.Tensor | None = None
+    x0_preds: torch.Tensor | None = None
+
+
+def _clean_prompt(text: str) -> str:
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
+
+
+class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
+    r"""
+    Text-to-video generation with a streaming autoregressive Wan transformer (Self-Forcing and its family).
+
+    The video is made chunk by chunk (`num_frames_per_chunk` latent frames each). Each chunk is denoised by a few-step
+    sampler while attending to a KV cache of the clean chunks before it; the finished chunk is then run once more at
+    `t = 0` to commit its clean keys/values to the cache. Without classifier-free guidance (the default) every step is
+    one transformer forward.
+
+    Args:
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`], *optional*): tokenizer of the text encoder.
+        text_encoder ([`~transformers.PreTrainedModel`], *optional*): UMT5 encoder (or any encoder with
+            `last_hidden_state`). Tokenizer and text encoder may be `None` when `prompt_embeds` are always passed.
+        transformer ([`CausalWanTransformer3DModel`] or `WanTransformer3DModel`): the causal denoiser. A stock
+            `WanTransformer3DModel` is made causal with [`CausalWanTransformer3DModel.from_wan`] (weights shared).
+        scheduler ([`~diffusers.FlowMatchEulerDiscreteScheduler`]): gives the denoising schedule;
+            `FlowMatchEulerDiscreteScheduler(shift=5.0, stochastic_sampling=True)` for Self-Forcing.
+        vae ([`~diffusers.AutoencoderKLWan`], *optional*): the video VAE. `None` means the transformer works directly
+            in pixel space (values in `[-1, 1]`, `in_channels` = 3).
+        default_height, default_width, default_num_frames (`int`): video size used when `__call__` gets none.
+        default_max_sequence_length (`int`): text tokens used when `__call__` gets none.
+
+    Example:
+
+    ```py
+    >>> from trl_arcopo import SelfForcingPipeline
+    >>> pipe = SelfForcingPipeline.from_pretrained("path/to/self-forcing-diffusers")
+    >>> video = pipe("a red fox running through snow", generator=torch.Generator().manual_seed(0)).frames[0]
+    ```
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["tokenizer", "text_encoder", "vae"]
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase | None,
+        text_encoder: PreTrainedModel | None,
+        transformer: WanTransformer3DModel,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKLWan | None = None,
+        default_height: int = 480,
+        default_width: int = 832,
+        default_num_frames: int = 81,
+        default_max_sequence_length: int = 512,
+    ):
+        super().__init__()
+        transformer = CausalWanTransformer3DModel.from_wan(transformer)
+        self.register_modules(
+            tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler, vae=vae
+        )
+        self.register_to_config(
+            default_height=default_height,
+            default_width=default_width,
+            default_num_frames=default_num_frames,
+            default_max_sequence_length=default_max_sequence_length,
+        )
+        self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 1
+        self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 1
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    # ------------------------------------------------------------------ text
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        do_classifier_free_guidance: bool = False,
+        num_videos_per_prompt: int = 1,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        max_sequence_length: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Encode prompts once (the cross-attention context of every chunk).
+
+        Returns:
+            `(prompt_embeds, negative_prompt_embeds)`, each `[B * num_videos_per_prompt, max_sequence_length, text_dim]`
+            (text tokens past each prompt's length are zero, as in Wan); the second is `None` without guidance.
+        """
+        device = device or self._execution_device
+        max_sequence_length = max_sequence_length or self.config.default_max_sequence_length
+        if prompt_embeds is None:
+            prompt_embeds = self._embed_text(prompt, max_sequence_length, device, dtype)
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype or prompt_embeds.dtype)
+        batch_size = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negative_prompt = negative_prompt or ""
+            negative_prompt = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
+            if len(negative_prompt) != batch_size:
+                raise ValueError(
+                    f"Got {len(negative_prompt)} negative prompts for {batch_size} prompts; pass one per prompt."
+                )
+            negative_prompt_embeds = self._embed_text(negative_prompt, prompt_embeds.shape[1], device, dtype)
+        prompt_embeds = prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=prompt_embeds.dtype)
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
+        return prompt_embeds, negative_prompt_embeds if do_classifier_free_guidance else None
+
+    def _embed_text(self, prompt, max_sequence_length, device, dtype) -> torch.Tensor:
+        if self.tokenizer is None or self.text_encoder is None:
+            raise ValueError(
+                "This pipeline has no tokenizer/text encoder: pass `prompt_embeds` instead of `prompt`, or load a "
+                "pipeline with a text encoder."
+            )
+        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompt = [_clean_prompt(p) for p in prompt]
+        inputs = self.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        mask = inputs.attention_mask
+        seq_lens = mask.gt(0).sum(dim=1)
+        encoder_device = next(self.text_encoder.parameters()).device
+        hidden = self.text_encoder(inputs.input_ids.to(encoder_device), mask.to(encoder_device)).last_hidden_state
+        hidden = hidden.to(device=device, dtype=dtype or self.transformer.dtype)  # [B, S, text_dim]
+        keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < seq_lens.to(hidden.device)[:, None]
+        return hidden * keep[..., None]  # zero past each prompt's length  [B, S, text_dim]
+
+    # ------------------------------------------------------------------ shapes and inputs
+    def latent_shape(
+        self, batch_size: int, height: int, width: int, num_frames: int, num_frames_per_chunk: int
+    ) -> tuple[int, int, int, int, int]:
+        """Validate a video size and return its latent shape `(B, C, F_latent, H_latent, W_latent)`."""
+        _, p_h, p_w = self.transformer.config.patch_size
+        spatial = self.vae_scale_factor_spatial * p_h, self.vae_scale_factor_spatial * p_w
+        if height % spatial[0] or width % spatial[1]:
+            raise ValueError(
+                f"`height={height}` and `width={width}` must be divisible by {spatial[0]} and {spatial[1]} "
+                f"(VAE factor {self.vae_scale_factor_spatial} x patch size {p_h}x{p_w}); e.g. use "
+                f"{height // spatial[0] * spatial[0] or spatial[0]}x{width // spatial[1] * spatial[1] or spatial[1]}."
+            )
+        if num_frames_per_chunk < 1:
+            raise ValueError(f"`num_frames_per_chunk={num_frames_per_chunk}` must be at least 1.")
+        t = self.vae_scale_factor_temporal
+        if t > 1 and (num_frames - 1) % t:
+            raise ValueError(
+                f"`num_frames={num_frames}` must be 1 + a multiple of the VAE's temporal factor {t} (e.g. 81)."
+            )
+        latent_frames = (num_frames - 1) // t + 1 if t > 1 else num_frames
+        if latent_frames % num_frames_per_chunk:
+            valid = (latent_frames // num_frames_per_chunk + 1) * num_frames_per_chunk
+            suggestion = (valid - 1) * t + 1 if t > 1 else valid
+            raise ValueError(
+                f"`num_frames={num_frames}` gives {latent_frames} latent frames, not a multiple of "
+                f"`num_frames_per_chunk={num_frames_per_chunk}`; use e.g. `num_frames={suggestion}`."
+            )
+        channels = self.transformer.config.in_channels
+        return batch_size, channels, latent_frames, height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
+
+    def prepare_cache(
+        self,
+        batch_size: int,
+        num_latent_frames: int,
+        latent_height: int,
+        latent_width: int,
+        local_attn_frames: int | None = None,
+        sink_frames: int = 0,
+    ) -> KVCache:
+        """Start an empty KV cache for `batch_size` videos of the given latent size."""
+        return KVCache.from_transformer(
+            self.transformer,
+            batch_size,
+            num_latent_frames,
+            latent_height,
+            latent_width,
+            device=self._execution_device,
+            local_attn_frames=local_attn_frames,
+            sink_frames=sink_frames,
+        )
+
+    def get_schedule(self, sigmas: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(timesteps [T], sigmas [T + 1])` of one chunk, from the scheduler (see [`trl_arcopo.sampling.get_schedule`])."""
+        return get_schedule(self.scheduler, sigmas)
+
+    # ------------------------------------------------------------------ the network calls
+    def _velocity(
+        self,
+        x: torch.Tensor,
+        timestep: float | torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        kv_cache: KVCache,
+        frame_offset: int,
+        negative_prompt_embeds: torch.Tensor | None,
+        guidance_scale: float,
+        update_cache: bool,
+        attention_kwargs: dict[str, Any] | None,
+    ) -> torch.Tensor:
+        dtype = self.transformer.dtype
+        guided = negative_prompt_embeds is not None
+        model_input = torch.cat([x, x]) if guided else x  # [B or 2B, C, Fc, H, W]
+        embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
+        timesteps = torch.as_tensor(timestep, device=x.device, dtype=torch.float32).expand(model_input.shape[0])
+        velocity = self.transformer(
+            model_input.to(dtype),
+            timesteps,
+            embeds.to(dtype),
+            attention_kwargs=attention_kwargs,
+            kv_cache=kv_cache,
+            frame_offset=frame_offset,
+            update_cache=update_cache,
+            return_dict=False,
+        )[0].to(x.dtype)
+        if guided:
+            uncond, cond = velocity.chunk(2)
+            velocity = uncond + guidance_scale * (cond - uncond)
+        return velocity
+
+    def predict_x0(
+        self,
+        x_t: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sigma: float | torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        kv_cache: KVCache,
+        frame_offset: int,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """
+        The clean estimate `x̂0 = x_t - σ·v_θ(x_t, t)` `[B, C, Fc, H, W]` of a chunk starting at latent frame
+        `frame_offset`, attending to the committed frames in `kv_cache` (never written). Runs with gradients when
+        they are enabled: the sampler and the trainer's recomputation share this exact code path.
+        """
+        velocity = self._velocity(
+            x_t, timestep, prompt_embeds, kv_cache, frame_offset, negative_prompt_embeds, guidance_scale, False,
+            attention_kwargs,
+        )
+        return x0_from_velocity(x_t, sigma, velocity)
+
+    def denoise_chunk(
+        self,
+        noise: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        kv_cache: KVCache,
+        frame_offset: int,
+        timesteps: torch.Tensor,
+        sigmas: torch.Tensor,
+        renoise: torch.Tensor | None = None,
+        sampler: SamplerType = "consistency",
+        record_trajectory: bool = False,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> ChunkDenoisingOutput:
+        """
+        Denoise one chunk from its initial `noise` `[B, C, Fc, H, W]` with `len(timesteps)` steps.
+
+        `sampler="consistency"` (Self-Forcing): `x̂0 = x - σ·v`, then `x ← (1 - σ')·x̂0 + σ'·renoise[:, j]`;
+        `sampler="ode"`: Euler steps of the flow ODE. The output is the last step's `x̂0`. With
+        `record_trajectory=True` the per-step states and clean estimates are returned too (what AR-CoPO stores).
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"Unknown sampler {sampler!r}; use one of {SAMPLERS}.")
+        num_steps = len(timesteps)
+        if sampler == "consistency" and num_steps > 1 and (renoise is None or renoise.shape[1] != num_steps - 1):
+            raise ValueError(
+                f"The consistency sampler needs `renoise` of shape [B, {num_steps - 1}, C, Fc, H, W] for {num_steps} "
+                "steps; draw it with `RolloutNoise.sample`."
+            )
+        x = noise
+        states, x0_preds = [], []
+        for j in range(num_steps):
+            sigma, sigma_next = sigmas[j].item(), sigmas[j + 1].item()
+            velocity = self._velocity(
+                x, timesteps[j], prompt_embeds, kv_cache, frame_offset, negative_prompt_embeds, guidance_scale,
+                False, attention_kwargs,
+            )
+            x0 = x0_from_velocity(x, sigma, velocity)
+            if record_trajectory:
+                states.append(x)
+                x0_preds.append(x0)
+            if j < num_steps - 1:
+                x = consistency_step(x0, sigma_next, renoise[:, j]) if sampler == "consistency" else ode_step(
+                    x, sigma, sigma_next, velocity
+                )
+        if not record_trajectory:
+            return ChunkDenoisingOutput(x0=x0)
+        return ChunkDenoisingOutput(x0=x0, states=torch.stack(states, 1), x0_preds=torch.stack(x0_preds, 1))
+
+    def commit_chunk(
+        self,
+        x0: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        kv_cache: KVCache,
+        frame_offset: int,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """Run the clean chunk `x0` `[B, C, Fc, H, W]` at `t = 0` and write its keys/values into `kv_cache`."""
+        with torch.no_grad():
+            self._velocity(
+                x0, 0.0, prompt_embeds, kv_cache, frame_offset, negative_prompt_embeds, 1.0, True, attention_kwargs
+            )
+
+    def generate_latents(
+        self,
+        prompt_embeds: torch.Tensor,
+        noise: RolloutNoise,
+        kv_cache: KVCache,
+        timesteps: torch.Tensor,
+        sigmas: torch.Tensor,
+        sampler: SamplerType = "consistency",
+        start_chunk: int = 0,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        attention_kwargs: dict[str, Any] | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """
+        Stream chunks `start_chunk..L-1` from `noise`, committing each to `kv_cache` (which must already hold the
+        chunks before `start_chunk`). Returns the generated chunks concatenated along frames `[B, C, F', H, W]`.
+        """
+        chunks = []
+        num_chunks = noise.num_chunks
+        frames = noise.num_frames_per_chunk
+        iterator = range(start_chunk, num_chunks)
+        if progress:
+            iterator = self.progress_bar(iterator)
+        for c in iterator:
+            out = self.denoise_chunk(
+                noise.chunk_initial(c),
+                prompt_embeds,
+                kv_cache,
+                c * frames,
+                timesteps,
+                sigmas,
+                renoise=noise.chunk_renoise(c),
+                sampler=sampler,
+                negative_prompt_embeds=negative_prompt_embeds,
+                guidance_scale=guidance_scale,
+                attention_kwargs=attention_kwargs,
+            )
+            self.commit_chunk(out.x0, prompt_embeds, kv_cache, c * frames, negative_prompt_embeds, attention_kwargs)
+            chunks.append(out.x0)
+        return torch.cat(chunks, dim=2)
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str = "pt"):
+        """Latents `[B, C, F, H, W]` to frames (`"pt"`: `[B, F, C, H, W]` in `[0, 1]`; see the output class)."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"Unknown `output_type={output_type!r}`; use one of {OUTPUT_TYPES}.")
+        if output_type == "latent":
+            return latents
+        if self.vae is None:
+            video = latents  # pixel space, [-1, 1]
+        else:
+            z_dim = self.vae.config.z_dim
+            mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents)
+            inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents)
+            video = self.vae.decode((latents / inv_std + mean).to(self.vae.dtype), return_dict=False)[0]
+        return self.video_processor.postprocess_video(video.float(), output_type=output_type)
+
+    # ------------------------------------------------------------------ __call__
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_frames_per_chunk: int = 3,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 1.0,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        max_sequence_length: int | None = None,
+        sampler: SamplerType = "consistency",
+        local_attn_frames: int | None = None,
+        sink_frames: int = 0,
+    ) -> SelfForcingPipelineOutput | tuple:
+        r"""
+        Generate videos chunk by chunk.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*): the prompt(s); or pass `prompt_embeds`.
+            negative_prompt (`str` or `list[str]`, *optional*): used only with `guidance_scale > 1`.
+            height, width, num_frames (`int`, *optional*): video size (defaults from the pipeline config).
+                `num_frames` counts output frames: with a VAE it must be `4k + 1`.
+            num_frames_per_chunk (`int`, defaults to 3): latent frames per chunk.
+            sigmas (`list[float]`, *optional*): the per-chunk schedule before the scheduler's shift; defaults to
+                Self-Forcing's `[1.0, 0.75, 0.5, 0.25]` (timesteps `[1000, 937.5, 833.3, 625]` with shift 5).
+            guidance_scale (`float`, defaults to 1.0): classifier-free guidance; `1.0` disables it (Self-Forcing).
+            generator (`torch.Generator` or a list, *optional*): draws the initial noise (unless `latents` is given),
+                then the re-noise of each chunk, chunk by chunk, in order.
+            latents (`torch.Tensor` of shape `[B, C, F_latent, H_latent, W_latent]`, *optional*): the initial noise.
+            output_type (`str`, defaults to `"np"`): `"np"`, `"pt"`, `"pil"` or `"latent"`.
+            sampler (`str`, defaults to `"consistency"`): `"consistency"` (re-noise, Self-Forcing) or `"ode"`.
+            local_attn_frames, sink_frames: optional local attention window with sink frames (see [`KVCache`]).
+
+        Returns:
+            [`SelfForcingPipelineOutput`] or a tuple `(frames,)`.
+        """
+        height = height or self.config.default_height
+        width = width or self.config.default_width
+        num_frames = num_frames or self.config.default_num_frames
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"Unknown `output_type={output_type!r}`; use one of {OUTPUT_TYPES}.")
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("Pass exactly one of `prompt` and `prompt_embeds`.")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"Unknown sampler {sampler!r}; use one of {SAMPLERS}.")
+        device = self._execution_device
+        do_cfg = guidance_scale > 1.0
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            negative_prompt,
+            do_classifier_free_guidance=do_cfg,
+            num_videos_per_prompt=num_videos_per_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            device=device,
+        )
+        batch_size = prompt_embeds.shape[0]
+        shape = self.latent_shape(batch_size, height, width, num_frames, num_frames_per_chunk)
+        timesteps, sigmas_t = self.get_schedule(sigmas)
+        noise = RolloutNoise.sample(
+            shape, num_frames_per_chunk, len(timesteps), sampler, generator, latents, device=device
+        )
+        cache = self.prepare_cache(
+            batch_size * (2 if do_cfg else 1), shape[2], shape[3], shape[4], local_attn_frames, sink_frames
+        )
+        video_latents = self.generate_latents(
+            prompt_embeds,
+            noise,
+            cache,
+            timesteps,
+            sigmas_t,
+            sampler,
+            negative_prompt_embeds=negative_prompt_embeds,
+            guidance_scale=guidance_scale,
+            attention_kwargs=attention_kwargs,
+            progress=True,
+        )
+        frames = self.decode_latents(video_latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames,)
+        return SelfForcingPipelineOutput(frames=frames)

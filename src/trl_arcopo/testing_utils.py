@@ -1,0 +1,85 @@
+# Copyright 2026 The trl_arcopo contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Tiny, offline components (built from configs, no Hub access) for tests, benchmarks and examples."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLWan
+from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+from .models import CausalWanTransformer3DModel
+from .pipelines import SelfForcingPipeline
+from .sampling import self_forcing_scheduler
+
+
+TINY_WORDS = "a cat dog runs on the beach in snow red blue car city night fox jumps over".split()
+
+
+def tiny_tokenizer(words: list[str] | None = None) -> T5Tokenizer:
+    """A T5 tokenizer over a small in-memory unigram vocabulary (no sentencepiece model, no download)."""
+    pieces = ["<pad>", "</s>", "<unk>"] + ["▁" + w for w in (words or TINY_WORDS)]
+    return T5Tokenizer(vocab=[(p, 0.0 if i < 3 else -1.0) for i, p in enumerate(pieces)], extra_ids=0)
+
+
+def tiny_text_encoder(d_model: int = 32, vocab_size: int = 64, seed: int = 0) -> UMT5EncoderModel:
+    torch.manual_seed(seed)
+    config = UMT5Config(
+        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def tiny_transformer(
+    in_channels: int = 16, num_layers: int = 2, heads: int = 2, head_dim: int = 12, ffn_dim: int = 32,
+    text_dim: int = 32, patch_size: tuple[int, int, int] = (1, 2, 2), seed: int = 0, causal: bool = True,
+):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    cls = CausalWanTransformer3DModel if causal else WanTransformer3DModel
+    return cls(
+        patch_size=patch_size, num_attention_heads=heads, attention_head_dim=head_dim, in_channels=in_channels,
+        out_channels=in_channels, text_dim=text_dim, freq_dim=32, ffn_dim=ffn_dim, num_layers=num_layers,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+    ).eval()
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKLWan:
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).eval()
+
+
+def tiny_pipeline(with_vae: bool = False, seed: int = 0, **transformer_kwargs) -> SelfForcingPipeline:
+    """
+    A tiny `SelfForcingPipeline`: pixel space (3 channels, `vae=None`) by default, 16x16 videos of 9 frames in chunks
+    of 3; with `with_vae=True`, a tiny Wan VAE (latent 16 channels, 32x32 videos of 9 frames -> 3 latent frames).
+    """
+    channels = 16 if with_vae else 3
+    pipe = SelfForcingPipeline(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=tiny_text_encoder(seed=seed),
+        transformer=tiny_transformer(in_channels=channels, seed=seed, **transformer_kwargs),
+        scheduler=self_forcing_scheduler(),
+        vae=tiny_vae(seed) if with_vae else None,
+        default_height=32 if with_vae else 16,
+        default_width=32 if with_vae else 16,
+        default_num_frames=9,
+        default_max_sequence_length=16,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
