@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import WanTransformer3DModel
+from diffusers import ModelMixin, WanTransformer3DModel  # noqa: F401  (diffusers finds a custom component's
+# loader by looking up `ModelMixin` in the component's module when a pipeline is loaded)
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale
 

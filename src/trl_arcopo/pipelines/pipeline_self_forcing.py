@@ -172,6 +172,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
         return prompt_embeds, negative_prompt_embeds if do_classifier_free_guidance else None
 
+    @torch.no_grad()  # the text encoder is frozen; the same embeddings with or without autograd
     def _embed_text(self, prompt, max_sequence_length, device, dtype) -> torch.Tensor:
         if self.tokenizer is None or self.text_encoder is None:
             raise ValueError(

@@ -1,0 +1,184 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import WanPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from trl_arcopo import RolloutNoise, SelfForcingPipeline
+from trl_arcopo.testing_utils import tiny_pipeline, tiny_transformer
+
+
+PROMPT = "a red fox jumps over a blue car"
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_output_types(pipe):
+    pt = pipe(PROMPT, generator=_gen(), output_type="pt").frames
+    assert pt.shape == (1, 9, 3, 16, 16) and pt.min() >= 0 and pt.max() <= 1
+    np_frames = pipe(PROMPT, generator=_gen(), output_type="np").frames
+    assert np_frames.shape == (1, 9, 16, 16, 3)
+    assert np.allclose(np_frames, pt.permute(0, 1, 3, 4, 2).numpy(), atol=1e-6)
+    latent = pipe(PROMPT, generator=_gen(), output_type="latent").frames
+    assert latent.shape == (1, 3, 9, 16, 16)
+    pil = pipe(PROMPT, generator=_gen(), output_type="pil").frames
+    assert len(pil) == 1 and len(pil[0]) == 9 and pil[0][0].size == (16, 16)
+
+
+def test_same_generator_same_video_and_batching(pipe):
+    a = pipe(PROMPT, generator=_gen(3), output_type="latent").frames
+    b = pipe(PROMPT, generator=_gen(3), output_type="latent").frames
+    c = pipe(PROMPT, generator=_gen(4), output_type="latent").frames
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    two = pipe([PROMPT, PROMPT], generator=[_gen(3), _gen(4)], output_type="latent").frames
+    assert (two[0] - a[0]).abs().max() <= 1e-5 and (two[1] - c[0]).abs().max() <= 1e-5
+
+
+def test_changing_chunk_noise_keeps_earlier_chunks_bit_identical(pipe):
+    """Acceptance: chunk k's initial noise only affects chunks >= k."""
+    embeds, _ = pipe.encode_prompt(PROMPT)
+    shape = pipe.latent_shape(1, 16, 16, 9, 3)
+    noise = RolloutNoise.sample(shape, 3, 4, generator=_gen(0))
+    timesteps, sigmas = pipe.get_schedule()
+    for k in (1, 2):
+        other = noise.with_chunk_initial(k, torch.randn(1, 3, 3, 16, 16, generator=_gen(9)))
+        a = pipe.generate_latents(embeds, noise, pipe.prepare_cache(1, 9, 16, 16), timesteps, sigmas)
+        b = pipe.generate_latents(embeds, other, pipe.prepare_cache(1, 9, 16, 16), timesteps, sigmas)
+        assert torch.equal(a[:, :, : 3 * k], b[:, :, : 3 * k])
+        assert not torch.allclose(a[:, :, 3 * k :], b[:, :, 3 * k :])
+
+
+def test_latents_are_the_initial_noise(pipe):
+    shape = pipe.latent_shape(1, 16, 16, 9, 3)
+    latents = torch.randn(shape, generator=_gen(5))
+    a = pipe(PROMPT, latents=latents, generator=_gen(1), output_type="latent").frames
+    noise = RolloutNoise.sample(shape, 3, 4, generator=_gen(1), latents=latents)
+    embeds, _ = pipe.encode_prompt(PROMPT)
+    b = pipe.generate_latents(embeds, noise, pipe.prepare_cache(1, 9, 16, 16), *pipe.get_schedule())
+    assert torch.equal(a, b)
+
+
+def test_ode_sampler_and_guidance(pipe):
+    a = pipe(PROMPT, generator=_gen(1), output_type="latent", sampler="ode").frames
+    shape = pipe.latent_shape(1, 16, 16, 9, 3)
+    b = pipe(PROMPT, latents=torch.randn(shape, generator=_gen(1)), generator=_gen(7), output_type="latent", sampler="ode").frames
+    assert torch.equal(a, b)  # the ODE sampler draws nothing after the initial noise
+    cfg = pipe(PROMPT, generator=_gen(1), output_type="latent", guidance_scale=4.0, negative_prompt="night").frames
+    plain = pipe(PROMPT, generator=_gen(1), output_type="latent").frames
+    assert cfg.shape == plain.shape and not torch.allclose(cfg, plain)
+
+
+def test_recorded_trajectory_is_reproduced_by_predict_x0(pipe):
+    """The rollout's stored x̂0 and a later recomputation share one code path: equal bit for bit."""
+    embeds, _ = pipe.encode_prompt([PROMPT] * 3)
+    shape = pipe.latent_shape(3, 16, 16, 9, 3)
+    noise = RolloutNoise.sample(shape, 3, 4, generator=_gen(2))
+    timesteps, sigmas = pipe.get_schedule()
+    cache = pipe.prepare_cache(3, 9, 16, 16)
+    pipe.generate_latents(embeds, RolloutNoise(noise.initial[:, :, :3], noise.renoise[:, :1], 3), cache, timesteps, sigmas)
+    out = pipe.denoise_chunk(
+        noise.chunk_initial(1), embeds, cache, 3, timesteps, sigmas, noise.chunk_renoise(1), record_trajectory=True
+    )
+    assert out.states.shape == (3, 4, 3, 3, 16, 16) and torch.equal(out.x0, out.x0_preds[:, -1])
+    for j in range(4):
+        again = pipe.predict_x0(out.states[:, j], timesteps[j], sigmas[j].item(), embeds, cache, 3)
+        assert torch.equal(again, out.x0_preds[:, j])
+
+
+def test_save_and_load_roundtrip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    loaded = SelfForcingPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.vae is None and loaded.config.default_height == 16
+    a = pipe(PROMPT, generator=_gen(0), output_type="pt").frames
+    b = loaded(PROMPT, generator=_gen(0), output_type="pt").frames
+    assert torch.equal(a, b)
+
+
+def test_vae_pipeline_and_stock_transformer(tmp_path):
+    pipe = tiny_pipeline(with_vae=True)
+    video = pipe(PROMPT, num_frames=9, num_frames_per_chunk=1, generator=_gen(0), output_type="pt").frames
+    assert video.shape == (1, 9, 3, 32, 32)
+    stock = tiny_transformer(in_channels=16, causal=False)
+    pipe_stock = SelfForcingPipeline(pipe.tokenizer, pipe.text_encoder, stock, pipe.scheduler, pipe.vae, 32, 32, 9, 16)
+    pipe_stock.set_progress_bar_config(disable=True)
+    again = pipe_stock(PROMPT, num_frames=9, num_frames_per_chunk=1, generator=_gen(0), output_type="pt").frames
+    assert torch.equal(video, again)
+    pipe.save_pretrained(tmp_path)
+    assert SelfForcingPipeline.from_pretrained(tmp_path).vae is not None
+
+
+def _lora_pipe():
+    pipe = tiny_pipeline()
+    pipe.transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
+    return pipe
+
+
+def test_lora_save_load_and_stock_wan_pipeline(tmp_path):
+    pipe = _lora_pipe()
+    tr = pipe.transformer
+    SelfForcingPipeline.save_lora_weights(
+        tmp_path,
+        transformer_lora_layers=get_peft_model_state_dict(tr),
+        transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict(),
+    )
+    assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
+    expected = pipe(PROMPT, generator=_gen(0), output_type="pt").frames
+
+    fresh = tiny_pipeline()
+    base = fresh(PROMPT, generator=_gen(0), output_type="pt").frames
+    assert not torch.allclose(base, expected)
+    fresh.load_lora_weights(tmp_path)
+    assert torch.equal(fresh(PROMPT, generator=_gen(0), output_type="pt").frames, expected)
+
+    # stock diffusers: WanPipeline loads the same file into a plain WanTransformer3DModel
+    stock = tiny_transformer(in_channels=3, causal=False)
+    wan = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=pipe.scheduler, transformer=stock)
+    wan.load_lora_weights(tmp_path)
+    x = torch.randn(1, 3, 9, 16, 16, generator=_gen(1))
+    text = torch.randn(1, 16, 32, generator=_gen(2))
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        assert (wan.transformer(x, t, text).sample - tr(x, t, text).sample).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(num_frames=8), "multiple of `num_frames_per_chunk=3`; use e.g. `num_frames=9`"),
+        (dict(height=15), "divisible by 2"),
+        (dict(output_type="gif"), "output_type"),
+        (dict(sampler="euler"), "sampler"),
+        (dict(num_frames_per_chunk=0), "num_frames_per_chunk"),
+    ],
+)
+def test_bad_input_errors(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pipe(PROMPT, **kwargs)
+
+
+def test_bad_input_errors_vae():
+    pipe = tiny_pipeline(with_vae=True)
+    with pytest.raises(ValueError, match="1 \\+ a multiple of the VAE's temporal factor 4"):
+        pipe(PROMPT, num_frames=8, num_frames_per_chunk=1)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        pipe(PROMPT, height=24)
+    with pytest.raises(ValueError, match="use e.g. `num_frames=9`"):
+        pipe(PROMPT, num_frames=5, num_frames_per_chunk=3)
+
+
+def test_cache_too_short_error(pipe):
+    embeds, _ = pipe.encode_prompt(PROMPT)
+    noise = RolloutNoise.sample(pipe.latent_shape(1, 16, 16, 9, 3), 3, 4, generator=_gen(0))
+    with pytest.raises(ValueError, match="too short for the requested video"):
+        pipe.generate_latents(embeds, noise, pipe.prepare_cache(1, 6, 16, 16), *pipe.get_schedule())
+
+
+def test_prompt_xor_embeds(pipe):
+    with pytest.raises(ValueError, match="exactly one"):
+        pipe()

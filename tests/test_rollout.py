@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from trl_arcopo import RolloutNoise, forked_rollout, neighbor_noise
+
+
+G = 4
+
+
+def _setup(pipe, batch=2, seed=0):
+    embeds, _ = pipe.encode_prompt(["a red fox jumps", "a blue car in snow"][:batch])
+    shape = pipe.latent_shape(batch, 16, 16, 9, 3)
+    noise = RolloutNoise.sample(shape, 3, 4, generator=torch.Generator().manual_seed(seed))
+    return embeds, noise
+
+
+@pytest.mark.parametrize("pivot", [0, 1, 2])
+def test_forked_group_equals_independent_rollouts(pipe, pivot):
+    """Acceptance: prefix once + G forked branches == B * G independent rollouts with the same noises."""
+    embeds, noise = _setup(pipe)
+    timesteps, sigmas = pipe.get_schedule()
+    branch = neighbor_noise(noise.chunk_initial(pivot), G, 0.5, generator=torch.Generator().manual_seed(1))
+    group = forked_rollout(pipe, embeds, noise, pivot, branch, timesteps, sigmas, 16, 16)
+    assert group.latents.shape == (2 * G, 3, 9, 16, 16)
+    assert group.states.shape == (2 * G, 4, 3, 3, 16, 16)
+
+    independent_noise = noise.repeat_interleave(G).with_chunk_initial(pivot, branch)
+    with torch.no_grad():
+        independent = pipe.generate_latents(
+            embeds.repeat_interleave(G, 0), independent_noise, pipe.prepare_cache(2 * G, 9, 16, 16), timesteps, sigmas
+        )
+    assert (group.latents - independent).abs().max() <= 1e-5
+    # the branches of one group share the prefix exactly and differ from the pivot on
+    first = group.latents[:G]
+    assert torch.equal(first[:, :, : 3 * pivot], first[:1, :, : 3 * pivot].expand(G, -1, -1, -1, -1))
+    assert not torch.allclose(first[0, :, 3 * pivot :], first[1, :, 3 * pivot :])
+    # the recorded pivot trajectory is the one that produced the pivot chunk
+    assert torch.equal(group.x0_preds[:, -1], group.latents[:, :, 3 * pivot : 3 * pivot + 3])
+    assert torch.equal(group.states[:, 0], branch)
+    assert group.prefix_cache.num_frames == 3 * pivot and group.prefix_cache.batch_size == 2
+    assert group.num_forward_passes == 3 * 5  # every chunk: 4 denoising + 1 commit pass, prefix counted once
+
+
+def test_forked_rollout_errors(pipe):
+    embeds, noise = _setup(pipe)
+    timesteps, sigmas = pipe.get_schedule()
+    branch = torch.zeros(2 * G, 3, 3, 16, 16)
+    with pytest.raises(ValueError, match="pivot=3"):
+        forked_rollout(pipe, embeds, noise, 3, branch, timesteps, sigmas, 16, 16)
+    with pytest.raises(ValueError, match="multiple of 2 prompts"):
+        forked_rollout(pipe, embeds, noise, 1, branch[:3], timesteps, sigmas, 16, 16)
