@@ -38,7 +38,8 @@ def test_forked_group_equals_independent_rollouts(pipe, pivot):
     assert torch.equal(group.x0_preds[:, -1], group.latents[:, :, 3 * pivot : 3 * pivot + 3])
     assert torch.equal(group.states[:, 0], branch)
     assert group.prefix_cache.num_frames == 3 * pivot and group.prefix_cache.batch_size == 2
-    assert group.num_forward_passes == 3 * 5  # every chunk: 4 denoising + 1 commit pass, prefix counted once
+    # every chunk costs 4 denoising + 1 commit pass; the prefix is paid once per prompt, not once per branch
+    assert group.num_forward_passes == 2 * pivot * 5 + 2 * G * (3 - pivot) * 5
 
 
 def test_forked_rollout_errors(pipe):

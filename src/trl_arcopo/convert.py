@@ -159,7 +159,9 @@ def _build_transformer(
     try:
         transformer.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as error:  # shape mismatches
-        raise ValueError(f"The converted checkpoint does not fit the transformer config in {config_path}: {error}")
+        raise ValueError(
+            f"The converted checkpoint does not fit the transformer config in {config_path}: {error}"
+        ) from error
     return transformer.eval()
 
 
@@ -256,7 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--checkpoint", required=True, help="Self-Forcing .pt file (e.g. self_forcing_dmd.pt).")
     parser.add_argument(
-        "--wan_pipeline", required=True, help="Wan2.1-T2V-1.3B-Diffusers folder (tokenizer, text encoder, VAE, config)."
+        "--wan_pipeline",
+        required=True,
+        help="Wan2.1-T2V-1.3B-Diffusers folder (tokenizer, text encoder, VAE, config).",
     )
     parser.add_argument("--output", required=True, help="Folder to write the SelfForcingPipeline to.")
     parser.add_argument("--no_ema", action="store_true", help="Use `generator` instead of `generator_ema`.")

@@ -41,7 +41,8 @@ class ForkedRollout:
         x0_preds (`torch.Tensor` of shape `[B * G, T, C, Fc, H, W]`): the pivot chunk's `x̂0` at every step.
         prefix_cache ([`KVCache`]): the cache after committing chunks `< pivot`, batch `B` (shared by the branches).
         noise ([`RolloutNoise`]): the noise of every branch, batch `B * G` (shared except the pivot chunk's initial noise).
-        num_forward_passes (`int`): transformer forwards used, counted in chunk-batches (one call = one pass).
+        num_forward_passes (`int`): single-chunk, single-video transformer forwards used (a call on a batch of `n`
+            chunks counts `n`); `B * G * L * (T + 1)` for independent rollouts.
     """
 
     latents: torch.Tensor
@@ -101,7 +102,7 @@ def forked_rollout(
         )
         pipeline.commit_chunk(out.x0, prompt_embeds, cache, c * frames)
         prefix_chunks.append(out.x0)
-    passes = pivot * (steps + 1)
+    passes = batch_size * pivot * (steps + 1)
 
     # 2. Fork: branches share the prefix cache (copied, not recomputed) and all noise but the pivot's initial noise
     branch_cache = cache.fork(num_branches)
@@ -130,7 +131,7 @@ def forked_rollout(
         if pivot + 1 < num_chunks
         else pivot_out.x0[:, :, :0]
     )
-    passes += (num_chunks - pivot) * (steps + 1)
+    passes += batch_size * num_branches * (num_chunks - pivot) * (steps + 1)
 
     parts = [t.repeat_interleave(num_branches, dim=0) for t in prefix_chunks] + [pivot_out.x0, suffix]
     latents = torch.cat(parts, dim=2)  # [B * G, C, F, H, W]
