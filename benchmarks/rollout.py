@@ -34,8 +34,8 @@ import torch
 
 from trl_arcopo import RolloutNoise, SelfForcingPipeline, block_causal_mask, forked_rollout, neighbor_noise
 from trl_arcopo.models import transformer_flops
-from trl_arcopo.testing_utils import tiny_text_encoder, tiny_tokenizer, tiny_transformer
 from trl_arcopo.sampling import self_forcing_scheduler
+from trl_arcopo.testing_utils import tiny_text_encoder, tiny_tokenizer, tiny_transformer
 
 
 CONFIGS = {
@@ -58,8 +58,15 @@ def build(cfg) -> SelfForcingPipeline:
         patch_size=(1, cfg["patch"], cfg["patch"]),
     )
     pipe = SelfForcingPipeline(
-        tiny_tokenizer(), tiny_text_encoder(), transformer, self_forcing_scheduler(), None,
-        cfg["size"], cfg["size"], cfg["frames"], TEXT_TOKENS,
+        tiny_tokenizer(),
+        tiny_text_encoder(),
+        transformer,
+        self_forcing_scheduler(),
+        None,
+        cfg["size"],
+        cfg["size"],
+        cfg["frames"],
+        TEXT_TOKENS,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -118,8 +125,10 @@ def main():
         timesteps, sigmas = pipe.get_schedule()
         steps = len(timesteps)
         params = sum(p.numel() for p in pipe.transformer.parameters())
-        print(f"\n[{name}] {params / 1e6:.2f}M params, {size}x{size}x{frames} frames, {tpf} tokens/frame, "
-              f"{num_chunks} chunks of {CHUNK} frames, {steps} steps, G={g}")
+        print(
+            f"\n[{name}] {params / 1e6:.2f}M params, {size}x{size}x{frames} frames, {tpf} tokens/frame, "
+            f"{num_chunks} chunks of {CHUNK} frames, {steps} steps, G={g}"
+        )
 
         def chunk_flops(batch, c, with_commit=True):
             passes = steps + (1 if with_commit else 0)
@@ -127,7 +136,9 @@ def main():
 
         # (a) forked vs independent, averaged over the pivots (AR-CoPO draws the pivot uniformly)
         embeds, _ = pipe.encode_prompt(["a red fox jumps"])
-        noise = RolloutNoise.sample((1, 3, frames, size, size), CHUNK, steps, generator=torch.Generator().manual_seed(0))
+        noise = RolloutNoise.sample(
+            (1, 3, frames, size, size), CHUNK, steps, generator=torch.Generator().manual_seed(0)
+        )
         embeds_g = embeds.repeat_interleave(g, 0)
         fork_time = indep_time = fork_flops = indep_flops = 0.0
         max_diff = 0.0
@@ -161,7 +172,9 @@ def main():
 
         def cached():
             with torch.no_grad():
-                return pipe.generate_latents(embeds_b, noise_b, pipe.prepare_cache(batch, frames, size, size), timesteps, sigmas)
+                return pipe.generate_latents(
+                    embeds_b, noise_b, pipe.prepare_cache(batch, frames, size, size), timesteps, sigmas
+                )
 
         t_cache, a = timed(cached, args.repeats)
         t_recompute, b = timed(
@@ -172,8 +185,13 @@ def main():
             batch * steps * transformer_flops(conf, (c + 1) * n, (c + 1) * n, TEXT_TOKENS) for c in range(num_chunks)
         )
         rows.append(
-            (name, "KV cache / recompute prefix", t_cache / t_recompute, cache_flops / recompute_flops,
-             (a - b).abs().max().item())
+            (
+                name,
+                "KV cache / recompute prefix",
+                t_cache / t_recompute,
+                cache_flops / recompute_flops,
+                (a - b).abs().max().item(),
+            )
         )
         print_row(*rows[-1])
 

@@ -64,7 +64,11 @@ def main():
     # 1. One streamed video
     start = time.perf_counter()
     video = pipe(
-        args.prompt, height=height, width=width, num_frames=num_frames, output_type="pt",
+        args.prompt,
+        height=height,
+        width=width,
+        num_frames=num_frames,
+        output_type="pt",
         generator=torch.Generator(device).manual_seed(args.seed),
     ).frames[0]
     stream_seconds = time.perf_counter() - start

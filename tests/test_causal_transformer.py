@@ -93,12 +93,20 @@ def test_local_window_with_sink_equals_masked_full_sequence(model):
     frame = torch.arange(FRAMES)
     chunk = frame // CHUNK
     visible = (chunk[None, :] == chunk[:, None]) | (
-        (chunk[None, :] < chunk[:, None]) & ((frame[None, :] < sink) | (frame[None, :] >= (chunk[:, None] + 1) * CHUNK - (window - sink)))
+        (chunk[None, :] < chunk[:, None])
+        & ((frame[None, :] < sink) | (frame[None, :] >= (chunk[:, None] + 1) * CHUNK - (window - sink)))
     )
     mask = visible.repeat_interleave(TPF, 0).repeat_interleave(TPF, 1)
     full = model(x, torch.zeros(2), text, attention_mask=mask).sample
     streamed = [
-        model(x[:, :, c * CHUNK : (c + 1) * CHUNK], torch.zeros(2), text, kv_cache=cache, frame_offset=c * CHUNK, update_cache=True).sample
+        model(
+            x[:, :, c * CHUNK : (c + 1) * CHUNK],
+            torch.zeros(2),
+            text,
+            kv_cache=cache,
+            frame_offset=c * CHUNK,
+            update_cache=True,
+        ).sample
         for c in range(FRAMES // CHUNK)
     ]
     assert (torch.cat(streamed, 2) - full).abs().max() <= 1e-5

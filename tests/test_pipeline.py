@@ -64,7 +64,9 @@ def test_latents_are_the_initial_noise(pipe):
 def test_ode_sampler_and_guidance(pipe):
     a = pipe(PROMPT, generator=_gen(1), output_type="latent", sampler="ode").frames
     shape = pipe.latent_shape(1, 16, 16, 9, 3)
-    b = pipe(PROMPT, latents=torch.randn(shape, generator=_gen(1)), generator=_gen(7), output_type="latent", sampler="ode").frames
+    b = pipe(
+        PROMPT, latents=torch.randn(shape, generator=_gen(1)), generator=_gen(7), output_type="latent", sampler="ode"
+    ).frames
     assert torch.equal(a, b)  # the ODE sampler draws nothing after the initial noise
     cfg = pipe(PROMPT, generator=_gen(1), output_type="latent", guidance_scale=4.0, negative_prompt="night").frames
     plain = pipe(PROMPT, generator=_gen(1), output_type="latent").frames
@@ -78,7 +80,9 @@ def test_recorded_trajectory_is_reproduced_by_predict_x0(pipe):
     noise = RolloutNoise.sample(shape, 3, 4, generator=_gen(2))
     timesteps, sigmas = pipe.get_schedule()
     cache = pipe.prepare_cache(3, 9, 16, 16)
-    pipe.generate_latents(embeds, RolloutNoise(noise.initial[:, :, :3], noise.renoise[:, :1], 3), cache, timesteps, sigmas)
+    pipe.generate_latents(
+        embeds, RolloutNoise(noise.initial[:, :, :3], noise.renoise[:, :1], 3), cache, timesteps, sigmas
+    )
     out = pipe.denoise_chunk(
         noise.chunk_initial(1), embeds, cache, 3, timesteps, sigmas, noise.chunk_renoise(1), record_trajectory=True
     )

@@ -15,7 +15,10 @@
 
 __version__ = "0.1.0.dev0"
 
+from .arcopo_config import ARCoPOConfig
+from .arcopo_trainer import ARCoPOTrainer, RewardFunc
 from .kv_cache import KVCache
+from .loss import LossStats, arcopo_loss, group_advantages, sde_grpo_loss, sde_transition_log_prob
 from .models import CausalWanTransformer3DModel, block_causal_mask, teacher_forcing_mask
 from .pipelines import ChunkDenoisingOutput, SelfForcingPipeline, SelfForcingPipelineOutput
 from .rollout import ForkedRollout, forked_rollout
@@ -23,17 +26,25 @@ from .sampling import RolloutNoise, get_schedule, neighbor_noise, self_forcing_s
 
 
 __all__ = [
+    "ARCoPOConfig",
+    "ARCoPOTrainer",
     "CausalWanTransformer3DModel",
     "ChunkDenoisingOutput",
     "ForkedRollout",
     "KVCache",
+    "LossStats",
+    "RewardFunc",
     "RolloutNoise",
     "SelfForcingPipeline",
     "SelfForcingPipelineOutput",
+    "arcopo_loss",
     "block_causal_mask",
     "forked_rollout",
     "get_schedule",
+    "group_advantages",
     "neighbor_noise",
+    "sde_grpo_loss",
+    "sde_transition_log_prob",
     "self_forcing_scheduler",
     "teacher_forcing_mask",
 ]

@@ -66,6 +66,7 @@ def forked_rollout(
     latent_height: int,
     latent_width: int,
     sampler: SamplerType = "consistency",
+    branch_renoise: torch.Tensor | None = None,
 ) -> ForkedRollout:
     """
     Generate chunks `0..pivot-1` once per prompt, fork the KV cache into `G = branch_noise.shape[0] // B` branches,
@@ -78,6 +79,8 @@ def forked_rollout(
         pivot (`int`): chunk index in `[0, L)`.
         branch_noise (`torch.Tensor` of shape `[B * G, C, Fc, H, W]`): the pivot chunk's initial noise per branch
             (e.g. from [`trl_arcopo.sampling.neighbor_noise`]).
+        branch_renoise (`torch.Tensor` of shape `[B * G, T - 1, C, Fc, H, W]`, *optional*): the pivot chunk's re-noise
+            per branch (SDE-GRPO explores there); by default the branches share it.
 
     The result equals `B * G` independent rollouts with `noise.repeat_interleave(G).with_chunk_initial(pivot,
     branch_noise)`, at a fraction of the cost.
@@ -98,7 +101,14 @@ def forked_rollout(
     prefix_chunks = []
     for c in range(pivot):
         out = pipeline.denoise_chunk(
-            noise.chunk_initial(c), prompt_embeds, cache, c * frames, timesteps, sigmas, noise.chunk_renoise(c), sampler
+            noise.chunk_initial(c),
+            prompt_embeds,
+            cache,
+            c * frames,
+            timesteps,
+            sigmas,
+            noise.chunk_renoise(c),
+            sampler,
         )
         pipeline.commit_chunk(out.x0, prompt_embeds, cache, c * frames)
         prefix_chunks.append(out.x0)
@@ -108,6 +118,8 @@ def forked_rollout(
     branch_cache = cache.fork(num_branches)
     branch_embeds = prompt_embeds.repeat_interleave(num_branches, dim=0)  # [B * G, S, text_dim]
     branch_noise_all = noise.repeat_interleave(num_branches).with_chunk_initial(pivot, branch_noise)
+    if branch_renoise is not None:
+        branch_noise_all = branch_noise_all.with_chunk_renoise(pivot, branch_renoise)
 
     # 3. Pivot chunk with its trajectory
     pivot_out = pipeline.denoise_chunk(

@@ -164,6 +164,14 @@ class RolloutNoise:
         initial[:, :, self.chunk_slice(chunk)] = noise
         return replace(self, initial=initial)
 
+    def with_chunk_renoise(self, chunk: int, renoise: torch.Tensor) -> RolloutNoise:
+        """A copy whose chunk `chunk` re-noises with `renoise` `[B, T - 1, C, Fc, H, W]`; everything else is shared."""
+        if self.renoise is None:
+            raise ValueError("This noise has no re-noise (ODE sampler): nothing to replace.")
+        new = self.renoise.clone()
+        new[:, chunk] = renoise
+        return replace(self, renoise=new)
+
     def repeat_interleave(self, n: int) -> RolloutNoise:
         """Each rollout's noise repeated `n` times: `B -> B * n` (the shared noise of a group's branches)."""
         renoise = None if self.renoise is None else self.renoise.repeat_interleave(n, dim=0)

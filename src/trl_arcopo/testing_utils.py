@@ -24,7 +24,7 @@ from .pipelines import SelfForcingPipeline
 from .sampling import self_forcing_scheduler
 
 
-TINY_WORDS = "a cat dog runs on the beach in snow red blue car city night fox jumps over".split()
+TINY_WORDS = ["a", "cat", "dog", "runs", "on", "the", "beach", "in", "snow", "red", "blue", "car", "city", "night", "fox", "jumps", "over"]
 
 
 def tiny_tokenizer(words: list[str] | None = None) -> T5Tokenizer:
@@ -36,24 +36,48 @@ def tiny_tokenizer(words: list[str] | None = None) -> T5Tokenizer:
 def tiny_text_encoder(d_model: int = 32, vocab_size: int = 64, seed: int = 0) -> UMT5EncoderModel:
     torch.manual_seed(seed)
     config = UMT5Config(
-        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
     )
     return UMT5EncoderModel(config).eval()
 
 
 def tiny_transformer(
-    in_channels: int = 16, num_layers: int = 2, heads: int = 2, head_dim: int = 12, ffn_dim: int = 32,
-    text_dim: int = 32, patch_size: tuple[int, int, int] = (1, 2, 2), seed: int = 0, causal: bool = True,
+    in_channels: int = 16,
+    num_layers: int = 2,
+    heads: int = 2,
+    head_dim: int = 12,
+    ffn_dim: int = 32,
+    text_dim: int = 32,
+    patch_size: tuple[int, int, int] = (1, 2, 2),
+    seed: int = 0,
+    causal: bool = True,
 ):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
     cls = CausalWanTransformer3DModel if causal else WanTransformer3DModel
     return cls(
-        patch_size=patch_size, num_attention_heads=heads, attention_head_dim=head_dim, in_channels=in_channels,
-        out_channels=in_channels, text_dim=text_dim, freq_dim=32, ffn_dim=ffn_dim, num_layers=num_layers,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+        patch_size=patch_size,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        text_dim=text_dim,
+        freq_dim=32,
+        ffn_dim=ffn_dim,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
     ).eval()
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import ModelMixin, WanTransformer3DModel  # noqa: F401  (diffusers finds a custom component's
+
 # loader by looking up `ModelMixin` in the component's module when a pipeline is loaded)
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale
@@ -46,7 +47,9 @@ def block_causal_mask(
     streaming: bidirectional inside a chunk, causal across chunks.
     """
     if num_frames % num_frames_per_chunk:
-        raise ValueError(f"`num_frames={num_frames}` is not a multiple of `num_frames_per_chunk={num_frames_per_chunk}`.")
+        raise ValueError(
+            f"`num_frames={num_frames}` is not a multiple of `num_frames_per_chunk={num_frames_per_chunk}`."
+        )
     chunk = torch.arange(num_frames, device=device) // num_frames_per_chunk  # [F]
     chunk = chunk.repeat_interleave(tokens_per_frame)  # [N]
     return chunk[:, None] >= chunk[None, :]  # [N, N]
@@ -121,9 +124,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         _, p_h, p_w = self.config.patch_size
         return (latent_height // p_h) * (latent_width // p_w)
 
-    def _rotary_embedding(
-        self, frame_indices: torch.Tensor, pph: int, ppw: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotary_embedding(self, frame_indices: torch.Tensor, pph: int, ppw: int) -> tuple[torch.Tensor, torch.Tensor]:
         rope = self.rope
         if int(frame_indices.max()) >= rope.max_seq_len or max(pph, ppw) > rope.max_seq_len:
             raise ValueError(
@@ -153,9 +154,10 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
     def _gate(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor, num_frames: int) -> torch.Tensor:
         # x + update * gate with a per-frame gate [B, F, D]; computed in fp32 and cast back, like diffusers' Wan
         b, n, d = x.shape
-        out = x.float().view(b, num_frames, n // num_frames, d) + update.float().view(
-            b, num_frames, n // num_frames, d
-        ) * gate[:, :, None]
+        out = (
+            x.float().view(b, num_frames, n // num_frames, d)
+            + update.float().view(b, num_frames, n // num_frames, d) * gate[:, :, None]
+        )
         return out.view(b, n, d).type_as(x)
 
     def _self_attention(
@@ -291,7 +293,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         if kv_cache is not None:
             kv_cache.check_chunk(start, num_tokens, batch_size)
         if attention_mask is not None and attention_mask.shape != (num_tokens, num_tokens):
-            raise ValueError(f"`attention_mask` must be [{num_tokens}, {num_tokens}], got {list(attention_mask.shape)}.")
+            raise ValueError(
+                f"`attention_mask` must be [{num_tokens}, {num_tokens}], got {list(attention_mask.shape)}."
+            )
 
         rotary_emb = self._rotary_embedding(frame_indices, pph, ppw)  # 2 x [1, N, 1, head_dim]
 

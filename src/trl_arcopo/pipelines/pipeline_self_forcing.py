@@ -227,7 +227,13 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 f"`num_frames_per_chunk={num_frames_per_chunk}`; use e.g. `num_frames={suggestion}`."
             )
         channels = self.transformer.config.in_channels
-        return batch_size, channels, latent_frames, height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
+        return (
+            batch_size,
+            channels,
+            latent_frames,
+            height // self.vae_scale_factor_spatial,
+            width // self.vae_scale_factor_spatial,
+        )
 
     def prepare_cache(
         self,
@@ -266,13 +272,14 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         guidance_scale: float,
         update_cache: bool,
         attention_kwargs: dict[str, Any] | None,
+        transformer: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         dtype = self.transformer.dtype
         guided = negative_prompt_embeds is not None
         model_input = torch.cat([x, x]) if guided else x  # [B or 2B, C, Fc, H, W]
         embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
         timesteps = torch.as_tensor(timestep, device=x.device, dtype=torch.float32).expand(model_input.shape[0])
-        velocity = self.transformer(
+        velocity = (transformer or self.transformer)(
             model_input.to(dtype),
             timesteps,
             embeds.to(dtype),
@@ -298,15 +305,25 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         negative_prompt_embeds: torch.Tensor | None = None,
         guidance_scale: float = 1.0,
         attention_kwargs: dict[str, Any] | None = None,
+        transformer: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         """
         The clean estimate `x̂0 = x_t - σ·v_θ(x_t, t)` `[B, C, Fc, H, W]` of a chunk starting at latent frame
         `frame_offset`, attending to the committed frames in `kv_cache` (never written). Runs with gradients when
-        they are enabled: the sampler and the trainer's recomputation share this exact code path.
+        they are enabled: the sampler and the trainer's recomputation share this exact code path. `transformer`
+        replaces `self.transformer` for this call (e.g. the same module wrapped for distributed training).
         """
         velocity = self._velocity(
-            x_t, timestep, prompt_embeds, kv_cache, frame_offset, negative_prompt_embeds, guidance_scale, False,
+            x_t,
+            timestep,
+            prompt_embeds,
+            kv_cache,
+            frame_offset,
+            negative_prompt_embeds,
+            guidance_scale,
+            False,
             attention_kwargs,
+            transformer,
         )
         return x0_from_velocity(x_t, sigma, velocity)
 
@@ -345,16 +362,25 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         for j in range(num_steps):
             sigma, sigma_next = sigmas[j].item(), sigmas[j + 1].item()
             velocity = self._velocity(
-                x, timesteps[j], prompt_embeds, kv_cache, frame_offset, negative_prompt_embeds, guidance_scale,
-                False, attention_kwargs,
+                x,
+                timesteps[j],
+                prompt_embeds,
+                kv_cache,
+                frame_offset,
+                negative_prompt_embeds,
+                guidance_scale,
+                False,
+                attention_kwargs,
             )
             x0 = x0_from_velocity(x, sigma, velocity)
             if record_trajectory:
                 states.append(x)
                 x0_preds.append(x0)
             if j < num_steps - 1:
-                x = consistency_step(x0, sigma_next, renoise[:, j]) if sampler == "consistency" else ode_step(
-                    x, sigma, sigma_next, velocity
+                x = (
+                    consistency_step(x0, sigma_next, renoise[:, j])
+                    if sampler == "consistency"
+                    else ode_step(x, sigma, sigma_next, velocity)
                 )
         if not record_trajectory:
             return ChunkDenoisingOutput(x0=x0)

@@ -1,0 +1,233 @@
+# Copyright 2026 The trl_arcopo contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+from .sampling import SAMPLERS, SELF_FORCING_SIGMAS
+
+
+LOSS_TYPES = ("arcopo", "sde_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass
+class ARCoPOConfig(TrainingArguments):
+    r"""
+    Configuration class for [`ARCoPOTrainer`].
+
+    Only the parameters specific to AR-CoPO are listed here; see [`~transformers.TrainingArguments`] for the rest.
+    Paper values ([AR-CoPO](https://huggingface.co/papers/2603.17461)) are the defaults where the paper gives them.
+
+    > [!NOTE]
+    > Defaults that differ from [`~transformers.TrainingArguments`]: `learning_rate=1e-5` (paper),
+    > `logging_steps=1`, `ddp_find_unused_parameters=False`, `bf16=None` (True only on a GPU that supports it, so the defaults run on a CPU-only
+    > machine), `gradient_checkpointing=False` (diffusers' own checkpointing is used when set), and
+    > `remove_unused_columns=False` (extra dataset columns reach the reward functions).
+
+    Parameters:
+        > Parameters that control the model
+
+        disable_dropout (`bool`, *optional*, defaults to `True`):
+            Set every dropout in the transformer (LoRA dropout included) to 0, so that the rollout (in eval mode) and
+            the update (in train mode) compute the same policy and the first ratio is exactly 1.
+
+        > Parameters that control the videos
+
+        height (`int` or `None`, *optional*, defaults to `None`):
+            Video height in pixels. `None` uses the pipeline's `default_height`.
+        width (`int` or `None`, *optional*, defaults to `None`):
+            Video width in pixels. `None` uses the pipeline's `default_width`.
+        num_frames (`int` or `None`, *optional*, defaults to `None`):
+            Frames per video (with a VAE, `4k + 1`). `None` uses the pipeline's `default_num_frames`.
+        num_frames_per_chunk (`int`, *optional*, defaults to `3`):
+            Latent frames per chunk (Self-Forcing: 3).
+        denoising_sigmas (`list[float]`, *optional*, defaults to `[1.0, 0.75, 0.5, 0.25]`):
+            Per-chunk schedule before the scheduler's shift (with `shift=5`: Self-Forcing's timesteps
+            `[1000, 937.5, 833.3, 625]`).
+        sampler (`str`, *optional*, defaults to `"consistency"`):
+            `"consistency"` (Self-Forcing's re-noise sampler) or `"ode"` (deterministic Euler).
+        max_sequence_length (`int` or `None`, *optional*, defaults to `None`):
+            Text tokens; `None` uses the pipeline's `default_max_sequence_length`.
+
+        > Parameters that control exploration (the forked group)
+
+        num_generations (`int`, *optional*, defaults to `12`):
+            Group size `G`: candidates forked at the pivot chunk of each prompt.
+        num_anchors (`int`, *optional*, defaults to `4`):
+            Anchors `B` per group and inner step (symmetric anchor sampling).
+        fork_noise_scale (`float`, *optional*, defaults to `0.5`):
+            `s` in `ε_p^(i) = sqrt(1 - s²)·ε_p + s·δ^(i)`.
+        pivot_chunk (`int` or `None`, *optional*, defaults to `None`):
+            Chunk where the group forks; `None` draws it uniformly from all chunks at every rollout.
+
+        > Parameters that control the objective
+
+        loss_type (`str`, *optional*, defaults to `"arcopo"`):
+            - `"arcopo"`: clipped contrastive (Neighbor GRPO) objective on the pivot chunk's `x̂0` predictions.
+            - `"sde_grpo"`: the Flow-GRPO / DanceGRPO baseline on the same sampler: the initial noise is shared, the
+              candidates differ in the pivot chunk's re-noise, and the ratio uses the Gaussian log-probability of
+              the re-noise transitions (needs `sampler="consistency"` and at least 2 steps).
+        num_iterations (`int`, *optional*, defaults to `2`):
+            Inner updates per rollout (the paper's 2), each on freshly drawn anchors.
+        epsilon (`float`, *optional*, defaults to `1e-4`):
+            Ratio clip `ε` (paper: 1e-4).
+        temperature (`float` or `None`, *optional*, defaults to `None`):
+            `τ` of the surrogate policy `softmax(-d / τ)`. `None` sets it, for each group and denoising step, to the
+            median distance between the stored predictions of different candidates, which makes the logits O(1)
+            whatever the scale of the latents. The paper does not give `τ`.
+        distance_reduction (`str`, *optional*, defaults to `"mean"`):
+            How `d = ||x̂0_old - x̂0_θ||²` is reduced over elements: `"mean"` or `"sum"`.
+        scale_rewards (`str`, *optional*, defaults to `"group"`):
+            Advantage scaling: `"group"` (divide by the group's std), `"batch"` (by the batch's std) or `"none"`.
+        quasi_norm_p (`float` or `None`, *optional*, defaults to `None`):
+            If set (Neighbor GRPO uses 0.8), advantages are `c / (||c||_p / G^(1/p))` with `c = r - mean(r)`, which
+            equals the std scaling for `p = 2` and favours groups whose signal sits in a few candidates for `p < 2`.
+        beta (`float`, *optional*, defaults to `0.0`):
+            Weight of a penalty `mean((x̂0_θ - x̂0_ref)²)` toward the reference policy (the adapter disabled) at
+            the anchors: the KL between the two Gaussian re-noise policies up to a constant factor. `0` skips the
+            reference forward.
+        reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
+            Weights of the reward functions; `None` weighs them equally (1.0).
+
+        > Parameters that control logging
+
+        log_completions (`bool`, *optional*, defaults to `False`):
+            Save a video grid of the first group of each logged rollout to `output_dir/completions/`.
+    """
+
+    # Overridden TrainingArguments defaults
+    learning_rate: float = field(default=1e-5, metadata={"help": "The initial learning rate for AdamW (paper: 1e-5)."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every X updates steps."})
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "Use bf16 mixed precision. None: only on a GPU that supports it (never on a CPU)."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Use the transformer's (diffusers) gradient checkpointing in the update."}
+    )
+    remove_unused_columns: bool | None = field(
+        default=False, metadata={"help": "Keep extra dataset columns: they reach the reward functions."}
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "DDP's unused-parameter search; every LoRA parameter is used, so off."}
+    )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Set every dropout of the transformer (LoRA dropout included) to 0, so that the rollout "
+            "and the update compute the same policy."
+        },
+    )
+
+    # Videos
+    height: int | None = field(default=None, metadata={"help": "Video height; None uses the pipeline default."})
+    width: int | None = field(default=None, metadata={"help": "Video width; None uses the pipeline default."})
+    num_frames: int | None = field(
+        default=None, metadata={"help": "Frames per video; None uses the pipeline default."}
+    )
+    num_frames_per_chunk: int = field(default=3, metadata={"help": "Latent frames per chunk (Self-Forcing: 3)."})
+    denoising_sigmas: list[float] = field(
+        default_factory=lambda: list(SELF_FORCING_SIGMAS),
+        metadata={"help": "Per-chunk sigmas before the scheduler's shift (Self-Forcing: 1.0 0.75 0.5 0.25)."},
+    )
+    sampler: str = field(default="consistency", metadata={"help": "Chunk sampler: 'consistency' or 'ode'."})
+    max_sequence_length: int | None = field(
+        default=None, metadata={"help": "Text tokens; None uses the pipeline default."}
+    )
+
+    # Exploration
+    num_generations: int = field(default=12, metadata={"help": "Group size G (paper: 12)."})
+    num_anchors: int = field(default=4, metadata={"help": "Anchors per group and inner step (paper: 4)."})
+    fork_noise_scale: float = field(default=0.5, metadata={"help": "Neighbour noise scale s (paper: 0.5)."})
+    pivot_chunk: int | None = field(
+        default=None, metadata={"help": "Chunk where groups fork; None draws it uniformly at every rollout."}
+    )
+
+    # Objective
+    loss_type: str = field(default="arcopo", metadata={"help": "'arcopo' or the 'sde_grpo' baseline."})
+    num_iterations: int = field(default=2, metadata={"help": "Inner updates per rollout (paper: 2)."})
+    epsilon: float = field(default=1e-4, metadata={"help": "Ratio clip epsilon (paper: 1e-4)."})
+    temperature: float | None = field(
+        default=None,
+        metadata={"help": "Surrogate temperature tau; None: median off-anchor distance of each group and step."},
+    )
+    distance_reduction: str = field(default="mean", metadata={"help": "Reduction of the distance: 'mean' or 'sum'."})
+    scale_rewards: str = field(default="group", metadata={"help": "Advantage scaling: 'group', 'batch' or 'none'."})
+    quasi_norm_p: float | None = field(
+        default=None, metadata={"help": "Neighbor GRPO quasi-norm p for advantages (0.8 there); None: off."}
+    )
+    beta: float = field(default=0.0, metadata={"help": "Weight of the x0-space penalty toward the reference."})
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of the reward functions; None: all 1.0."}
+    )
+
+    # Logging
+    log_completions: bool = field(
+        default=False, metadata={"help": "Save a video grid of the first group of each logged rollout."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        super().__post_init__()
+
+        if self.num_generations < 2:
+            raise ValueError(
+                f"`num_generations={self.num_generations}`: a group needs at least 2 candidates to have advantages; "
+                "set `num_generations >= 2` (paper: 12)."
+            )
+        if not 1 <= self.num_anchors <= self.num_generations:
+            raise ValueError(
+                f"`num_anchors={self.num_anchors}` must be between 1 and `num_generations={self.num_generations}` "
+                "(anchors are drawn among the candidates); lower `num_anchors` or raise `num_generations`."
+            )
+        if not 0 < self.fork_noise_scale <= 1:
+            raise ValueError(f"`fork_noise_scale={self.fork_noise_scale}` must be in (0, 1] (paper: 0.5).")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"`loss_type={self.loss_type!r}` is not one of {LOSS_TYPES}.")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"`sampler={self.sampler!r}` is not one of {SAMPLERS}.")
+        if self.loss_type == "sde_grpo" and (self.sampler != "consistency" or len(self.denoising_sigmas) < 2):
+            raise ValueError(
+                "`loss_type='sde_grpo'` explores through the re-noise of the consistency sampler: use "
+                "`sampler='consistency'` and at least 2 `denoising_sigmas`."
+            )
+        if self.num_iterations < 1:
+            raise ValueError(f"`num_iterations={self.num_iterations}` must be at least 1.")
+        if self.epsilon <= 0:
+            raise ValueError(f"`epsilon={self.epsilon}` must be positive (paper: 1e-4).")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"`temperature={self.temperature}` must be positive, or None for the automatic choice.")
+        if self.distance_reduction not in ("mean", "sum"):
+            raise ValueError(f"`distance_reduction={self.distance_reduction!r}` must be 'mean' or 'sum'.")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"`scale_rewards={self.scale_rewards!r}` is not one of {SCALE_REWARDS}.")
+        if self.quasi_norm_p is not None and not 0 < self.quasi_norm_p <= 2:
+            raise ValueError(f"`quasi_norm_p={self.quasi_norm_p}` must be in (0, 2] (Neighbor GRPO: 0.8).")
+        if self.beta < 0:
+            raise ValueError(f"`beta={self.beta}` must be non-negative.")
+        if self.num_frames_per_chunk < 1:
+            raise ValueError(f"`num_frames_per_chunk={self.num_frames_per_chunk}` must be at least 1.")
+        if self.pivot_chunk is not None and self.pivot_chunk < 0:
+            raise ValueError(f"`pivot_chunk={self.pivot_chunk}` must be a chunk index (>= 0) or None (uniform).")
+        sigmas = list(self.denoising_sigmas)
+        if not sigmas or any(not 0 < s <= 1 for s in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+            raise ValueError(f"`denoising_sigmas={sigmas}` must be a non-empty, strictly decreasing list in (0, 1].")
+        if self.auto_find_batch_size:
+            raise ValueError("`auto_find_batch_size` is not supported: set `per_device_train_batch_size` (prompts).")

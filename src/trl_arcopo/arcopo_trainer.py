@@ -1,0 +1,632 @@
+# Copyright 2026 The trl_arcopo contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig, PeftConfig
+from transformers import Trainer, TrainerCallback
+from transformers.utils import logging
+from trl.trainer.utils import RepeatSampler
+
+from .arcopo_config import ARCoPOConfig
+from .hub import create_model_card, load_lora_adapter_weights, save_lora_adapter
+from .kv_cache import KVCache
+from .loss import LossStats, arcopo_loss, group_advantages, sde_grpo_loss, sde_transition_log_prob
+from .pipelines import SelfForcingPipeline
+from .rollout import forked_rollout
+from .sampling import RolloutNoise, neighbor_noise
+
+
+logger = logging.get_logger(__name__)
+
+#: A reward function: `fn(prompts, videos, **kwargs) -> list[float | None]`, with `videos` `[N, F, C, H, W]` in
+#: `[0, 1]`, one value per video; `None` means "no opinion". Extra dataset columns arrive as keyword lists.
+RewardFunc = Callable[..., list[float | None]]
+
+DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+
+
+@dataclass
+class RolloutBatch:
+    r"""
+    One rollout of `N` prompt groups, everything the localised update needs.
+
+    Args:
+        prompts (`list[str]`): the `N` prompts.
+        prompt_embeds (`torch.Tensor` of shape `[N, S, text_dim]`).
+        pivot (`int`): the chunk where the groups forked.
+        frame_offset (`int`): first latent frame of the pivot chunk.
+        prefix_cache ([`KVCache`]): committed chunks `< pivot`, batch `N` (detached).
+        states (`torch.Tensor` of shape `[N, G, T, C, Fc, H, W]`): pivot-chunk states `x_t` of every candidate.
+        x0_preds (`torch.Tensor` of shape `[N, G, T, C, Fc, H, W]`): their old clean predictions `x̂0`.
+        rewards (`torch.Tensor` of shape `[N, G]`): combined sequence-level rewards.
+        advantages (`torch.Tensor` of shape `[N, G]`).
+        temperature (`torch.Tensor` of shape `[N, T]`): `τ` of each group and step.
+        timesteps (`torch.Tensor` of shape `[T]`), sigmas (`torch.Tensor` of shape `[T + 1]`).
+    """
+
+    prompts: list[str]
+    prompt_embeds: torch.Tensor
+    pivot: int
+    frame_offset: int
+    prefix_cache: KVCache
+    states: torch.Tensor
+    x0_preds: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    temperature: torch.Tensor
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+
+
+@contextmanager
+def reference_policy(transformer: torch.nn.Module):
+    """The frozen base (the reference policy): the LoRA adapters disabled for the duration of the block."""
+    transformer.disable_adapters()
+    try:
+        yield transformer
+    finally:
+        transformer.enable_adapters()
+
+
+def median_pairwise_distance(x0: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """
+    Median distance between the predictions of different candidates: `x0` `[N, G, T, *]` -> `[N, T]`. Used as the
+    automatic temperature; it depends only on the stored (old) predictions, so it is constant during the update.
+    """
+    n, g, t = x0.shape[:3]
+    flat = x0.float().transpose(1, 2).reshape(n * t, g, -1)  # [N * T, G, D]
+    d = torch.cdist(flat, flat).pow(2)  # [N * T, G, G]
+    if reduction == "mean":
+        d = d / flat.shape[-1]
+    off_diagonal = ~torch.eye(g, dtype=torch.bool, device=x0.device)
+    med = d[:, off_diagonal].median(dim=-1).values  # [N * T]
+    return med.clamp_min(1e-12).view(n, t)  # [N, T]
+
+
+class ARCoPOTrainer(Trainer):
+    r"""
+    Trainer for AR-CoPO ([AR-CoPO: Align Autoregressive Video Generation with Contrastive Policy
+    Optimization](https://huggingface.co/papers/2603.17461)): on-policy alignment of a streaming autoregressive video
+    generator with sequence-level rewards.
+
+    Every rollout forks each prompt's generation at one chunk into `num_generations` candidates that differ only in
+    that chunk's initial noise, scores the finished videos, and runs `num_iterations` updates of a clipped contrastive
+    (Neighbor GRPO) objective on that chunk alone. The policy is a LoRA adapter on `pipeline.transformer`; the
+    reference is the same transformer with the adapter disabled.
+
+    Args:
+        pipeline ([`SelfForcingPipeline`]): the streaming generator.
+        reward_funcs (`RewardFunc` or `list[RewardFunc]`): `fn(prompts, videos, **kwargs) -> list[float | None]`.
+        args ([`ARCoPOConfig`], *optional*): defaults to `ARCoPOConfig("arcopo-output")`.
+        train_dataset ([`~datasets.Dataset`]): needs a `"prompt"` column; other columns reach the rewards.
+        eval_dataset ([`~datasets.Dataset`], *optional*): evaluated by rolling out groups and logging their rewards.
+        peft_config ([`~peft.LoraConfig`], *optional*): the adapter to train. Without it, an adapter already on the
+            transformer is trained, or a default LoRA (r=64, alpha=128, attention and FFN projections) is added.
+        callbacks, optimizers: as in [`~transformers.Trainer`].
+
+    Example:
+
+    ```py
+    >>> trainer = ARCoPOTrainer(pipeline=pipe, reward_funcs=[my_reward], args=ARCoPOConfig("out"), train_dataset=ds)
+    >>> trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "arcopo"]
+    _name = "AR-CoPO"
+
+    def __init__(
+        self,
+        pipeline: SelfForcingPipeline,
+        reward_funcs: RewardFunc | list[RewardFunc],
+        args: ARCoPOConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | None = None,
+        peft_config: PeftConfig | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+    ):
+        # Args
+        if args is None:
+            args = ARCoPOConfig("arcopo-output")
+        if not isinstance(pipeline, SelfForcingPipeline):
+            raise TypeError(f"`pipeline` must be a SelfForcingPipeline, got {type(pipeline).__name__}.")
+
+        # Reward functions
+        if not isinstance(reward_funcs, list | tuple):
+            reward_funcs = [reward_funcs]
+        if not reward_funcs or not all(callable(f) for f in reward_funcs):
+            raise ValueError("`reward_funcs` must be a callable or a non-empty list of callables.")
+        self.reward_funcs = list(reward_funcs)
+        self.reward_func_names = [getattr(f, "__name__", type(f).__name__) for f in self.reward_funcs]
+        if args.reward_weights is None:
+            self.reward_weights = torch.ones(len(self.reward_funcs))
+        elif len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"`reward_weights` has {len(args.reward_weights)} values but there are {len(self.reward_funcs)} "
+                f"reward functions ({', '.join(self.reward_func_names)}); give one weight per function."
+            )
+        else:
+            self.reward_weights = torch.tensor(args.reward_weights, dtype=torch.float32)
+
+        # Datasets
+        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if dataset is None:
+                continue
+            if "prompt" not in (dataset.column_names or []):
+                raise ValueError(
+                    f"`{name}` has no 'prompt' column (columns: {dataset.column_names}); rename the text column, "
+                    "e.g. `dataset.rename_column('text', 'prompt')`."
+                )
+            if isinstance(dataset, Dataset) and len(dataset) == 0:
+                raise ValueError(f"`{name}` has no rows: give at least one prompt.")
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required: a datasets.Dataset with a 'prompt' column.")
+
+        # Video size (validated now, before any rollout)
+        self.pipeline = pipeline
+        config = pipeline.config
+        self.video_size = (
+            args.height or config.default_height,
+            args.width or config.default_width,
+            args.num_frames or config.default_num_frames,
+        )
+        self.latent_shape = pipeline.latent_shape(1, *self.video_size, args.num_frames_per_chunk)
+        self.num_chunks = self.latent_shape[2] // args.num_frames_per_chunk
+        if args.pivot_chunk is not None and args.pivot_chunk >= self.num_chunks:
+            raise ValueError(
+                f"`pivot_chunk={args.pivot_chunk}` but the video has {self.num_chunks} chunks; use an index in "
+                f"[0, {self.num_chunks}) or None (uniform)."
+            )
+        self.timesteps, self.sigmas = pipeline.get_schedule(args.denoising_sigmas)
+
+        # Model and PEFT: the policy is a LoRA adapter, the frozen base is the reference
+        transformer = pipeline.transformer
+        transformer.requires_grad_(False)
+        if peft_config is not None:
+            if not isinstance(peft_config, PeftConfig):
+                raise TypeError(f"`peft_config` must be a peft.PeftConfig, got {type(peft_config).__name__}.")
+            transformer.add_adapter(peft_config)
+        elif not getattr(transformer, "_hf_peft_config_loaded", False):
+            logger.info("No `peft_config`: adding a LoRA adapter with r=64, alpha=128 (the paper's setting).")
+            transformer.add_adapter(LoraConfig(r=64, lora_alpha=128, target_modules=DEFAULT_LORA_TARGETS))
+        self.adapter_name = transformer.active_adapters()[0]
+        for name, param in transformer.named_parameters():
+            if "lora_" in name and f".{self.adapter_name}." in name:
+                param.requires_grad_(True)
+        if args.disable_dropout:
+            for module in transformer.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+        cast_training_params(transformer, dtype=torch.float32)
+        if args.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+            args.gradient_checkpointing = False  # Trainer would call a transformers-only method
+        for module in (pipeline.text_encoder, pipeline.vae):
+            if module is not None:
+                module.requires_grad_(False).eval()
+
+        super().__init__(
+            model=transformer,
+            args=args,
+            data_collator=lambda features: features,  # rows stay a list of dicts, like TRL's GRPO
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        pipeline.to(self.accelerator.device)
+
+        # Metrics and state
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._step = 0
+        self._buffered_rollout: RolloutBatch | None = None
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    # ------------------------------------------------------------------ data
+    def _set_signature_columns_if_needed(self):
+        self._signature_columns = ["prompt"]
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return RepeatSampler(
+            data_source=dataset,
+            mini_repeat_count=1,
+            batch_size=self.args.per_device_train_batch_size * self.accelerator.num_processes,
+            repeat_count=self.args.num_iterations,
+            shuffle=True,
+            seed=self.args.seed,
+        )
+
+    def _rng(self, purpose: int) -> torch.Generator:
+        """A generator that depends only on (seed, step, rank, purpose): rollouts replay exactly after a resume."""
+        seed = self.args.seed * 1_000_003 + self.state.global_step * 10_007 + self.accelerator.process_index * 101
+        generator = torch.Generator(device=self.accelerator.device)
+        generator.manual_seed((seed * 13 + purpose) % (2**63))
+        return generator
+
+    # ------------------------------------------------------------------ rollout and rewards
+    @torch.no_grad()
+    def _generate_and_score(self, inputs: list[dict[str, Any]], mode: str = "train") -> RolloutBatch:
+        args = self.args
+        device = self.accelerator.device
+        pipe = self.pipeline
+        prompts = [row["prompt"] for row in inputs]
+        n, g, steps = len(prompts), args.num_generations, len(self.timesteps)
+        generator = self._rng(purpose=1 if mode == "train" else 3)
+
+        start = time.perf_counter()
+        prompt_embeds, _ = pipe.encode_prompt(prompts, max_sequence_length=args.max_sequence_length, device=device)
+        shape = (n, *self.latent_shape[1:])
+        noise = RolloutNoise.sample(shape, args.num_frames_per_chunk, steps, args.sampler, generator, device=device)
+        if args.pivot_chunk is not None:
+            pivot = args.pivot_chunk
+        else:
+            pivot = int(torch.randint(self.num_chunks, (1,), generator=generator, device=device).item())
+        base = noise.chunk_initial(pivot)  # [N, C, Fc, H, W]
+        branch_renoise = None
+        if args.loss_type == "arcopo":
+            branch_noise = neighbor_noise(base, g, args.fork_noise_scale, generator)  # [N * G, C, Fc, H, W]
+        else:  # SDE-GRPO: same initial noise, each candidate its own re-noise at the pivot chunk
+            branch_noise = base.repeat_interleave(g, dim=0)
+            branch_renoise = torch.randn(
+                (n * g, *noise.chunk_renoise(pivot).shape[1:]), generator=generator, device=device
+            )
+
+        transformer = self.accelerator.unwrap_model(self.model)
+        was_training = transformer.training
+        transformer.eval()
+        group = forked_rollout(
+            pipe,
+            prompt_embeds,
+            noise,
+            pivot,
+            branch_noise,
+            self.timesteps,
+            self.sigmas,
+            shape[3],
+            shape[4],
+            args.sampler,
+            branch_renoise,
+        )
+        transformer.train(was_training)
+        videos = pipe.decode_latents(group.latents, output_type="pt")  # [N * G, F, C, H, W]
+        rollout_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        rewards_per_func = self._calculate_rewards(inputs, prompts, videos)  # [N * G, n_funcs]
+        rewards = self._combine_rewards(rewards_per_func).view(n, g)  # [N, G]
+        reward_seconds = time.perf_counter() - start
+
+        advantages = group_advantages(rewards, args.scale_rewards, args.quasi_norm_p)  # [N, G]
+        states = group.states.unflatten(0, (n, g))  # [N, G, T, C, Fc, H, W]
+        x0_preds = group.x0_preds.unflatten(0, (n, g))  # [N, G, T, C, Fc, H, W]
+        if args.temperature is None:
+            temperature = median_pairwise_distance(x0_preds, args.distance_reduction)  # [N, T]
+        else:
+            temperature = torch.full((n, steps), args.temperature, device=device)  # [N, T]
+
+        # Metrics (TRL names)
+        metrics = self._metrics[mode]
+        metrics["reward"].append(rewards.mean().item())
+        metrics["reward_std"].append(rewards.std(dim=1).mean().item())
+        for i, name in enumerate(self.reward_func_names):
+            column = rewards_per_func[:, i]
+            metrics[f"rewards/{name}/mean"].append(torch.nanmean(column).item())
+            metrics[f"rewards/{name}/std"].append(column[~column.isnan()].std().item() if column.numel() > 1 else 0.0)
+        metrics["frac_reward_zero_std"].append((rewards.std(dim=1) < 1e-8).float().mean().item())
+        metrics["advantages/abs_mean"].append(advantages.abs().mean().item())
+        metrics["advantages/max"].append(advantages.max().item())
+        metrics["advantages/min"].append(advantages.min().item())
+        metrics["pivot_chunk"].append(float(pivot))
+        metrics["temperature"].append(temperature.mean().item())
+        metrics["timing/rollout_seconds"].append(rollout_seconds)
+        metrics["timing/reward_seconds"].append(reward_seconds)
+        if args.log_completions and self.accelerator.is_main_process and mode == "train":
+            self._save_completions(prompts[0], videos[:g], rewards[0])
+
+        return RolloutBatch(
+            prompts=prompts,
+            prompt_embeds=prompt_embeds,
+            pivot=pivot,
+            frame_offset=pivot * args.num_frames_per_chunk,
+            prefix_cache=group.prefix_cache,
+            states=states,
+            x0_preds=x0_preds.clone(),
+            rewards=rewards,
+            advantages=advantages,
+            temperature=temperature,
+            timesteps=self.timesteps,
+            sigmas=self.sigmas,
+        )
+
+    def _calculate_rewards(self, inputs: list[dict[str, Any]], prompts: list[str], videos: torch.Tensor):
+        """Call every reward function once on all videos. Returns `[N * G, n_funcs]`; `None` becomes NaN."""
+        g = self.args.num_generations
+        prompts_rep = [p for p in prompts for _ in range(g)]
+        keys = [k for k in inputs[0] if k != "prompt"]
+        kwargs = {k: [row[k] for row in inputs for _ in range(g)] for k in keys}
+        out = torch.full((len(prompts_rep), len(self.reward_funcs)), float("nan"))
+        for i, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names)):
+            values = func(prompts=prompts_rep, videos=videos, trainer_state=self.state, **kwargs)
+            if values is None or len(values) != len(prompts_rep):
+                got = "None" if values is None else len(values)
+                raise ValueError(
+                    f"Reward function `{name}` returned {got} values for {len(prompts_rep)} videos (prompt "
+                    f"{prompts_rep[0]!r}, ...): return one float (or None) per video."
+                )
+            for j, value in enumerate(values):
+                if value is None:
+                    continue
+                value = float(value)
+                if not math.isfinite(value):
+                    raise ValueError(
+                        f"Reward function `{name}` returned {value} for video {j} of prompt {prompts_rep[j]!r}: "
+                        "rewards must be finite (return None for 'no opinion')."
+                    )
+                out[j, i] = value
+        return out.to(self.accelerator.device)
+
+    def _combine_rewards(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """Weighted sum over the functions that gave an opinion; a video without any opinion gets its group's mean."""
+        weights = self.reward_weights.to(rewards_per_func.device)
+        weighted = rewards_per_func * weights  # [N * G, n_funcs]
+        combined = torch.nansum(weighted, dim=1)  # [N * G]
+        no_opinion = rewards_per_func.isnan().all(dim=1)  # [N * G]
+        if no_opinion.any():
+            grouped = combined.view(-1, self.args.num_generations).clone()  # [N, G]
+            mask = no_opinion.view_as(grouped)
+            grouped[mask] = float("nan")
+            fill = torch.nan_to_num(torch.nanmean(grouped, dim=1, keepdim=True), nan=0.0)  # [N, 1]
+            grouped = torch.where(mask, fill.expand_as(grouped), grouped)
+            combined = grouped.flatten()
+        return combined
+
+    def _save_completions(self, prompt: str, videos: torch.Tensor, rewards: torch.Tensor) -> None:
+        from diffusers.utils import export_to_gif
+        from PIL import Image
+
+        folder = os.path.join(self.args.output_dir, "completions")
+        os.makedirs(folder, exist_ok=True)
+        grid = torch.cat(list(videos.float().cpu()), dim=-1)  # [F, C, H, G * W]
+        frames = (grid.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        export_to_gif(
+            [Image.fromarray(f) for f in frames], os.path.join(folder, f"step_{self.state.global_step:06d}.gif")
+        )
+        with open(os.path.join(folder, f"step_{self.state.global_step:06d}.txt"), "w") as f:
+            f.write(f"{prompt}\nrewards: {[round(r, 4) for r in rewards.tolist()]}\n")
+
+    # ------------------------------------------------------------------ training step
+    def _prepare_inputs(self, inputs: list[dict[str, Any]]) -> RolloutBatch:
+        if self._step % self.args.num_iterations == 0 or self._buffered_rollout is None:
+            self._buffered_rollout = self._generate_and_score(inputs)
+        return self._buffered_rollout
+
+    def training_step(self, model: torch.nn.Module, inputs, num_items_in_batch=None) -> torch.Tensor:
+        model.train()
+        rollout = self._prepare_inputs(inputs)
+        iteration = self._step % self.args.num_iterations
+        start = time.perf_counter()
+        loss = self._compute_loss(model, rollout, iteration)
+        self._metrics["train"]["timing/update_seconds"].append(time.perf_counter() - start)
+        self._step += 1
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        raise NotImplementedError("ARCoPOTrainer computes its loss in `training_step` (one backward per step).")
+
+    def _compute_loss(self, model: torch.nn.Module, rollout: RolloutBatch, iteration: int) -> torch.Tensor:
+        """
+        The localised update on the pivot chunk: for each denoising step, the current policy's `x̂0` at `K` anchors
+        (fresh each inner iteration), the objective, and one backward. Returns the detached total loss.
+        """
+        args = self.args
+        n, g, steps = rollout.states.shape[:3]
+        k = args.num_anchors
+        generator = self._rng(purpose=2)
+        anchor_index = torch.stack(
+            [torch.randperm(g, generator=generator, device=generator.device)[:k] for _ in range(n)]
+        ).to(rollout.states.device)  # [N, K]
+        rows = anchor_index + torch.arange(n, device=anchor_index.device)[:, None] * g  # [N, K] into N * G
+        cache = rollout.prefix_cache.fork(k)  # [N * K] rows, the prefix shared by the anchors of a group
+        embeds = rollout.prompt_embeds.repeat_interleave(k, dim=0)  # [N * K, S, text_dim]
+        unwrapped = self.accelerator.unwrap_model(model)
+        scale = 1.0 / (steps if args.loss_type == "arcopo" else steps - 1) / self.current_gradient_accumulation_steps
+        total = torch.zeros((), device=rollout.states.device)
+        stats: list[LossStats] = []
+        penalties = []
+        trained_steps = range(steps) if args.loss_type == "arcopo" else range(steps - 1)
+        for position, j in enumerate(trained_steps):
+            x_t = rollout.states[:, :, j].flatten(0, 1)[rows.flatten()]  # [N * K, C, Fc, H, W]
+            last = position == len(trained_steps) - 1
+            sync = nullcontext() if last else self.accelerator.no_sync(model)
+            with sync:
+                x0_theta = self.pipeline.predict_x0(
+                    x_t,
+                    rollout.timesteps[j],
+                    rollout.sigmas[j].item(),
+                    embeds,
+                    cache,
+                    rollout.frame_offset,
+                    transformer=model,
+                )  # [N * K, C, Fc, H, W]
+                if iteration == 0:
+                    # θ == θ_old: refresh the anchors' stored predictions with this exact computation, so that the
+                    # first ratio is exactly 1 whatever the batching of the rollout was.
+                    flat = rollout.x0_preds[:, :, j].flatten(0, 1)  # [N * G, C, Fc, H, W] (a view)
+                    flat[rows.flatten()] = x0_theta.detach().to(flat.dtype)
+                x0_theta = x0_theta.unflatten(0, (n, k))  # [N, K, C, Fc, H, W]
+                if args.loss_type == "arcopo":
+                    loss, step_stats = arcopo_loss(
+                        x0_theta,
+                        rollout.x0_preds[:, :, j],
+                        anchor_index,
+                        rollout.advantages,
+                        epsilon=args.epsilon,
+                        temperature=rollout.temperature[:, j],
+                        reduction=args.distance_reduction,
+                    )
+                else:
+                    sigma_next = rollout.sigmas[j + 1].item()
+                    x_next = rollout.states[:, :, j + 1].flatten(0, 1)[rows.flatten()]  # [N * K, C, Fc, H, W]
+                    x0_old = rollout.x0_preds[:, :, j].flatten(0, 1)[rows.flatten()]  # [N * K, C, Fc, H, W]
+                    log_prob = sde_transition_log_prob(x_next, x0_theta.flatten(0, 1), sigma_next).view(n, k)
+                    old_log_prob = sde_transition_log_prob(x_next, x0_old, sigma_next).view(n, k)
+                    adv = rollout.advantages.gather(1, anchor_index)  # [N, K]
+                    loss, step_stats = sde_grpo_loss(log_prob, old_log_prob, adv, epsilon=args.epsilon)
+                if args.beta > 0:
+                    with torch.no_grad(), reference_policy(unwrapped):
+                        x0_ref = self.pipeline.predict_x0(
+                            x_t, rollout.timesteps[j], rollout.sigmas[j].item(), embeds, cache, rollout.frame_offset
+                        ).unflatten(0, (n, k))  # [N, K, C, Fc, H, W]
+                    penalty = (x0_theta.float() - x0_ref.float()).pow(2).mean()
+                    penalties.append(penalty.item())
+                    loss = loss + args.beta * penalty
+                self.accelerator.backward(loss * scale)
+            total += loss.detach() * scale
+            stats.append(step_stats)
+
+        metrics = self._metrics["train"]
+        for key in stats[0].to_dict():
+            values = [s.to_dict()[key] for s in stats]
+            reducer = min if key.endswith("min") else max if key.endswith("max") else (lambda v: sum(v) / len(v))
+            metrics[key].append(reducer(values))
+            if iteration == 0:
+                metrics[f"first_step/{key}"].append(reducer(values))
+        if penalties:
+            metrics["kl"].append(sum(penalties) / len(penalties))
+        return total
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained adapter's parameters (PEFT names), detached."""
+        transformer = self.accelerator.unwrap_model(self.model)
+        return {n: p.detach() for n, p in transformer.named_parameters() if f".{self.adapter_name}." in n}
+
+    def check_adapters_in_sync(self) -> bool:
+        """
+        Check, across all processes, that every rank holds the same adapter weights (what DDP guarantees); raise a
+        `RuntimeError` if not. Returns `True` and logs the check on a single process too.
+        """
+        flat = torch.cat([p.flatten().float() for p in self.adapter_state_dict().values()])  # [num_lora_params]
+        gathered = self.accelerator.gather(flat[None])  # [num_processes, num_lora_params]
+        max_diff = (gathered - gathered[:1]).abs().max().item()
+        if max_diff != 0:
+            raise RuntimeError(f"The adapters differ across processes (max |diff| = {max_diff}).")
+        logger.warning(f"Adapter weights are identical on all {self.accelerator.num_processes} process(es).")
+        return True
+
+    # ------------------------------------------------------------------ evaluation
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        self._generate_and_score(inputs, mode="eval")
+        return torch.zeros((), device=self.accelerator.device), None, None
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {}
+        for key, values in self._metrics[mode].items():
+            values = [v for v in values if not math.isnan(v)]
+            if values:
+                metrics[key] = sum(values) / len(values)
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        logs = {**logs, **metrics}
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+    # ------------------------------------------------------------------ saving, loading, model card
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        transformer = self.accelerator.unwrap_model(self.model)
+        save_lora_adapter(transformer, output_dir, adapter_name=self.adapter_name)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        transformer = self.accelerator.unwrap_model(model if model is not None else self.model)
+        load_lora_adapter_weights(transformer, resume_from_checkpoint, adapter_name=self.adapter_name)
+
+    def _save_checkpoint(self, model, trial):
+        if self.args.should_save:
+            self.create_model_card(model_name=os.path.basename(self.args.output_dir.rstrip("/")))
+        super()._save_checkpoint(model, trial)
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        if not self.is_world_process_zero():
+            return
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        config = {
+            key: value
+            for key, value in self.args.to_dict().items()
+            if key in ARCOPO_CARD_FIELDS and isinstance(value, int | float | str | bool | list | type(None))
+        }
+        create_model_card(
+            self.args.output_dir,
+            base_model=self.pipeline.name_or_path or None,
+            model_name=model_name or os.path.basename(self.args.output_dir.rstrip("/")),
+            hub_model_id=self.args.hub_model_id,
+            training_config=config,
+            tags=tags,
+            dataset_name=dataset_name,
+            adapter_names=[self.adapter_name],
+        )
+
+
+ARCOPO_CARD_FIELDS = (
+    "learning_rate",
+    "max_steps",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "num_generations",
+    "num_anchors",
+    "fork_noise_scale",
+    "pivot_chunk",
+    "loss_type",
+    "num_iterations",
+    "epsilon",
+    "temperature",
+    "distance_reduction",
+    "scale_rewards",
+    "quasi_norm_p",
+    "beta",
+    "reward_weights",
+    "height",
+    "width",
+    "num_frames",
+    "num_frames_per_chunk",
+    "denoising_sigmas",
+    "sampler",
+)

@@ -1,0 +1,517 @@
+# Copyright 2026 The trl_arcopo contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Saving, resuming, documenting and sharing LoRA adapters trained with AR-CoPO, in the diffusers LoRA format."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+import torch
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from .pipelines import SelfForcingPipeline
+
+
+__all__ = [
+    "ARCOPO_BIBTEX",
+    "LORA_WEIGHT_NAME",
+    "MODEL_CARD_TEMPLATE",
+    "REQUIRED_TAGS",
+    "TRL_BIBTEX",
+    "create_model_card",
+    "load_lora_adapter_weights",
+    "push_adapter_to_hub",
+    "save_lora_adapter",
+]
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+TRANSFORMER_PREFIX = f"{SelfForcingPipeline.transformer_name}."
+PAPER_URL = "https://huggingface.co/papers/2603.17461"
+REQUIRED_TAGS = ["trl", "arcopo", "diffusers", "lora", "text-to-video"]
+# Files and folders that `push_adapter_to_hub` never uploads: temporary/private files and training checkpoints.
+PUSH_IGNORE_PATTERNS = ["_*", "checkpoint-*"]
+# Adapter hyper-parameters that change the forward pass without changing any tensor shape: a resumed adapter must match.
+_SCALING_KEYS = ("lora_alpha", "use_rslora", "use_dora")
+# Training-config keys that may hold credentials: never written into a (possibly public) model card.
+_SECRET_KEY = re.compile(r"token|secret|password|api_?key|credential", re.IGNORECASE)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+ARCOPO_BIBTEX = """@article{he2026arcopo,
+    title   = {{AR-CoPO: Align Autoregressive Video Generation with Contrastive Policy Optimization}},
+    author  = {He and Feng and Ge and Zhang and Ma and Song and Liu and Li},
+    journal = {arXiv preprint arXiv:2603.17461},
+    year    = {2026}
+}"""
+
+TRL_BIBTEX = """@software{vonwerra2020trl,
+    title        = {{TRL: Transformer Reinforcement Learning}},
+    author       = {von Werra, Leandro and Belkada, Younes and Tunstall, Lewis and Beeching, Edward and Thrush, Tristan and Lambert, Nathan and Huang, Shengyi and Rasul, Kashif and Gallou{\\'e}dec, Quentin},
+    year         = {2020},
+    publisher    = {GitHub},
+    howpublished = {\\url{https://github.com/huggingface/trl}}
+}"""
+
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+This model is a [LoRA](https://huggingface.co/docs/peft/main/en/conceptual_guides/lora) adapter for {{ base_model_md }}, \
+a streaming autoregressive video generator that produces a video chunk by chunk, each chunk attending to the \
+previous ones through a key/value cache. It was trained with **{{ trainer_name }}** using the `trl_arcopo` library, \
+an implementation in [TRL](https://github.com/huggingface/trl)'s conventions of \
+[AR-CoPO: Align Autoregressive Video Generation with Contrastive Policy Optimization]({{ paper_url }}).
+{% if dataset_name %}
+It was trained on the [{{ dataset_name }}](https://huggingface.co/datasets/{{ dataset_name }}) dataset.
+{% endif %}{% if adapter_names %}
+Adapters trained in this run: {% for name in adapter_names %}`{{ name }}`{% if not loop.last %}, {% endif %}{% endfor %}.
+{% endif %}
+## Quick start
+
+```python
+import torch
+from diffusers.utils import export_to_video
+
+from trl_arcopo import SelfForcingPipeline
+
+{% if not base_model %}# Replace with the base model this adapter was trained from.
+{% endif %}pipe = SelfForcingPipeline.from_pretrained("{{ base_model or "<base-model>" }}", torch_dtype=torch.bfloat16).to("cuda")
+pipe.load_lora_weights("{{ repo_id }}")
+
+video = pipe("A red fox jumps over a snowy log at sunset", output_type="np").frames[0]
+export_to_video(video, "fox.mp4", fps=16)
+```
+
+The adapter file is in the diffusers LoRA format, so a stock `diffusers.WanPipeline` can load it too \
+(`pipe.load_lora_weights("{{ repo_id }}")`); but that pipeline generates the whole video at once with bidirectional \
+attention. Streaming (chunk-by-chunk, causal) generation, which the adapter was trained for, needs \
+`trl_arcopo.SelfForcingPipeline`.
+{% if training_config_yaml %}
+## Training configuration
+
+```yaml
+{{ training_config_yaml }}
+```
+{% endif %}
+## Framework versions
+
+{% for name, version in framework_versions %}- {{ name }}: {{ version }}
+{% endfor %}
+## Citations
+
+Cite AR-CoPO as:
+
+```bibtex
+{{ citation }}
+```
+
+Cite TRL as:
+
+```bibtex
+{{ trl_citation }}
+```
+"""
+
+
+def _check_adapter(transformer: torch.nn.Module, adapter_name: str) -> None:
+    available = list(getattr(transformer, "peft_config", None) or {})
+    if adapter_name not in available:
+        raise ValueError(
+            f"The transformer has no LoRA adapter named {adapter_name!r}; available adapters: {available or 'none'}."
+        )
+
+
+def _fsync_dir(path: str) -> None:
+    # Makes a rename durable on POSIX; directories cannot be opened (nor need to be synced) on Windows.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace_atomically(src: str, dst: str) -> None:
+    with open(src, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(src, dst)
+    _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+
+
+def save_lora_adapter(
+    transformer: torch.nn.Module,
+    output_dir: str | os.PathLike,
+    adapter_name: str = "default",
+    weight_name: str = LORA_WEIGHT_NAME,
+) -> str:
+    r"""
+    Save one LoRA adapter of a transformer in the diffusers LoRA format, atomically.
+
+    The file holds the adapter weights under `transformer.`-prefixed keys plus the adapter config as metadata (so
+    `lora_alpha` and the other hyper-parameters survive), and loads with `load_lora_weights` into a
+    [`SelfForcingPipeline`] or a stock `diffusers.WanPipeline`, or with [`load_lora_adapter_weights`] into an existing
+    adapter to resume training.
+
+    The file is first written into a temporary folder `output_dir/_tmp_lora_*` (on the same file system), flushed to
+    disk, then moved over the final path with `os.replace`: a crash never leaves a truncated or corrupt adapter file,
+    the previous file stays intact until the new one is complete. A folder left over by a killed process starts with
+    `_`, which [`push_adapter_to_hub`] never uploads.
+
+    Args:
+        transformer (`torch.nn.Module`):
+            The (unwrapped: not DDP/FSDP/compiled) transformer holding the adapter, e.g. a
+            [`CausalWanTransformer3DModel`] after `add_adapter`.
+        output_dir (`str` or `os.PathLike`):
+            The folder to save into; created if needed.
+        adapter_name (`str`, defaults to `"default"`):
+            The adapter to save.
+        weight_name (`str`, defaults to `"pytorch_lora_weights.safetensors"`):
+            The file name (no folder), the default one `load_lora_weights` looks for.
+
+    Returns:
+        `str`: the path of the saved file.
+
+    Raises:
+        `ValueError`: if the transformer has no adapter named `adapter_name` (the message lists the available ones),
+            or `weight_name` is not a plain `.safetensors` file name.
+    """
+    _check_adapter(transformer, adapter_name)
+    if os.path.basename(weight_name) != weight_name or not weight_name.endswith(".safetensors"):
+        raise ValueError(f"`weight_name` must be a plain `.safetensors` file name, got {weight_name!r}.")
+    state_dict = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    adapter_metadata = transformer.peft_config[adapter_name].to_dict()
+
+    output_dir = os.fspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    final_path = os.path.join(output_dir, weight_name)
+    tmp_dir = tempfile.mkdtemp(prefix="_tmp_lora_", dir=output_dir)
+    try:
+        SelfForcingPipeline.save_lora_weights(
+            tmp_dir,
+            transformer_lora_layers=state_dict,
+            weight_name=weight_name,
+            transformer_lora_adapter_metadata=adapter_metadata,
+        )
+        tmp_path = os.path.join(tmp_dir, weight_name)
+        if not os.path.isfile(tmp_path):
+            raise RuntimeError(f"Saving the LoRA adapter did not produce {tmp_path}.")
+        _replace_atomically(tmp_path, final_path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return final_path
+
+
+def _format_keys(keys: list[str], limit: int = 10) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_lora_adapter_weights(
+    transformer: torch.nn.Module, path: str | os.PathLike, adapter_name: str = "default"
+) -> None:
+    r"""
+    Load a diffusers-format LoRA file (as written by [`save_lora_adapter`]) into an *existing* adapter, e.g. to resume
+    training: the adapter's parameters are overwritten in place (keeping their device, dtype and `requires_grad`), so
+    an optimizer built on them stays valid.
+
+    The file is checked against the adapter before anything is loaded: on a mismatch, the adapter is left untouched.
+
+    Args:
+        transformer (`torch.nn.Module`):
+            The (unwrapped) transformer holding the adapter.
+        path (`str` or `os.PathLike`):
+            A folder containing `pytorch_lora_weights.safetensors`, or the `.safetensors` file itself.
+        adapter_name (`str`, defaults to `"default"`):
+            The adapter to load into; the name the file was saved from does not matter.
+
+    Raises:
+        `FileNotFoundError`: if there is no such file.
+        `ValueError`: if the transformer has no adapter named `adapter_name`, or the file does not match it: keys
+            the adapter does not have (unexpected), adapter keys the file lacks (missing), different shapes (e.g.
+            another rank), or a different `lora_alpha` / `use_rslora` / `use_dora` in the file's metadata.
+    """
+    _check_adapter(transformer, adapter_name)
+    path = os.fspath(path)
+    file = os.path.join(path, LORA_WEIGHT_NAME) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"No LoRA weights file at {file}.")
+
+    raw = load_file(file, device="cpu")
+    with safe_open(file, framework="pt") as f:
+        file_metadata = f.metadata() or {}
+
+    state_dict = {k.removeprefix(TRANSFORMER_PREFIX): v for k, v in raw.items() if k.startswith(TRANSFORMER_PREFIX)}
+    unexpected = [k for k in raw if not k.startswith(TRANSFORMER_PREFIX)]
+    expected = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    unexpected += [TRANSFORMER_PREFIX + k for k in state_dict if k not in expected]
+    missing = [k for k in expected if k not in state_dict]
+    mismatched = [
+        f"{k}: {tuple(state_dict[k].shape)} in the file, {tuple(v.shape)} in the adapter"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    problems = []
+    if unexpected:
+        problems.append(f"unexpected keys: {_format_keys(unexpected)}")
+    if missing:
+        problems.append(f"missing keys: {_format_keys(missing)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {_format_keys(mismatched)}")
+    if "lora_adapter_metadata" in file_metadata:
+        saved = json.loads(file_metadata["lora_adapter_metadata"])
+        config = transformer.peft_config[adapter_name]
+        for key in _SCALING_KEYS:
+            saved_value = saved.get(TRANSFORMER_PREFIX + key)
+            if saved_value is not None and hasattr(config, key) and saved_value != getattr(config, key):
+                problems.append(f"{key}={saved_value!r} in the file, {getattr(config, key)!r} in the adapter")
+    if problems:
+        raise ValueError(
+            f"The LoRA file {file} does not match the adapter {adapter_name!r}: " + "; ".join(problems) + "."
+        )
+
+    result = set_peft_model_state_dict(transformer, state_dict, adapter_name=adapter_name)
+    # Safety net: everything was checked above, so peft should neither ignore a key nor leave an adapter key unset.
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
+        raise ValueError(f"peft ignored keys of {file}: {_format_keys(unexpected)}.")
+
+
+def _yaml_scalar(value: Any) -> str | None:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if math.isnan(value):
+            return ".nan"
+        if math.isinf(value):
+            return ".inf" if value > 0 else "-.inf"
+        text = repr(value)
+        # `1e-05` is a string to YAML 1.1 parsers (PyYAML): write `1.0e-05`.
+        return re.sub(r"^(-?\d+)(e)", r"\1.0\2", text)
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a double-quoted JSON string is a valid YAML scalar
+    return None
+
+
+def _yaml_lines(config: Mapping, indent: int = 0) -> list[str]:
+    lines = []
+    pad = " " * indent
+    for key, value in config.items():
+        if not isinstance(key, str) or _SECRET_KEY.search(key):
+            continue
+        rendered_key = key if re.fullmatch(r"[A-Za-z_][\w.-]*", key) else json.dumps(key)
+        if isinstance(value, Mapping):
+            nested = _yaml_lines(value, indent + 2)
+            if nested:
+                lines += [f"{pad}{rendered_key}:", *nested]
+            elif not value:
+                lines.append(f"{pad}{rendered_key}: {{}}")
+            continue
+        if isinstance(value, (list, tuple)):
+            items = [_yaml_scalar(v) for v in value]
+            if all(item is not None for item in items):
+                lines.append(f"{pad}{rendered_key}: [{', '.join(items)}]")
+            continue
+        scalar = _yaml_scalar(value)
+        if scalar is not None:
+            lines.append(f"{pad}{rendered_key}: {scalar}")
+    return lines
+
+
+def _as_mapping(config: Any) -> Mapping | None:
+    if config is None or isinstance(config, Mapping):
+        return config
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    if callable(getattr(config, "to_dict", None)):
+        return config.to_dict()
+    raise TypeError(f"`training_config` must be a dict (or a dataclass), got {type(config).__name__}.")
+
+
+def _framework_versions() -> list[tuple[str, str]]:
+    versions = []
+    for name in ("trl_arcopo", "trl", "diffusers", "peft", "transformers", "torch", "huggingface_hub"):
+        try:
+            versions.append((name, importlib_metadata.version(name)))
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.fullmatch(name)) and not os.path.exists(name)
+
+
+def create_model_card(
+    output_dir: str | os.PathLike,
+    base_model: str | None,
+    model_name: str,
+    hub_model_id: str | None = None,
+    trainer_name: str = "AR-CoPO",
+    training_config: dict | None = None,
+    tags: list[str] | None = None,
+    dataset_name: str | None = None,
+    adapter_names: list[str] | None = None,
+    citation: str = ARCOPO_BIBTEX,
+) -> ModelCard:
+    r"""
+    Write the model card (`README.md`) of a LoRA adapter trained with AR-CoPO, offline and atomically.
+
+    The YAML header sets `library_name: diffusers`, `license: apache-2.0`, `pipeline_tag: text-to-video`, the
+    `base_model` (only when it is a Hub repo id: a local path is shown in the text but not declared), the `datasets`
+    and the tags `trl`, `arcopo`, `diffusers`, `lora`, `text-to-video` followed by `tags`. The body describes the
+    adapter, gives a quick start with [`SelfForcingPipeline`] and `load_lora_weights`, lists the training
+    configuration and framework versions, and the BibTeX citations of AR-CoPO and TRL.
+
+    Args:
+        output_dir (`str` or `os.PathLike`):
+            The folder to write `README.md` into (created if needed); usually the one holding the adapter file.
+        base_model (`str`, *optional*):
+            The Hub repo id (or local path) of the base pipeline the adapter was trained from.
+        model_name (`str`):
+            The title of the card.
+        hub_model_id (`str`, *optional*):
+            The repo id the quick start loads the adapter from; defaults to the name of `output_dir`.
+        trainer_name (`str`, defaults to `"AR-CoPO"`):
+            The training method named in the card.
+        training_config (`dict`, *optional*):
+            Hyper-parameters to list. Only simple values are rendered (numbers, booleans, strings, paths, `None`,
+            lists of those and nested dicts of those); others (tensors, objects, callables...) are skipped, and so
+            are keys that look like credentials (`hub_token`, `api_key`...). A dataclass is accepted too.
+        tags (`list[str]`, *optional*):
+            Tags to add after the required ones; duplicates are dropped, order is kept.
+        dataset_name (`str`, *optional*):
+            The Hub id of the prompt dataset.
+        adapter_names (`list[str]`, *optional*):
+            The adapters trained in the run, listed in the card.
+        citation (`str`, defaults to `ARCOPO_BIBTEX`):
+            The BibTeX entry of the method; TRL's is always added.
+
+    Returns:
+        [`~huggingface_hub.ModelCard`]: the card, as written to `output_dir/README.md`.
+    """
+    output_dir = os.fspath(output_dir)
+    repo_id = hub_model_id or os.path.basename(os.path.normpath(os.path.abspath(output_dir)))
+    all_tags = list(dict.fromkeys([*REQUIRED_TAGS, *(tags or [])]))
+    declared_base = base_model if base_model and _is_hub_id(base_model) else None
+    card_data = ModelCardData(
+        base_model=declared_base,
+        library_name="diffusers",
+        license="apache-2.0",
+        pipeline_tag="text-to-video",
+        tags=all_tags,
+        datasets=[dataset_name] if dataset_name else None,
+        model_name=model_name,
+    )
+    if declared_base:
+        base_model_md = f"[{base_model}](https://huggingface.co/{base_model})"
+    elif base_model:
+        base_model_md = f"`{base_model}`"
+    else:
+        base_model_md = "a Self-Forcing model"
+    training_config = _as_mapping(training_config)
+    card = ModelCard.from_template(
+        card_data,
+        template_str=MODEL_CARD_TEMPLATE,
+        model_name=model_name,
+        base_model=base_model,
+        base_model_md=base_model_md,
+        repo_id=repo_id,
+        trainer_name=trainer_name,
+        paper_url=PAPER_URL,
+        dataset_name=dataset_name,
+        adapter_names=list(adapter_names or []),
+        training_config_yaml="\n".join(_yaml_lines(training_config)) if training_config else "",
+        framework_versions=_framework_versions(),
+        citation=citation.strip(),
+        trl_citation=TRL_BIBTEX,
+    )
+
+    os.makedirs(output_dir, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix="_README.", suffix=".md.tmp", dir=output_dir)
+    os.close(fd)
+    try:
+        card.save(tmp_path)
+        _replace_atomically(tmp_path, os.path.join(output_dir, "README.md"))
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    return card
+
+
+def push_adapter_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    private: bool | None = None,
+    commit_message: str = "Upload LoRA adapter trained with AR-CoPO",
+    token: str | None = None,
+) -> str:
+    r"""
+    Upload a folder (adapter file, model card...) to a Hub model repo, creating the repo if needed.
+
+    Files and folders starting with `_` (temporary files) and `checkpoint-*` folders (training state) are not uploaded.
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            The local folder, e.g. the `output_dir` of [`save_lora_adapter`] and [`create_model_card`].
+        repo_id (`str`):
+            The model repo, `"namespace/name"`.
+        private (`bool`, *optional*):
+            Visibility of a newly created repo (`None`: the namespace's default); an existing repo is unchanged.
+        commit_message (`str`, *optional*):
+            The commit message.
+        token (`str`, *optional*):
+            A Hub token; defaults to the locally saved one.
+
+    Returns:
+        `str`: the URL of the commit.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"No folder to upload at {folder}.")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        repo_type="model",
+        commit_message=commit_message,
+        ignore_patterns=PUSH_IGNORE_PATTERNS,
+    )
+    return str(getattr(commit, "commit_url", None) or commit)
