@@ -428,6 +428,8 @@ class ARCoPOTrainer(Trainer):
         return self._buffered_rollout
 
     def training_step(self, model: torch.nn.Module, inputs, num_items_in_batch=None) -> torch.Tensor:
+        if self._step == 0 and self.state.global_step > 0:  # resumed: continue the micro-step count
+            self._step = self.state.global_step * self.args.gradient_accumulation_steps
         model.train()
         rollout = self._prepare_inputs(inputs)
         iteration = self._step % self.args.num_iterations

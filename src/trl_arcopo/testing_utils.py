@@ -24,7 +24,25 @@ from .pipelines import SelfForcingPipeline
 from .sampling import self_forcing_scheduler
 
 
-TINY_WORDS = ["a", "cat", "dog", "runs", "on", "the", "beach", "in", "snow", "red", "blue", "car", "city", "night", "fox", "jumps", "over"]
+TINY_WORDS = [
+    "a",
+    "cat",
+    "dog",
+    "runs",
+    "on",
+    "the",
+    "beach",
+    "in",
+    "snow",
+    "red",
+    "blue",
+    "car",
+    "city",
+    "night",
+    "fox",
+    "jumps",
+    "over",
+]
 
 
 def tiny_tokenizer(words: list[str] | None = None) -> T5Tokenizer:

@@ -1,0 +1,260 @@
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+from datasets import Dataset
+from huggingface_hub import ModelCard
+from peft import LoraConfig
+from transformers import TrainerCallback
+
+from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
+from trl_arcopo.testing_utils import tiny_pipeline
+
+
+PROMPTS = ["a red fox jumps", "a cat runs on the beach", "a dog in snow", "a blue car at night"]
+LORA = dict(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def redness(prompts, videos, **kwargs):
+    return (videos[:, :, 0] - videos[:, :, 1:].mean(dim=2)).mean(dim=(1, 2, 3)).tolist()
+
+
+def _args(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        num_generations=3,
+        num_anchors=2,
+        denoising_sigmas=[1.0, 0.75, 0.5],
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+    )
+    defaults.update(kwargs)
+    return ARCoPOConfig(**defaults)
+
+
+def _trainer(tmp_path, pipe=None, reward_funcs=(redness,), dataset=None, **kwargs):
+    return ARCoPOTrainer(
+        pipeline=pipe or tiny_pipeline(),
+        reward_funcs=list(reward_funcs),
+        args=_args(tmp_path, **kwargs),
+        train_dataset=dataset if dataset is not None else Dataset.from_dict({"prompt": PROMPTS}),
+        peft_config=LoraConfig(**LORA),
+    )
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
+def _history(trainer, key):
+    return [h[key] for h in trainer.state.log_history if key in h]
+
+
+def test_config_errors_name_value_and_fix():
+    with pytest.raises(ValueError, match="num_generations=1.*at least 2"):
+        ARCoPOConfig("out", num_generations=1, use_cpu=True)
+    with pytest.raises(ValueError, match="num_anchors=5.*num_generations=4"):
+        ARCoPOConfig("out", num_generations=4, num_anchors=5, use_cpu=True)
+    with pytest.raises(ValueError, match="loss_type"):
+        ARCoPOConfig("out", loss_type="dpo", use_cpu=True)
+    with pytest.raises(ValueError, match="sde_grpo.*consistency"):
+        ARCoPOConfig("out", loss_type="sde_grpo", sampler="ode", use_cpu=True)
+    with pytest.raises(ValueError, match="denoising_sigmas"):
+        ARCoPOConfig("out", denoising_sigmas=[0.5, 0.75], use_cpu=True)
+    config = ARCoPOConfig("out")  # the defaults run on a machine without a GPU
+    assert config.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert config.gradient_checkpointing is False and config.remove_unused_columns is False
+
+
+def test_trainer_input_errors(tmp_path):
+    with pytest.raises(ValueError, match="no 'prompt' column"):
+        _trainer(tmp_path, dataset=Dataset.from_dict({"text": PROMPTS}))
+    with pytest.raises(ValueError, match="no rows"):
+        _trainer(tmp_path, dataset=Dataset.from_dict({"prompt": []}))
+    with pytest.raises(ValueError, match="`reward_weights` has 2 values but there are 1 reward functions"):
+        _trainer(tmp_path, reward_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="pivot_chunk=3"):
+        _trainer(tmp_path, pivot_chunk=3)
+    with pytest.raises(ValueError, match="use e.g. `num_frames=9`"):
+        _trainer(tmp_path, num_frames=8)
+
+
+@pytest.mark.parametrize(
+    ("reward", "match"),
+    [
+        (lambda prompts, videos, **kw: [0.0] * (len(prompts) - 1), "`bad` returned 2 values for 3 videos"),
+        (lambda prompts, videos, **kw: [0.0, float("nan"), 1.0], "`bad` returned nan for video 1 of prompt"),
+        (lambda prompts, videos, **kw: [0.0, 1.0, float("inf")], "`bad` returned inf for video 2"),
+    ],
+)
+def test_bad_rewards_name_the_function_and_prompt(tmp_path, reward, match):
+    reward.__name__ = "bad"
+    trainer = _trainer(tmp_path, reward_funcs=[reward], per_device_train_batch_size=1)
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+
+
+def test_constant_rewards_give_zero_advantages_and_no_update(tmp_path):
+    def constant(prompts, videos, **kwargs):
+        return [0.5] * len(prompts)
+
+    trainer = _trainer(tmp_path, reward_funcs=[constant])
+    before = {k: v.clone() for k, v in trainer.adapter_state_dict().items()}
+    trainer.train()
+    assert _history(trainer, "frac_reward_zero_std")[0] == 1.0
+    assert _history(trainer, "advantages/abs_mean")[0] == 0.0
+    assert all(torch.isfinite(torch.tensor(v)) for v in _history(trainer, "loss"))
+    assert all(torch.equal(before[k], v) for k, v in trainer.adapter_state_dict().items())
+
+
+def test_none_rewards_and_extra_columns(tmp_path):
+    seen = {}
+
+    def picky(prompts, videos, category, trainer_state, **kwargs):
+        seen["category"] = category
+        return [None if i == 0 else float(i) for i in range(len(prompts))]
+
+    dataset = Dataset.from_dict({"prompt": PROMPTS, "category": ["a", "b", "c", "d"]})
+    trainer = _trainer(tmp_path, reward_funcs=[picky, redness], dataset=dataset, max_steps=1)
+    trainer.train()
+    assert len(seen["category"]) == 2 * 3 and seen["category"][0] == seen["category"][2]
+    assert torch.isfinite(torch.tensor(_history(trainer, "reward")[0]))
+
+
+def test_first_inner_step_ratio_is_exactly_one(tmp_path):
+    """Acceptance: in a real batched step (2 groups of G = 3), the first update has ratio == 1, clip_fraction == 0."""
+    trainer = _trainer(tmp_path, max_steps=4, num_iterations=2)
+    trainer.train()
+    assert _history(trainer, "first_step/ratio/min") == [1.0, 1.0]
+    assert _history(trainer, "first_step/ratio/max") == [1.0, 1.0]
+    assert _history(trainer, "first_step/clip_fraction") == [0.0, 0.0]
+    # the second inner step sees the updated policy: the ratio moves and the clip engages
+    ratio_max = _history(trainer, "ratio/max")
+    assert ratio_max[1] > 1.0 and _history(trainer, "clip_fraction")[1] > 0
+
+
+def test_training_changes_lora_only_and_grads_stay_in_pivot_chunk(tmp_path):
+    pipe = tiny_pipeline()
+    base_before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    trainer = _trainer(tmp_path, pipe=pipe, max_steps=4, pivot_chunk=1)
+    lora_before = {k: v.clone() for k, v in trainer.adapter_state_dict().items()}
+    assert lora_before
+
+    calls = []
+
+    def record(module, args, kwargs):
+        cache = kwargs.get("kv_cache")
+        calls.append(
+            dict(
+                grad=torch.is_grad_enabled(),
+                offset=kwargs.get("frame_offset"),
+                commit=kwargs.get("update_cache"),
+                batch=args[0].shape[0],
+                input_grad=args[0].requires_grad,
+                cache_grad=cache is not None and any(k.requires_grad for k in cache.keys),
+            )
+        )
+
+    handle = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    trainer.train()
+    handle.remove()
+
+    for name, value in trainer.adapter_state_dict().items():
+        assert not torch.equal(value, lora_before[name]), f"{name} did not change"
+    for name, value in pipe.transformer.state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(value, base_before[name.replace(".base_layer", "")]), f"{name} changed"
+    grad_calls = [c for c in calls if c["grad"]]
+    # every forward with autograd is the pivot chunk (frames 3..5), never a commit, reading a detached cache
+    assert grad_calls and all(c["offset"] == 3 and not c["commit"] and not c["cache_grad"] for c in grad_calls)
+    assert not any(c["input_grad"] for c in grad_calls)
+    # per update: one batched call per denoising step on N x K = 2 x 2 anchor chunks
+    assert len(grad_calls) == 4 * 3 and all(c["batch"] == 4 for c in grad_calls)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    straight = _trainer(tmp_path / "a", max_steps=4, num_iterations=2)
+    straight.train()
+    # the same run (same schedule, max_steps=4) interrupted right after its checkpoint at step 2
+    first = _trainer(tmp_path / "b", max_steps=4, num_iterations=2, save_strategy="steps", save_steps=2)
+    first.add_callback(StopAt(2))
+    first.train()
+    assert first.state.global_step == 2
+    resumed = _trainer(tmp_path / "b", max_steps=4, num_iterations=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    expected = straight.adapter_state_dict()
+    got = resumed.adapter_state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert os.path.exists(tmp_path / "b" / "checkpoint-2" / "pytorch_lora_weights.safetensors")
+    assert os.path.exists(tmp_path / "b" / "README.md")  # the model card, written at each checkpoint
+
+
+def test_saved_adapter_reproduces_outputs_and_card(tmp_path):
+    pipe = tiny_pipeline()
+    pipe.register_to_config(_name_or_path="trl-arcopo/tiny-self-forcing")
+    trainer = _trainer(tmp_path / "run", pipe=pipe, max_steps=2)
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "run"
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    expected = pipe("a red fox jumps", generator=generator(), output_type="pt").frames
+    fresh = tiny_pipeline()
+    fresh.load_lora_weights(str(out))
+    assert torch.equal(fresh("a red fox jumps", generator=generator(), output_type="pt").frames, expected)
+
+    trainer.create_model_card(dataset_name="trl-arcopo/prompts")
+    card = ModelCard.load(out / "README.md")
+    for tag in ("trl", "arcopo", "diffusers", "lora", "text-to-video"):
+        assert tag in card.data.tags
+    assert card.data.base_model == "trl-arcopo/tiny-self-forcing"
+    assert "load_lora_weights" in card.text and "2603.17461" in card.text
+
+    with mock.patch("transformers.trainer.hf_api") as api:
+        api.return_value.create_repo.return_value = mock.Mock(repo_id="user/tiny-arcopo")
+        trainer.args.hub_model_id = "user/tiny-arcopo"
+        trainer.push_to_hub()
+        kwargs = api.return_value.upload_folder.call_args.kwargs
+    assert kwargs["repo_id"] == "user/tiny-arcopo"
+    pushed = os.listdir(kwargs["folder_path"])
+    assert "pytorch_lora_weights.safetensors" in pushed and "README.md" in pushed
+
+
+def test_sde_grpo_baseline_runs_with_exact_first_ratio(tmp_path):
+    trainer = _trainer(tmp_path, loss_type="sde_grpo", max_steps=2)
+    trainer.train()
+    assert _history(trainer, "first_step/ratio/min") == [1.0]
+    assert _history(trainer, "first_step/ratio/max") == [1.0]
+
+
+def test_two_process_ddp_example_keeps_adapters_identical(tmp_path):
+    """Acceptance: the example under a 2-process CPU DDP launch finishes and both ranks hold the same adapter."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(ROOT, "src"))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        os.path.join(ROOT, "examples", "train_arcopo.py"),
+        "--output_dir", str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size", "1",
+        "--num_generations", "3", "--num_anchors", "2", "--lora_r", "4", "--lora_alpha", "8",
+        "--report_to", "none", "--save_strategy", "no", "--use_cpu",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "identical on all 2 process(es)" in result.stderr + result.stdout
+    assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
