@@ -180,8 +180,26 @@ class KVCache:
             return k[:, slices[0]], v[:, slices[0]]
         return torch.cat([k[:, s] for s in slices], dim=1), torch.cat([v[:, s] for s in slices], dim=1)
 
-    def write(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store a chunk's keys and values `[B, N, heads, head_dim]` at tokens `[start, start + N)` of one layer."""
+    def can_write_in_place(self, start: int, key: torch.Tensor) -> bool:
+        """
+        Whether a chunk starting at token `start` may use the in-place fast path: no autograd, the chunk right after
+        the committed frames, the cache's own batch size, and global attention.
+        """
+        return (
+            not torch.is_grad_enabled()
+            and not key.requires_grad
+            and start == self.end
+            and key.shape[0] == self.batch_size
+            and self.local_attn_frames is None
+            and key.dtype == self.keys[0].dtype
+        )
+
+    def write(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor, scratch: bool = False) -> None:
+        """
+        Store a chunk's keys and values `[B, N, heads, head_dim]` at tokens `[start, start + N)` of one layer.
+        `scratch=True` writes a not-yet-committed chunk into the free slots after `end` (they are overwritten by its
+        commit and never read before it).
+        """
         if start != self.end:
             raise ValueError(
                 f"Commit at frame {start // self.tokens_per_frame} but the cache ends at frame {self.num_frames}: "

@@ -177,7 +177,14 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         query = _apply_rotary(query, *rotary_emb)
         key = _apply_rotary(key, *rotary_emb)
 
-        if kv_cache is not None:
+        if kv_cache is not None and kv_cache.can_write_in_place(start, key):
+            # Fast path without autograd: put this chunk's keys/values in the slots right after the committed frames
+            # (scratch until a commit makes them permanent) and attend to one slice of the buffer, without a copy of
+            # the prefix. Same attention as the concatenation below.
+            kv_cache.write(layer, start, key, value, scratch=not update_cache)
+            key = kv_cache.keys[layer][:, : start + key.shape[1]]  # [B, S + N, heads, head_dim]
+            value = kv_cache.values[layer][:, : start + value.shape[1]]  # [B, S + N, heads, head_dim]
+        elif kv_cache is not None:
             ctx_key, ctx_value = kv_cache.read(layer, start, key.shape[1])  # [B or 1, S, heads, head_dim]
             if update_cache:
                 kv_cache.write(layer, start, key, value)
