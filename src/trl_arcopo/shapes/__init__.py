@@ -1,0 +1,71 @@
+# Copyright 2026 The trl_arcopo contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The "Moving Shapes" world: a procedural, verifiable text-to-video task (see `docs/moving_shapes.md`)."""
+
+from .rewards import (
+    VideoAnalysis,
+    all_correct,
+    analyse_videos,
+    colour_reward,
+    combined_reward,
+    direction_reward,
+    score_videos,
+    shape_reward,
+    temporal_quality_reward,
+)
+from .world import (
+    ALL_PROMPTS,
+    COLOURS,
+    DIRECTIONS,
+    HELDOUT_PROMPTS,
+    PALETTE,
+    SHAPES,
+    TRAIN_PROMPTS,
+    Motion,
+    format_prompt,
+    make_dataset,
+    parse_prompt,
+    render_batch,
+    render_video,
+    sample_motion,
+    vocabulary,
+)
+
+
+__all__ = [
+    "ALL_PROMPTS",
+    "COLOURS",
+    "DIRECTIONS",
+    "HELDOUT_PROMPTS",
+    "PALETTE",
+    "SHAPES",
+    "TRAIN_PROMPTS",
+    "Motion",
+    "VideoAnalysis",
+    "all_correct",
+    "analyse_videos",
+    "colour_reward",
+    "combined_reward",
+    "direction_reward",
+    "format_prompt",
+    "make_dataset",
+    "parse_prompt",
+    "render_batch",
+    "render_video",
+    "sample_motion",
+    "score_videos",
+    "shape_reward",
+    "temporal_quality_reward",
+    "vocabulary",
+]

@@ -1,0 +1,235 @@
+import re
+
+import pytest
+import torch
+
+from trl_arcopo.shapes import (
+    ALL_PROMPTS,
+    COLOURS,
+    DIRECTIONS,
+    HELDOUT_PROMPTS,
+    PALETTE,
+    SHAPES,
+    TRAIN_PROMPTS,
+    all_correct,
+    colour_reward,
+    combined_reward,
+    direction_reward,
+    format_prompt,
+    make_dataset,
+    parse_prompt,
+    render_batch,
+    render_video,
+    sample_motion,
+    score_videos,
+    shape_reward,
+    temporal_quality_reward,
+    vocabulary,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tensors are small: one thread is fastest, and much faster than two on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+REWARDS = [colour_reward, shape_reward, direction_reward, temporal_quality_reward, combined_reward, all_correct]
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def ground_truth():
+    """All 72 prompts x 3 seeds, rendered: `(prompts, seeds, videos [216, 12, 3, 32, 32])`."""
+    prompts = [p for p in ALL_PROMPTS for _ in SEEDS]
+    seeds = [s for _ in ALL_PROMPTS for s in SEEDS]
+    return prompts, seeds, render_batch(prompts, seeds)
+
+
+def _other(values, value, k):
+    return values[(values.index(value) + 1 + k % (len(values) - 1)) % len(values)]
+
+
+# ---------------------------------------------------------------------------------------------------------- world
+
+
+def test_render_shape_dtype_range_and_determinism():
+    video = render_video("red", "circle", "left", seed=3)
+    assert video.shape == (12, 3, 32, 32) and video.dtype == torch.float32
+    assert video.min() >= 0 and video.max() <= 1 and video.max() == 1  # pure colour inside the object
+    assert torch.equal(video, render_video("red", "circle", "left", seed=3))
+    assert not torch.equal(video, render_video("red", "circle", "left", seed=4))
+    assert not torch.equal(video[0], video[-1])  # it moves
+    assert render_video("blue", "square", "up", num_frames=5, size=48).shape == (5, 3, 48, 48)
+    batch = render_batch(["a red circle moving left", "a cyan triangle moving up"], [3, 0])
+    assert batch.shape == (2, 12, 3, 32, 32) and torch.equal(batch[0], video)
+    assert render_batch(["a red circle moving left"] * 2, 3).shape == (2, 12, 3, 32, 32)
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        render_batch(["a red circle moving left"], [1, 2])
+    with pytest.raises(ValueError, match="Unknown shape 'hexagon'"):
+        render_video("red", "hexagon", "left")
+
+
+@pytest.mark.parametrize("seed_offset", [0, 1000])
+def test_object_inside_frame_and_single_colour(seed_offset):
+    seeds = range(seed_offset, seed_offset + 4)
+    prompts = [p for p in ALL_PROMPTS for _ in seeds]
+    videos = render_batch(prompts, [s for _ in ALL_PROMPTS for s in seeds])  # [288, 12, 3, 32, 32]
+    border = torch.cat([videos[..., 0, :], videos[..., -1, :], videos[..., :, 0], videos[..., :, -1]], dim=-1)
+    assert border.abs().max() == 0  # never touches the border: fully inside in every frame
+    lit = videos.amax(dim=2)  # [N, F, H, W]
+    assert (lit.flatten(2).amax(-1) == 1).all()  # the object is visible in every frame
+    rgb = torch.tensor([PALETTE[parse_prompt(p)[0]] for p in prompts])  # [N, 3]
+    # every pixel is (coverage x) the prompt's pure colour: one colour only
+    torch.testing.assert_close(videos, lit[:, :, None] * rgb[:, None, :, None, None], rtol=0, atol=0)
+    for direction in DIRECTIONS:
+        for seed in seeds:
+            motion = sample_motion(direction, seed)
+            centres = motion.centres(12)  # [12, 2]
+            half = motion.object_size / 2
+            assert (centres - half).min() >= 1 and (centres + half).max() <= 31
+            assert 8 <= motion.object_size <= 12 and 1 <= motion.speed <= 1.5
+
+
+def test_prompt_split():
+    assert len(ALL_PROMPTS) == 72 == len(set(ALL_PROMPTS))
+    assert len(TRAIN_PROMPTS) == 60 and len(HELDOUT_PROMPTS) == 12
+    assert not set(TRAIN_PROMPTS) & set(HELDOUT_PROMPTS)
+    assert set(TRAIN_PROMPTS) | set(HELDOUT_PROMPTS) == set(ALL_PROMPTS)
+    train = [parse_prompt(p) for p in TRAIN_PROMPTS]
+    for i, values in enumerate((COLOURS, SHAPES, DIRECTIONS)):
+        assert {t[i] for t in train} == set(values)
+    # every pair of attributes of a held-out prompt is seen in training
+    for colour, shape, direction in map(parse_prompt, HELDOUT_PROMPTS):
+        assert any(t[:2] == (colour, shape) for t in train)
+        assert any((t[0], t[2]) == (colour, direction) for t in train)
+        assert any(t[1:] == (shape, direction) for t in train)
+    # the split is fixed: each (shape, direction) pair held out once, colour index (4 * shape + direction) mod 6
+    assert HELDOUT_PROMPTS[:4] == (
+        "a red square moving left",
+        "a red circle moving up",
+        "a green square moving right",
+        "a green circle moving down",
+    )
+    held = [parse_prompt(p) for p in HELDOUT_PROMPTS]
+    assert sorted((s, d) for _, s, d in held) == sorted((s, d) for s in SHAPES for d in DIRECTIONS)
+    assert all(sum(h[0] == c for h in held) == 2 for c in COLOURS)
+
+
+def test_parse_prompt_and_vocabulary():
+    for prompt in ALL_PROMPTS:
+        assert format_prompt(*parse_prompt(prompt)) == prompt
+    assert parse_prompt("  A Red  Square moving LEFT ") == ("red", "square", "left")
+    for bad in ["a pink square moving left", "a red square moving", "red square moving left", "a red square left up"]:
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            parse_prompt(bad)
+    words = vocabulary()
+    assert words == sorted(words) and len(words) == 15
+    assert {w for p in ALL_PROMPTS for w in p.split()} == set(words)
+
+
+def test_make_dataset():
+    ds = make_dataset("train", repeats=2)
+    assert ds.column_names == ["prompt", "colour", "shape", "direction"]
+    assert len(ds) == 120 and ds["prompt"][:60] == list(TRAIN_PROMPTS) == ds["prompt"][60:]
+    assert all(parse_prompt(r["prompt"]) == (r["colour"], r["shape"], r["direction"]) for r in ds)
+    assert make_dataset("heldout")["prompt"] == list(HELDOUT_PROMPTS) and len(make_dataset("all")) == 72
+    with pytest.raises(ValueError, match="Unknown split"):
+        make_dataset("test")
+
+
+# -------------------------------------------------------------------------------------------------------- rewards
+
+
+def test_rewards_on_ground_truth(ground_truth):
+    prompts, _, videos = ground_truth
+    scores = score_videos(prompts, videos)
+    for name in ("colour", "shape", "direction", "all_correct"):
+        assert (scores[name] >= 0.5).float().mean() >= 0.95, name
+    assert scores["temporal_quality"].mean() >= 0.8 and scores["combined"].mean() >= 0.9
+    for reward in REWARDS:  # the reward functions return the same numbers
+        expected = scores[reward.__name__.removesuffix("_reward")][::9].tolist()
+        assert reward(prompts[::9], videos[::9]) == pytest.approx(expected)
+
+
+def test_wrong_colour_and_wrong_shape_score_low(ground_truth):
+    prompts, seeds, _ = ground_truth
+    wrong_colour, wrong_shape = [], []
+    for k, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        colour, shape, direction = parse_prompt(prompt)
+        wrong_colour.append(render_video(_other(COLOURS, colour, k), shape, direction, seed))
+        wrong_shape.append(render_video(colour, _other(SHAPES, shape, k), direction, seed))
+    colour = torch.tensor(colour_reward(prompts, torch.stack(wrong_colour)))
+    assert colour.max() < 0.5 and colour.mean() < 0.1
+    shape = torch.tensor(shape_reward(prompts, torch.stack(wrong_shape)))
+    assert (shape < 0.5).float().mean() >= 0.9
+
+
+def test_reversed_motion_scores_zero(ground_truth):
+    prompts, _, videos = ground_truth
+    assert direction_reward(prompts, videos.flip(1)) == [0.0] * len(prompts)
+    assert sum(all_correct(prompts, videos.flip(1))) == 0
+    static = videos[:, :1].expand_as(videos)  # no motion at all
+    assert direction_reward(prompts, static) == [0.0] * len(prompts)
+
+
+@pytest.mark.parametrize("kind", ["standard", "grey"])
+def test_noise_scores_low(kind):
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(16, 12, 3, 32, 32, generator=g)
+    noise = noise.clamp(0, 1) if kind == "standard" else (0.5 + 0.25 * noise).clamp(0, 1)
+    prompts = list(ALL_PROMPTS[::4])[:16]
+    scores = score_videos(prompts, noise)
+    assert scores["temporal_quality"].max() < 0.3
+    assert scores["all_correct"].sum() == 0
+    assert scores["combined"].mean() < 0.25
+
+
+def test_blank_videos_score_zero():
+    prompts = list(ALL_PROMPTS[:4])
+    for videos in (torch.zeros(4, 12, 3, 32, 32), torch.full((4, 12, 3, 32, 32), float("nan"))):
+        for reward in REWARDS:
+            assert reward(prompts, videos) == [0.0] * 4
+
+
+def test_flicker_lowers_temporal_quality(ground_truth):
+    prompts, seeds, videos = ground_truth
+    prompts, seeds, videos = prompts[::9], seeds[::9], videos[::9]  # 24 videos
+    good = torch.tensor(temporal_quality_reward(prompts, videos))
+    alternate = videos.clone()
+    alternate[:, 1::2] = 0  # the object only in every other frame
+    assert torch.tensor(temporal_quality_reward(prompts, alternate)).max() < 0.3
+    g = torch.Generator().manual_seed(0)
+    recoloured = []
+    for prompt, seed in zip(prompts, seeds):
+        _, shape, direction = parse_prompt(prompt)
+        frames = [
+            render_video(COLOURS[int(c)], shape, direction, seed)[t]
+            for t, c in enumerate(torch.randperm(6, generator=g).repeat(2))
+        ]
+        recoloured.append(torch.stack(frames))
+    recoloured = torch.tensor(temporal_quality_reward(prompts, torch.stack(recoloured)))
+    assert recoloured.max() < 0.3 and good.min() > 0.8
+    speckled = videos.clone()
+    speckled[:, :, :, ::7, ::7] = 1.0  # white dots around the object
+    assert torch.tensor(temporal_quality_reward(prompts, speckled)).max() < 0.9 * good.min()
+
+
+def test_reward_signature_and_outputs(ground_truth):
+    prompts, _, videos = ground_truth
+    prompts, videos = prompts[:5], videos[:5]
+    columns = {k: [parse_prompt(p)[i] for p in prompts] for i, k in enumerate(("colour", "shape", "direction"))}
+    for reward in REWARDS:
+        values = reward(prompts=prompts, videos=videos, trainer_state=None, **columns)
+        assert isinstance(values, list) and len(values) == 5
+        assert all(type(v) is float and 0 <= v <= 1 for v in values)
+        assert reward([], videos[:0]) == []
+        with pytest.raises(ValueError, match="one prompt per video"):
+            reward(prompts[:2], videos)
+    with pytest.raises(ValueError, match="not a Moving Shapes prompt"):
+        colour_reward(["a red fox"], videos[:1])
+    with pytest.raises(ValueError, match=r"\[N, F, 3, H, W\]"):
+        colour_reward(prompts, videos[:, :, 0])
