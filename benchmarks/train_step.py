@@ -51,8 +51,8 @@ def main():
     parser.add_argument("--output_dir", default="outputs/benchmark_train_step")
     args = parser.parse_args()
 
-    import sys
     import os
+    import sys
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from rollout import CONFIGS, build  # the same model sizes as the rollout benchmark
@@ -101,14 +101,22 @@ def main():
     update_s = sum(h["timing/update_seconds"] for h in history)
     n = args.rollouts
     bound = args.num_iterations * args.num_anchors * steps
-    print(f"[{args.config}] G={args.num_generations}, anchors={args.num_anchors}, num_iterations={args.num_iterations}, "
-          f"T={steps}, {num_chunks} chunks; {n} rollouts")
-    print(f"seconds per iteration: total {total / n:.3f} = rollout {rollout_s / n:.3f} + reward {reward_s / n:.4f} "
-          f"+ update {update_s / n:.3f} (+ {max(0.0, total - rollout_s - reward_s - update_s) / n:.3f} other)")
-    print(f"rollout forwards per iteration (chunk-samples, no grad): {counts['rollout'] / n:.1f} "
-          f"(independent rollouts would need G*L*(T+1) = {args.num_generations * num_chunks * (steps + 1)})")
-    print(f"update forward+backward passes per iteration (chunk-samples): {counts['update'] / n:.1f} "
-          f"in {counts['update_calls'] / n:.1f} calls; bound num_iterations*num_anchors*T = {bound}")
+    print(
+        f"[{args.config}] G={args.num_generations}, anchors={args.num_anchors}, num_iterations={args.num_iterations}, "
+        f"T={steps}, {num_chunks} chunks; {n} rollouts"
+    )
+    print(
+        f"seconds per iteration: total {total / n:.3f} = rollout {rollout_s / n:.3f} + reward {reward_s / n:.4f} "
+        f"+ update {update_s / n:.3f} (+ {max(0.0, total - rollout_s - reward_s - update_s) / n:.3f} other)"
+    )
+    print(
+        f"rollout forwards per iteration (chunk-samples, no grad): {counts['rollout'] / n:.1f} "
+        f"(independent rollouts would need G*L*(T+1) = {args.num_generations * num_chunks * (steps + 1)})"
+    )
+    print(
+        f"update forward+backward passes per iteration (chunk-samples): {counts['update'] / n:.1f} "
+        f"in {counts['update_calls'] / n:.1f} calls; bound num_iterations*num_anchors*T = {bound}"
+    )
 
 
 if __name__ == "__main__":

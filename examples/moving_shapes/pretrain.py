@@ -1,0 +1,255 @@
+# Copyright 2026 The trl_arcopo contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Pretrain the tiny streaming generator of the Moving Shapes world (pixel space, no VAE).
+
+    python examples/moving_shapes/pretrain.py --output_dir outputs/moving-shapes-pretrain --max_minutes 110
+
+Causal flow matching with teacher forcing: every training video is laid out as `[noisy chunks ; clean chunks]` and run
+once with the teacher-forcing mask, so each noisy chunk is predicted from the clean chunks before it, exactly as the
+streaming sampler will see it. Each chunk gets its own noise level, drawn from the levels the 4-step Self-Forcing
+sampler visits (`sigma in {1, 0.9375, 0.8333, 0.625}`), mixed with uniform levels. Prompts cover all 72 combinations.
+
+The run resumes from `output_dir/checkpoint.pt` (written atomically every `--checkpoint_every` steps), evaluates the
+EMA weights on all 72 prompts with the real sampler every `--eval_every` steps (accuracy of colour, shape, direction
+and all three, written to `output_dir/metrics.csv`), and saves the EMA model as a `SelfForcingPipeline` folder in
+`output_dir/pipeline` at every evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+from trl_arcopo import CausalWanTransformer3DModel, SelfForcingPipeline, teacher_forcing_mask
+from trl_arcopo.sampling import self_forcing_scheduler
+from trl_arcopo.shapes import ALL_PROMPTS, render_batch, score_videos, vocabulary
+
+
+FRAMES, CHUNK, SIZE, PATCH = 12, 3, 32, 4
+TEXT_TOKENS = 8
+
+
+def build_pipeline(seed: int) -> SelfForcingPipeline:
+    torch.manual_seed(seed)
+    pieces = ["<pad>", "</s>", "<unk>"] + ["▁" + w for w in vocabulary()]
+    tokenizer = T5Tokenizer(vocab=[(p, 0.0 if i < 3 else -1.0) for i, p in enumerate(pieces)], extra_ids=0)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(pieces),
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    ).eval()
+    transformer = CausalWanTransformer3DModel(
+        patch_size=(1, PATCH, PATCH),
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=3,
+        out_channels=3,
+        text_dim=64,
+        freq_dim=64,
+        ffn_dim=512,
+        num_layers=4,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    )
+    pipe = SelfForcingPipeline(
+        tokenizer,
+        text_encoder,
+        transformer,
+        self_forcing_scheduler(),
+        None,
+        default_height=SIZE,
+        default_width=SIZE,
+        default_num_frames=FRAMES,
+        default_max_sequence_length=TEXT_TOKENS,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample_sigmas(batch: int, num_chunks: int, generator: torch.Generator, uniform_fraction: float) -> torch.Tensor:
+    """Per-chunk noise levels `[B, L]`: the sampler's levels, or (with probability `uniform_fraction`) uniform."""
+    levels = torch.tensor([1.0, 0.9375, 0.8333333, 0.625])
+    pick = levels[torch.randint(len(levels), (batch, num_chunks), generator=generator)]  # [B, L]
+    uniform = torch.rand((batch, num_chunks), generator=generator) * 0.95 + 0.05  # [B, L]
+    use_uniform = torch.rand((batch, num_chunks), generator=generator) < uniform_fraction  # [B, L]
+    return torch.where(use_uniform, uniform, pick)
+
+
+@torch.no_grad()
+def evaluate(pipe: SelfForcingPipeline, seed: int) -> dict[str, float]:
+    prompts = list(ALL_PROMPTS)
+    generators = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(prompts))]
+    videos = pipe(prompts, generator=generators, output_type="pt").frames  # [72, F, C, H, W]
+    scores = score_videos(prompts, videos)
+    return {k: v.float().mean().item() for k, v in scores.items()}
+
+
+def save_atomic(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="outputs/moving-shapes-pretrain")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--warmup_steps", type=int, default=50)
+    parser.add_argument("--max_steps", type=int, default=5000)
+    parser.add_argument("--max_minutes", type=float, default=110.0, help="Stop (and save) after this wall time.")
+    parser.add_argument("--ema_decay", type=float, default=0.995)
+    parser.add_argument("--uniform_fraction", type=float, default=0.25)
+    parser.add_argument("--eval_every", type=int, default=100)
+    parser.add_argument("--checkpoint_every", type=int, default=25)
+    parser.add_argument("--num_threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    pipe = build_pipeline(args.seed)
+    model = pipe.transformer.train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(args.seed)
+    step = 0
+    elapsed_before = 0.0
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    if os.path.exists(ckpt_path):
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        step, elapsed_before = state["step"], state["elapsed"]
+        print(f"resumed from step {step} ({elapsed_before / 60:.1f} min)")
+
+    # Text embeddings of every prompt, once (the text encoder is frozen)
+    embeds_all, _ = pipe.encode_prompt(list(ALL_PROMPTS), max_sequence_length=TEXT_TOKENS)  # [72, S, 64]
+    num_chunks = FRAMES // CHUNK
+    tokens_per_frame = (SIZE // PATCH) ** 2
+    mask = teacher_forcing_mask(FRAMES, CHUNK, tokens_per_frame)  # [2N, 2N]
+    frame_indices = torch.cat([torch.arange(FRAMES), torch.arange(FRAMES)])
+    metrics_path = os.path.join(args.output_dir, "metrics.csv")
+    start = time.perf_counter()
+    progress = tqdm(total=args.max_steps, initial=step, desc="pretrain")
+    losses = []
+    while step < args.max_steps:
+        # Data: random prompts and motions, rendered on the fly, in [-1, 1]
+        idx = torch.randint(len(ALL_PROMPTS), (args.batch_size,), generator=generator)
+        seeds = torch.randint(2**31 - 1, (args.batch_size,), generator=generator).tolist()
+        prompts = [ALL_PROMPTS[i] for i in idx.tolist()]
+        x0 = render_batch(prompts, seeds).permute(0, 2, 1, 3, 4) * 2 - 1  # [B, C, F, H, W]
+        noise = torch.randn(x0.shape, generator=generator)  # [B, C, F, H, W]
+        sigma = sample_sigmas(args.batch_size, num_chunks, generator, args.uniform_fraction)  # [B, L]
+        sigma_f = sigma.repeat_interleave(CHUNK, dim=1)  # [B, F]
+        s = sigma_f[:, None, :, None, None]  # [B, 1, F, 1, 1]
+        x_t = (1 - s) * x0 + s * noise  # [B, C, F, H, W]
+        sequence = torch.cat([x_t, x0], dim=2)  # [B, C, 2F, H, W]
+        timesteps = torch.cat([sigma_f * 1000, torch.zeros_like(sigma_f)], dim=1)  # [B, 2F]
+        pred = model(
+            sequence, timesteps, embeds_all[idx], attention_mask=mask, frame_indices=frame_indices, return_dict=False
+        )[0][:, :, :FRAMES]  # [B, C, F, H, W]
+        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+
+        lr = args.learning_rate * min(1.0, (step + 1) / args.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            decay = min(args.ema_decay, (1 + step) / (10 + step))
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        step += 1
+        losses.append(loss.item())
+        progress.update(1)
+        progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+        elapsed = elapsed_before + time.perf_counter() - start
+        out_of_time = elapsed > args.max_minutes * 60
+
+        if step % args.checkpoint_every == 0 or out_of_time or step == args.max_steps:
+            state = {
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+                "step": step,
+                "elapsed": elapsed,
+            }
+            save_atomic(state, ckpt_path)
+        if step % args.eval_every == 0 or out_of_time or step == args.max_steps:
+            eval_pipe = SelfForcingPipeline(
+                pipe.tokenizer,
+                pipe.text_encoder,
+                ema,
+                pipe.scheduler,
+                None,
+                SIZE,
+                SIZE,
+                FRAMES,
+                TEXT_TOKENS,
+            )
+            eval_pipe.set_progress_bar_config(disable=True)
+            scores = evaluate(eval_pipe, seed=12345)
+            row = {"step": step, "minutes": round(elapsed / 60, 2), "loss": round(sum(losses) / len(losses), 5)}
+            row.update({k: round(v, 4) for k, v in scores.items()})
+            losses = []
+            new = not os.path.exists(metrics_path)
+            with open(metrics_path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+            tqdm.write(str(row))
+            tmp_dir = os.path.join(args.output_dir, "pipeline.tmp")
+            eval_pipe.save_pretrained(tmp_dir)
+            final_dir = os.path.join(args.output_dir, "pipeline")
+            if os.path.exists(final_dir):
+                os.rename(final_dir, final_dir + ".old")
+            os.rename(tmp_dir, final_dir)
+            if os.path.exists(final_dir + ".old"):
+                import shutil
+
+                shutil.rmtree(final_dir + ".old")
+        if out_of_time:
+            tqdm.write(f"stopping after {elapsed / 60:.1f} minutes at step {step}")
+            break
+    progress.close()
+
+
+if __name__ == "__main__":
+    main()
