@@ -88,6 +88,8 @@ def test_trainer_input_errors(tmp_path):
         _trainer(tmp_path, dataset=Dataset.from_dict({"prompt": []}))
     with pytest.raises(ValueError, match="`reward_weights` has 2 values but there are 1 reward functions"):
         _trainer(tmp_path, reward_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="has 4 prompts but one step takes 8"):
+        _trainer(tmp_path, per_device_train_batch_size=8)
     with pytest.raises(ValueError, match="pivot_chunk=3"):
         _trainer(tmp_path, pivot_chunk=3)
     with pytest.raises(ValueError, match="use e.g. `num_frames=9`"):

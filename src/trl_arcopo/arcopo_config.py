@@ -36,6 +36,7 @@ class ARCoPOConfig(TrainingArguments):
 
     > [!NOTE]
     > Defaults that differ from [`~transformers.TrainingArguments`]: `learning_rate=1e-5` (paper),
+    > `per_device_train_batch_size=1` (prompts, i.e. groups of `num_generations` videos, per device per rollout),
     > `logging_steps=1`, `ddp_find_unused_parameters=False`, `bf16=None` (True only on a GPU that supports it, so the defaults run on a CPU-only
     > machine), `gradient_checkpointing=False` (diffusers' own checkpointing is used when set), and
     > `remove_unused_columns=False` (extra dataset columns reach the reward functions).
@@ -113,6 +114,9 @@ class ARCoPOConfig(TrainingArguments):
 
     # Overridden TrainingArguments defaults
     learning_rate: float = field(default=1e-5, metadata={"help": "The initial learning rate for AdamW (paper: 1e-5)."})
+    per_device_train_batch_size: int = field(
+        default=1, metadata={"help": "Prompts (groups of num_generations videos) per device per rollout."}
+    )
     logging_steps: float = field(default=1, metadata={"help": "Log every X updates steps."})
     bf16: bool | None = field(
         default=None,

@@ -186,6 +186,13 @@ class ARCoPOTrainer(Trainer):
                 raise ValueError(f"`{name}` has no rows: give at least one prompt.")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: a datasets.Dataset with a 'prompt' column.")
+        prompts_per_step = args.per_device_train_batch_size * args.world_size
+        if isinstance(train_dataset, Dataset) and len(train_dataset) < prompts_per_step:
+            raise ValueError(
+                f"`train_dataset` has {len(train_dataset)} prompts but one step takes {prompts_per_step} "
+                f"(`per_device_train_batch_size={args.per_device_train_batch_size}` x {args.world_size} processes); "
+                "lower `per_device_train_batch_size` or add prompts."
+            )
 
         # Video size (validated now, before any rollout)
         self.pipeline = pipeline
