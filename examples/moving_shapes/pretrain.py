@@ -14,7 +14,7 @@
 """
 Pretrain the tiny streaming generator of the Moving Shapes world (pixel space, no VAE).
 
-    python examples/moving_shapes/pretrain.py --output_dir outputs/moving-shapes-pretrain --max_minutes 110
+    python examples/moving_shapes/pretrain.py --output_dir outputs/moving-shapes-pretrain
 
 Causal flow matching with teacher forcing: every training video is laid out as `[noisy chunks ; clean chunks]` and run
 once with the teacher-forcing mask, so each noisy chunk is predicted from the clean chunks before it, exactly as the
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import math
 import os
 import time
 
@@ -126,8 +127,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--warmup_steps", type=int, default=50)
-    parser.add_argument("--max_steps", type=int, default=5000)
-    parser.add_argument("--max_minutes", type=float, default=110.0, help="Stop (and save) after this wall time.")
+    parser.add_argument("--max_steps", type=int, default=900)
+    parser.add_argument("--max_minutes", type=float, default=80.0, help="Stop (and save) after this wall time.")
     parser.add_argument("--ema_decay", type=float, default=0.995)
     parser.add_argument("--uniform_fraction", type=float, default=0.25)
     parser.add_argument("--eval_every", type=int, default=100)
@@ -183,7 +184,10 @@ def main():
         )[0][:, :, :FRAMES]  # [B, C, F, H, W]
         loss = torch.nn.functional.mse_loss(pred, noise - x0)
 
+        # linear warm-up, then cosine decay to 10% of the peak at max_steps
+        progress_frac = min(1.0, step / args.max_steps)
         lr = args.learning_rate * min(1.0, (step + 1) / args.warmup_steps)
+        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac))
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
