@@ -260,3 +260,39 @@ def test_two_process_ddp_example_keeps_adapters_identical(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "identical on all 2 process(es)" in result.stderr + result.stdout
     assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_evaluation_and_sample_videos(tmp_path):
+    dataset = Dataset.from_dict({"prompt": PROMPTS})
+    trainer = ARCoPOTrainer(
+        pipeline=tiny_pipeline(),
+        reward_funcs=[redness],
+        args=_args(tmp_path, max_steps=2, log_completions=True, per_device_eval_batch_size=2),
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        peft_config=LoraConfig(**LORA),
+    )
+    trainer.train()
+    gifs = sorted(p for p in os.listdir(tmp_path / "completions") if p.endswith(".gif"))
+    assert gifs == ["step_000000.gif"]  # one grid per rollout: G branches side by side
+    trainer.evaluate()
+    logged = trainer.state.log_history[-1]  # evaluation metrics are logged (report_to), as in TRL's GRPO
+    assert "eval_reward" in logged and "eval_rewards/redness/mean" in logged and "eval_loss" in logged
+
+
+def test_example_parses_yaml_config(tmp_path):
+    import importlib.util
+
+    from trl import TrlParser
+
+    spec = importlib.util.spec_from_file_location("train_arcopo", os.path.join(ROOT, "examples", "train_arcopo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser = TrlParser((module.ScriptArguments, ARCoPOConfig, module.LoraArguments))
+    config = os.path.join(ROOT, "examples", "configs", "tiny.yaml")
+    script_args, training_args, lora_args = parser.parse_args_and_config(
+        args=["--config", config, "--output_dir", str(tmp_path), "--num_generations", "6", "--use_cpu"]
+    )
+    assert training_args.num_generations == 6  # the command line overrides the file
+    assert training_args.num_anchors == 2 and training_args.max_steps == 8 and lora_args.lora_r == 8
+    assert script_args.reward_funcs == ["redness"]

@@ -38,11 +38,12 @@ import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+from transformers import UMT5Config, UMT5EncoderModel
 
 from trl_arcopo import CausalWanTransformer3DModel, SelfForcingPipeline, teacher_forcing_mask
 from trl_arcopo.sampling import self_forcing_scheduler
 from trl_arcopo.shapes import ALL_PROMPTS, render_batch, score_videos, vocabulary
+from trl_arcopo.testing_utils import tiny_tokenizer
 
 
 FRAMES, CHUNK, SIZE, PATCH = 12, 3, 32, 4
@@ -51,8 +52,8 @@ TEXT_TOKENS = 8
 
 def build_pipeline(seed: int) -> SelfForcingPipeline:
     torch.manual_seed(seed)
-    pieces = ["<pad>", "</s>", "<unk>"] + ["▁" + w for w in vocabulary()]
-    tokenizer = T5Tokenizer(vocab=[(p, 0.0 if i < 3 else -1.0) for i, p in enumerate(pieces)], extra_ids=0)
+    tokenizer = tiny_tokenizer(vocabulary())
+    pieces = tokenizer.get_vocab()
     text_encoder = UMT5EncoderModel(
         UMT5Config(
             vocab_size=len(pieces),
