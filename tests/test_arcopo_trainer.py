@@ -296,3 +296,23 @@ def test_example_parses_yaml_config(tmp_path):
     assert training_args.num_generations == 6  # the command line overrides the file
     assert training_args.num_anchors == 2 and training_args.max_steps == 8 and lora_args.lora_r == 8
     assert script_args.reward_funcs == ["redness"]
+
+
+def test_beta_penalty_is_zero_at_init_and_grows(tmp_path):
+    """With beta > 0 the reference is the transformer with the adapter disabled: equal to the policy at init."""
+    trainer = _trainer(tmp_path, beta=0.1, max_steps=4)
+    trainer.train()
+    kl = _history(trainer, "kl")
+    assert kl[0] == 0.0  # LoRA B = 0 at init: policy == reference exactly
+    assert kl[-1] > 0.0
+    # the adapter is enabled again after every reference pass: the policy still differs from the reference
+    from trl_arcopo.arcopo_trainer import reference_policy
+
+    transformer = trainer.pipeline.transformer.eval()
+    x, text, t = torch.randn(1, 3, 3, 16, 16), torch.randn(1, 4, 32), torch.tensor([500.0])
+    with torch.no_grad():
+        policy = transformer(x, t, text).sample
+        with reference_policy(transformer):
+            reference = transformer(x, t, text).sample
+        again = transformer(x, t, text).sample
+    assert not torch.allclose(policy, reference) and torch.equal(policy, again)
