@@ -1,0 +1,154 @@
+# Copyright 2026 The trl_arcopo contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""A bounded buffer of forked rollout groups (for semi-on-policy AR-CoPO), stored without KV caches."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .kv_cache import KVCache
+
+
+if TYPE_CHECKING:
+    from .pipelines import SelfForcingPipeline
+
+
+@dataclass
+class BufferEntry:
+    r"""
+    One group, stored compactly: what rebuilds the prefix cache plus the pivot chunk's trajectory and the rewards.
+
+    Args:
+        prompt (`str`).
+        prompt_embeds (`torch.Tensor` of shape `[S, text_dim]`).
+        pivot (`int`): the chunk where the group forked.
+        prefix_latents (`torch.Tensor` of shape `[C, pivot * Fc, H, W]`): the clean chunks before the pivot.
+        states (`torch.Tensor` of shape `[G, T, C, Fc, H, W]`): the pivot chunk's state at every step, per candidate.
+        x0_preds (`torch.Tensor` of shape `[G, T, C, Fc, H, W]`): the behaviour policy's `x̂0` at those states.
+        rewards (`torch.Tensor` of shape `[G]`): the combined sequence-level rewards.
+    """
+
+    prompt: str
+    prompt_embeds: torch.Tensor
+    pivot: int
+    prefix_latents: torch.Tensor
+    states: torch.Tensor
+    x0_preds: torch.Tensor
+    rewards: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.prompt_embeds, self.prefix_latents, self.states, self.x0_preds, self.rewards)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class ReplayBuffer:
+    r"""
+    A bounded first-in-first-out buffer of [`BufferEntry`] groups.
+
+    When full, adding an entry drops the oldest one. Sampling draws distinct entries uniformly with an explicit
+    generator. `state_dict()` / `load_state_dict()` round-trip exactly; `save()` writes atomically (a crash never
+    leaves a truncated file).
+
+    Args:
+        capacity (`int`): the most groups kept (paper: 100).
+
+    Example:
+
+    ```py
+    >>> buffer = ReplayBuffer(capacity=100)
+    >>> buffer.add(entry)
+    >>> batch = buffer.sample(4, generator=torch.Generator().manual_seed(0))
+    ```
+    """
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"`capacity={capacity}` must be at least 1 (paper: 100 groups).")
+        self.capacity = capacity
+        self.entries: list[BufferEntry] = []
+        self.num_added = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    def add(self, entry: BufferEntry) -> None:
+        if entry.states.shape != entry.x0_preds.shape or entry.rewards.shape != entry.states.shape[:1]:
+            raise ValueError(
+                f"Inconsistent entry: states {tuple(entry.states.shape)}, x0_preds {tuple(entry.x0_preds.shape)}, "
+                f"rewards {tuple(entry.rewards.shape)} (expected [G, T, ...], [G, T, ...] and [G])."
+            )
+        detached = BufferEntry(**{k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in asdict(entry).items()})
+        if len(self.entries) == self.capacity:
+            self.entries.pop(0)
+        self.entries.append(detached)
+        self.num_added += 1
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> list[BufferEntry]:
+        """`n` distinct entries drawn uniformly (without replacement)."""
+        if not 1 <= n <= len(self.entries):
+            raise ValueError(f"Cannot sample {n} entries from a buffer of {len(self.entries)}.")
+        index = torch.randperm(len(self.entries), generator=generator)[:n]
+        return [self.entries[i] for i in index.tolist()]
+
+    def state_dict(self) -> dict:
+        return {"capacity": self.capacity, "num_added": self.num_added, "entries": [asdict(e) for e in self.entries]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.capacity = state["capacity"]
+        self.num_added = state["num_added"]
+        self.entries = [BufferEntry(**e) for e in state["entries"]]
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str) -> ReplayBuffer:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        buffer = cls(state["capacity"])
+        buffer.load_state_dict(state)
+        return buffer
+
+
+@torch.no_grad()
+def rebuild_prefix_cache(
+    pipeline: SelfForcingPipeline, entry: BufferEntry, num_frames_per_chunk: int, num_latent_frames: int
+) -> KVCache:
+    """
+    The KV cache of an entry's prefix, rebuilt with one commit pass per stored clean chunk (batch 1). Equal to the
+    cache at collection time when that was also batch 1 and the transformer has not changed.
+    """
+    device = pipeline._execution_device
+    channels, _, height, width = entry.prefix_latents.shape
+    cache = pipeline.prepare_cache(1, num_latent_frames, height, width)
+    embeds = entry.prompt_embeds[None].to(device)  # [1, S, text_dim]
+    latents = entry.prefix_latents[None].to(device)  # [1, C, pivot * Fc, H, W]
+    for c in range(entry.pivot):
+        chunk = latents[:, :, c * num_frames_per_chunk : (c + 1) * num_frames_per_chunk]  # [1, C, Fc, H, W]
+        pipeline.commit_chunk(chunk, embeds, cache, c * num_frames_per_chunk)
+    return cache
