@@ -101,14 +101,15 @@ def _manual_delta_sum_output(pipe, x, t, text, scale):
     tr = pipe.transformer
     with torch.no_grad():
         for name, module in base.named_modules():
-            if not isinstance(module, torch.nn.Linear) or not (name.endswith("to_q") or name.endswith("to_v")):
+            if not isinstance(module, torch.nn.Linear) or not name.endswith(("to_q", "to_v")):
                 continue
             lora = tr.get_submodule(name)
             delta = torch.zeros_like(module.weight)
             for adapter, weight in (("semi", 1.0), ("on_policy", scale)):
                 a = lora.lora_A[adapter].weight
                 b = lora.lora_B[adapter].weight
-                delta += weight * lora.scaling[adapter] * (b @ a)  # scaling = alpha / r
+                config = tr.peft_config[adapter]
+                delta += weight * (config.lora_alpha / config.r) * (b @ a)
             module.weight += delta
         return base(x, t, text).sample
 

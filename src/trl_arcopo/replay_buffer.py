@@ -144,7 +144,7 @@ def rebuild_prefix_cache(
     cache at collection time when that was also batch 1 and the transformer has not changed.
     """
     device = pipeline._execution_device
-    channels, _, height, width = entry.prefix_latents.shape
+    _, _, height, width = entry.prefix_latents.shape
     cache = pipeline.prepare_cache(1, num_latent_frames, height, width)
     embeds = entry.prompt_embeds[None].to(device)  # [1, S, text_dim]
     latents = entry.prefix_latents[None].to(device)  # [1, C, pivot * Fc, H, W]
