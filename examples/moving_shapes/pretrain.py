@@ -18,8 +18,9 @@ Pretrain the tiny streaming generator of the Moving Shapes world (pixel space, n
 
 Causal flow matching with teacher forcing: every training video is laid out as `[noisy chunks ; clean chunks]` and run
 once with the teacher-forcing mask, so each noisy chunk is predicted from the clean chunks before it, exactly as the
-streaming sampler will see it. Each chunk gets its own noise level, drawn from the levels the 4-step Self-Forcing
-sampler visits (`sigma in {1, 0.9375, 0.8333, 0.625}`), mixed with uniform levels. Prompts cover all 72 combinations.
+streaming sampler will see it. Each chunk gets its own noise level, drawn from the levels the 4-step sampler visits
+(Self-Forcing's step list without the shift-5 warp: `sigma in {1, 0.75, 0.5, 0.25}`), mixed with uniform levels.
+Prompts cover all 72 combinations.
 
 The run resumes from `output_dir/checkpoint.pt` (written atomically every `--checkpoint_every` steps), evaluates the
 EMA weights on all 72 prompts with the real sampler every `--eval_every` steps (accuracy of colour, shape, direction
@@ -48,6 +49,10 @@ from trl_arcopo.testing_utils import tiny_tokenizer
 
 FRAMES, CHUNK, SIZE, PATCH = 12, 3, 32, 4
 TEXT_TOKENS = 8
+# Self-Forcing's step list [1000, 750, 500, 250] without the shift-5 warp: sigmas [1, 0.75, 0.5, 0.25]. A model trained
+# by plain flow matching (not distilled like Self-Forcing) returns the posterior mean x0 at each step, which is blurry
+# from the warped schedule's last state (sigma 0.625); the last state at sigma 0.25 keeps objects sharp.
+SHIFT = 1.0
 
 
 def build_pipeline(seed: int) -> SelfForcingPipeline:
@@ -97,9 +102,10 @@ def build_pipeline(seed: int) -> SelfForcingPipeline:
     return pipe
 
 
-def sample_sigmas(batch: int, num_chunks: int, generator: torch.Generator, uniform_fraction: float) -> torch.Tensor:
-    """Per-chunk noise levels `[B, L]`: the sampler's levels, or (with probability `uniform_fraction`) uniform."""
-    levels = torch.tensor([1.0, 0.9375, 0.8333333, 0.625])
+def sample_sigmas(
+    batch: int, num_chunks: int, generator: torch.Generator, uniform_fraction: float, levels: torch.Tensor
+) -> torch.Tensor:
+    """Per-chunk noise levels `[B, L]`: the sampler's `levels`, or (with probability `uniform_fraction`) uniform."""
     pick = levels[torch.randint(len(levels), (batch, num_chunks), generator=generator)]  # [B, L]
     uniform = torch.rand((batch, num_chunks), generator=generator) * 0.95 + 0.05  # [B, L]
     use_uniform = torch.rand((batch, num_chunks), generator=generator) < uniform_fraction  # [B, L]
@@ -160,6 +166,7 @@ def main():
     # Text embeddings of every prompt, once (the text encoder is frozen)
     embeds_all, _ = pipe.encode_prompt(list(ALL_PROMPTS), max_sequence_length=TEXT_TOKENS)  # [72, S, 64]
     num_chunks = FRAMES // CHUNK
+    levels = pipe.get_schedule()[1][:-1]  # the noise levels the sampler visits, e.g. [1, 0.75, 0.5, 0.25]
     tokens_per_frame = (SIZE // PATCH) ** 2
     mask = teacher_forcing_mask(FRAMES, CHUNK, tokens_per_frame)  # [2N, 2N]
     frame_indices = torch.cat([torch.arange(FRAMES), torch.arange(FRAMES)])
@@ -174,7 +181,7 @@ def main():
         prompts = [ALL_PROMPTS[i] for i in idx.tolist()]
         x0 = render_batch(prompts, seeds).permute(0, 2, 1, 3, 4) * 2 - 1  # [B, C, F, H, W]
         noise = torch.randn(x0.shape, generator=generator)  # [B, C, F, H, W]
-        sigma = sample_sigmas(args.batch_size, num_chunks, generator, args.uniform_fraction)  # [B, L]
+        sigma = sample_sigmas(args.batch_size, num_chunks, generator, args.uniform_fraction, levels)  # [B, L]
         sigma_f = sigma.repeat_interleave(CHUNK, dim=1)  # [B, F]
         s = sigma_f[:, None, :, None, None]  # [B, 1, F, 1, 1]
         x_t = (1 - s) * x0 + s * noise  # [B, C, F, H, W]
