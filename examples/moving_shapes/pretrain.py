@@ -91,7 +91,7 @@ def build_pipeline(seed: int) -> SelfForcingPipeline:
         tokenizer,
         text_encoder,
         transformer,
-        self_forcing_scheduler(),
+        self_forcing_scheduler(shift=SHIFT),
         None,
         default_height=SIZE,
         default_width=SIZE,
