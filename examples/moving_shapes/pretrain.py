@@ -138,6 +138,9 @@ def main():
     parser.add_argument("--max_minutes", type=float, default=80.0, help="Stop (and save) after this wall time.")
     parser.add_argument("--ema_decay", type=float, default=0.995)
     parser.add_argument("--uniform_fraction", type=float, default=0.25)
+    parser.add_argument(
+        "--object_weight", type=float, default=10.0, help="Extra loss weight on object pixels (0: plain MSE)."
+    )
     parser.add_argument("--eval_every", type=int, default=100)
     parser.add_argument("--checkpoint_every", type=int, default=25)
     parser.add_argument("--num_threads", type=int, default=None)
@@ -190,7 +193,9 @@ def main():
         pred = model(
             sequence, timesteps, embeds_all[idx], attention_mask=mask, frame_indices=frame_indices, return_dict=False
         )[0][:, :, :FRAMES]  # [B, C, F, H, W]
-        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        # the object covers about 10% of the frame: weigh its pixels up so that "no object" is not the cheapest guess
+        weight = 1 + args.object_weight * (x0 > -0.9).any(dim=1, keepdim=True).float()  # [B, 1, F, H, W]
+        loss = (weight * (pred - (noise - x0)) ** 2).mean() / weight.mean()
 
         # linear warm-up, then cosine decay to 10% of the peak at max_steps
         progress_frac = min(1.0, step / args.max_steps)
