@@ -139,7 +139,10 @@ def main():
     parser.add_argument("--ema_decay", type=float, default=0.995)
     parser.add_argument("--uniform_fraction", type=float, default=0.25)
     parser.add_argument(
-        "--object_weight", type=float, default=10.0, help="Extra loss weight on object pixels (0: plain MSE)."
+        "--object_weight",
+        type=float,
+        default=0.0,
+        help="Extra loss weight on object pixels (0: plain MSE; 10 was too much, see docs/moving_shapes.md).",
     )
     parser.add_argument("--eval_every", type=int, default=100)
     parser.add_argument("--checkpoint_every", type=int, default=25)
