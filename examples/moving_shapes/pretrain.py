@@ -39,12 +39,11 @@ import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers import UMT5Config, UMT5EncoderModel
 
 from trl_arcopo import CausalWanTransformer3DModel, SelfForcingPipeline, teacher_forcing_mask
 from trl_arcopo.sampling import self_forcing_scheduler
 from trl_arcopo.shapes import ALL_PROMPTS, render_batch, score_videos, vocabulary
-from trl_arcopo.testing_utils import tiny_tokenizer
+from trl_arcopo.testing_utils import tiny_text_encoder, tiny_tokenizer
 
 
 FRAMES, CHUNK, SIZE, PATCH = 12, 3, 32, 4
@@ -56,23 +55,8 @@ SHIFT = 1.0
 
 
 def build_pipeline(seed: int) -> SelfForcingPipeline:
-    torch.manual_seed(seed)
     tokenizer = tiny_tokenizer(vocabulary())
-    pieces = tokenizer.get_vocab()
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(pieces),
-            d_model=64,
-            d_kv=16,
-            d_ff=128,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    ).eval()
+    text_encoder = tiny_text_encoder(d_model=64, vocab_size=len(tokenizer.get_vocab()), seed=seed, d_kv=16, d_ff=128)
     transformer = CausalWanTransformer3DModel(
         patch_size=(1, PATCH, PATCH),
         num_attention_heads=4,

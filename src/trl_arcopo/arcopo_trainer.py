@@ -521,8 +521,9 @@ class ARCoPOTrainer(Trainer):
             stats.append(step_stats)
 
         metrics = self._metrics["train"]
-        for key in stats[0].to_dict():
-            values = [s.to_dict()[key] for s in stats]
+        step_dicts = [s.to_dict() for s in stats]
+        for key in step_dicts[0]:
+            values = [d[key] for d in step_dicts]
             reducer = min if key.endswith("min") else max if key.endswith("max") else (lambda v: sum(v) / len(v))
             metrics[key].append(reducer(values))
             if iteration == 0:

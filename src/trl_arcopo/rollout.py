@@ -98,20 +98,9 @@ def forked_rollout(
 
     # 1. Shared prefix, once per group
     cache = pipeline.prepare_cache(batch_size, noise.initial.shape[2], latent_height, latent_width)
-    prefix_chunks = []
-    for c in range(pivot):
-        out = pipeline.denoise_chunk(
-            noise.chunk_initial(c),
-            prompt_embeds,
-            cache,
-            c * frames,
-            timesteps,
-            sigmas,
-            noise.chunk_renoise(c),
-            sampler,
-        )
-        pipeline.commit_chunk(out.x0, prompt_embeds, cache, c * frames)
-        prefix_chunks.append(out.x0)
+    prefix = pipeline.generate_latents(
+        prompt_embeds, noise, cache, timesteps, sigmas, sampler, start_chunk=0, end_chunk=pivot
+    )  # [B, C, pivot * Fc, H, W]
     passes = batch_size * pivot * (steps + 1)
 
     # 2. Fork: branches share the prefix cache (copied, not recomputed) and all noise but the pivot's initial noise
@@ -136,17 +125,13 @@ def forked_rollout(
     pipeline.commit_chunk(pivot_out.x0, branch_embeds, branch_cache, pivot * frames)
 
     # 4. Completion of every branch
-    suffix = (
-        pipeline.generate_latents(
-            branch_embeds, branch_noise_all, branch_cache, timesteps, sigmas, sampler, start_chunk=pivot + 1
-        )
-        if pivot + 1 < num_chunks
-        else pivot_out.x0[:, :, :0]
-    )
+    suffix = pipeline.generate_latents(
+        branch_embeds, branch_noise_all, branch_cache, timesteps, sigmas, sampler, start_chunk=pivot + 1
+    )  # [B * G, C, (L - pivot - 1) * Fc, H, W]
     passes += batch_size * num_branches * (num_chunks - pivot) * (steps + 1)
 
-    parts = [t.repeat_interleave(num_branches, dim=0) for t in prefix_chunks] + [pivot_out.x0, suffix]
-    latents = torch.cat(parts, dim=2)  # [B * G, C, F, H, W]
+    latents = torch.cat([prefix.repeat_interleave(num_branches, dim=0), pivot_out.x0, suffix], dim=2)
+    # latents: [B * G, C, F, H, W]
     return ForkedRollout(
         latents=latents,
         pivot=pivot,

@@ -51,13 +51,16 @@ def tiny_tokenizer(words: list[str] | None = None) -> T5Tokenizer:
     return T5Tokenizer(vocab=[(p, 0.0 if i < 3 else -1.0) for i, p in enumerate(pieces)], extra_ids=0)
 
 
-def tiny_text_encoder(d_model: int = 32, vocab_size: int = 64, seed: int = 0) -> UMT5EncoderModel:
+def tiny_text_encoder(
+    d_model: int = 32, vocab_size: int = 64, seed: int = 0, d_kv: int = 8, d_ff: int = 37
+) -> UMT5EncoderModel:
+    """A 2-layer UMT5 encoder built from a config (random weights, eval mode)."""
     torch.manual_seed(seed)
     config = UMT5Config(
         vocab_size=vocab_size,
         d_model=d_model,
-        d_kv=8,
-        d_ff=37,
+        d_kv=d_kv,
+        d_ff=d_ff,
         num_layers=2,
         num_heads=4,
         relative_attention_num_buckets=8,

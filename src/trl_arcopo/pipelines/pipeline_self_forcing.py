@@ -417,15 +417,17 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         guidance_scale: float = 1.0,
         attention_kwargs: dict[str, Any] | None = None,
         progress: bool = False,
+        end_chunk: int | None = None,
     ) -> torch.Tensor:
         """
-        Stream chunks `start_chunk..L-1` from `noise`, committing each to `kv_cache` (which must already hold the
-        chunks before `start_chunk`). Returns the generated chunks concatenated along frames `[B, C, F', H, W]`.
+        Stream chunks `start_chunk..end_chunk-1` (by default to the last chunk) from `noise`, committing each to
+        `kv_cache` (which must already hold the chunks before `start_chunk`). Returns the generated chunks
+        concatenated along frames `[B, C, F', H, W]` (no frames when the range is empty).
         """
         chunks = []
-        num_chunks = noise.num_chunks
         frames = noise.num_frames_per_chunk
-        iterator = range(start_chunk, num_chunks)
+        end_chunk = noise.num_chunks if end_chunk is None else end_chunk
+        iterator = range(start_chunk, end_chunk)
         if progress:
             iterator = self.progress_bar(iterator)
         for c in iterator:
@@ -444,6 +446,8 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             )
             self.commit_chunk(out.x0, prompt_embeds, kv_cache, c * frames, negative_prompt_embeds, attention_kwargs)
             chunks.append(out.x0)
+        if not chunks:
+            return noise.initial[:, :, :0]
         return torch.cat(chunks, dim=2)
 
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pt"):
