@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ from .sampling import SAMPLERS, SELF_FORCING_SIGMAS
 
 
 LOSS_TYPES = ("arcopo", "sde_grpo")
+TRAINING_MODES = ("on_policy", "semi_on_policy")
 SCALE_REWARDS = ("group", "batch", "none")
 
 
@@ -106,6 +108,27 @@ class ARCoPOConfig(TrainingArguments):
         reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
             Weights of the reward functions; `None` weighs them equally (1.0).
 
+        > Parameters that control the training mode (on-policy or semi-on-policy)
+
+        training_mode (`str`, *optional*, defaults to `"on_policy"`):
+            - `"on_policy"`: every rollout is made by the current policy (exploration).
+            - `"semi_on_policy"`: before training, `replay_buffer_size` groups are rolled out by the reference policy
+              (the adapter disabled) with the same forking and rewards; every step then draws groups from this buffer
+              with `π_old` = the reference, and the ratio clip is the trust region around it (exploitation). The
+              current policy is never rolled out.
+        replay_buffer_size (`int`, *optional*, defaults to `100`):
+            Groups in the semi-on-policy replay buffer (paper: 100), split across processes.
+        replay_buffer_path (`str` or `None`, *optional*, defaults to `None`):
+            Load the buffer from this file if it exists, otherwise collect it and save it there. `None` saves it to
+            `output_dir/replay_buffer.pt`. Checkpoints always carry a copy.
+        ratio_clip (`bool`, *optional*, defaults to `True`):
+            Clip the ratio at `1 ± epsilon`. `False` is only for the off-policy ablation: without the clip nothing
+            keeps the policy near the buffer's behaviour policy, and training is unsafe.
+        adapter_name (`str` or `None`, *optional*, defaults to `None`):
+            Name of the trained LoRA adapter. `None`: the adapter already on the transformer if there is one and no
+            `peft_config` is given, otherwise `"on_policy"` or `"semi"` according to `training_mode`, so that the two
+            adapters can be loaded side by side and merged.
+
         > Parameters that control logging
 
         log_completions (`bool`, *optional*, defaults to `False`):
@@ -181,6 +204,19 @@ class ARCoPOConfig(TrainingArguments):
         default=None, metadata={"help": "Weights of the reward functions; None: all 1.0."}
     )
 
+    # Training mode
+    training_mode: str = field(default="on_policy", metadata={"help": "'on_policy' or 'semi_on_policy'."})
+    replay_buffer_size: int = field(default=100, metadata={"help": "Groups in the replay buffer (paper: 100)."})
+    replay_buffer_path: str | None = field(
+        default=None, metadata={"help": "Load the buffer from this file if it exists, else collect and save it there."}
+    )
+    ratio_clip: bool = field(
+        default=True, metadata={"help": "Clip the ratio at 1 +- epsilon; False is the unsafe off-policy ablation."}
+    )
+    adapter_name: str | None = field(
+        default=None, metadata={"help": "Name of the trained adapter; None: 'on_policy' or 'semi' by training_mode."}
+    )
+
     # Logging
     log_completions: bool = field(
         default=False, metadata={"help": "Save a video grid of the first group of each logged rollout."}
@@ -233,5 +269,15 @@ class ARCoPOConfig(TrainingArguments):
         sigmas = list(self.denoising_sigmas)
         if not sigmas or any(not 0 < s <= 1 for s in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
             raise ValueError(f"`denoising_sigmas={sigmas}` must be a non-empty, strictly decreasing list in (0, 1].")
+        if self.training_mode not in TRAINING_MODES:
+            raise ValueError(f"`training_mode={self.training_mode!r}` is not one of {TRAINING_MODES}.")
+        if self.replay_buffer_size < 1:
+            raise ValueError(f"`replay_buffer_size={self.replay_buffer_size}` must be at least 1 (paper: 100).")
+        if not self.ratio_clip:
+            warnings.warn(
+                "`ratio_clip=False` removes the trust region: the policy can move arbitrarily far from the policy "
+                "that produced the samples. Use it only for the off-policy ablation.",
+                stacklevel=2,
+            )
         if self.auto_find_batch_size:
             raise ValueError("`auto_find_batch_size` is not supported: set `per_device_train_batch_size` (prompts).")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -27,7 +28,9 @@ import torch
 from datasets import Dataset, IterableDataset
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, PeftConfig
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl.trainer.utils import RepeatSampler
 
@@ -36,6 +39,7 @@ from .hub import create_model_card, load_lora_adapter_weights, save_lora_adapter
 from .kv_cache import KVCache
 from .loss import LossStats, arcopo_loss, group_advantages, sde_grpo_loss, sde_transition_log_prob
 from .pipelines import SelfForcingPipeline
+from .replay_buffer import BufferEntry, ReplayBuffer, rebuild_prefix_cache
 from .rollout import forked_rollout
 from .sampling import RolloutNoise, neighbor_noise
 
@@ -66,6 +70,8 @@ class RolloutBatch:
         advantages (`torch.Tensor` of shape `[N, G]`).
         temperature (`torch.Tensor` of shape `[N, T]`): `τ` of each group and step.
         timesteps (`torch.Tensor` of shape `[T]`), sigmas (`torch.Tensor` of shape `[T + 1]`).
+        prefix_latents (`torch.Tensor` of shape `[N, C, pivot * Fc, H, W]`, *optional*): the clean chunks before the
+            pivot (what the replay buffer stores to rebuild `prefix_cache`).
     """
 
     prompts: list[str]
@@ -80,6 +86,24 @@ class RolloutBatch:
     temperature: torch.Tensor
     timesteps: torch.Tensor
     sigmas: torch.Tensor
+    prefix_latents: torch.Tensor | None = None
+
+    def to_buffer_entries(self) -> list[BufferEntry]:
+        """One compact [`BufferEntry`] per group (no KV cache: `prefix_latents` rebuilds it)."""
+        if self.prefix_latents is None:
+            raise ValueError("This rollout did not keep `prefix_latents`; it cannot go into a replay buffer.")
+        return [
+            BufferEntry(
+                prompt=prompt,
+                prompt_embeds=self.prompt_embeds[i],
+                pivot=self.pivot,
+                prefix_latents=self.prefix_latents[i],
+                states=self.states[i],
+                x0_preds=self.x0_preds[i],
+                rewards=self.rewards[i],
+            )
+            for i, prompt in enumerate(self.prompts)
+        ]
 
 
 @contextmanager
@@ -213,18 +237,31 @@ class ARCoPOTrainer(Trainer):
 
         # Model and PEFT: the policy is a LoRA adapter, the frozen base is the reference
         transformer = pipeline.transformer
-        transformer.requires_grad_(False)
+        loaded = list(transformer.peft_config) if getattr(transformer, "_hf_peft_config_loaded", False) else []
+        adapter_name = args.adapter_name
+        if adapter_name is None:
+            if peft_config is None and loaded:
+                adapter_name = transformer.active_adapters()[0]
+            else:
+                adapter_name = "semi" if args.training_mode == "semi_on_policy" else "on_policy"
         if peft_config is not None:
             if not isinstance(peft_config, PeftConfig):
                 raise TypeError(f"`peft_config` must be a peft.PeftConfig, got {type(peft_config).__name__}.")
-            transformer.add_adapter(peft_config)
-        elif not getattr(transformer, "_hf_peft_config_loaded", False):
-            logger.info("No `peft_config`: adding a LoRA adapter with r=64, alpha=128 (the paper's setting).")
-            transformer.add_adapter(LoraConfig(r=64, lora_alpha=128, target_modules=DEFAULT_LORA_TARGETS))
-        self.adapter_name = transformer.active_adapters()[0]
+            if adapter_name in loaded:
+                raise ValueError(
+                    f"The transformer already has an adapter named {adapter_name!r} and a `peft_config` was given: "
+                    f"set `adapter_name` to a new name, or pass no `peft_config` to keep training {adapter_name!r}."
+                )
+            transformer.add_adapter(peft_config, adapter_name=adapter_name)
+        elif adapter_name not in loaded:
+            logger.info(f"No `peft_config`: adding a LoRA adapter {adapter_name!r} with r=64, alpha=128 (paper).")
+            transformer.add_adapter(
+                LoraConfig(r=64, lora_alpha=128, target_modules=DEFAULT_LORA_TARGETS), adapter_name=adapter_name
+            )
+        transformer.set_adapter(adapter_name)  # only the trained adapter is active; others stay loaded, unused
+        self.adapter_name = adapter_name
         for name, param in transformer.named_parameters():
-            if "lora_" in name and f".{self.adapter_name}." in name:
-                param.requires_grad_(True)
+            param.requires_grad_("lora_" in name and f".{adapter_name}." in name)
         if args.disable_dropout:
             for module in transformer.modules():
                 if isinstance(module, torch.nn.Dropout):
@@ -249,9 +286,22 @@ class ARCoPOTrainer(Trainer):
         pipeline.to(self.accelerator.device)
 
         # Metrics and state
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list), "collect": defaultdict(list)}
         self._step = 0
         self._buffered_rollout: RolloutBatch | None = None
+        #: Groups of `num_generations` videos rolled out, by who made them: the policy being trained (`"policy"`),
+        #: the reference for the replay buffer (`"reference"`), the policy during evaluation (`"eval"`).
+        self.rollout_counts = {"policy": 0, "reference": 0, "eval": 0}
+        self.replay_buffer: ReplayBuffer | None = None
+        self._replay_buffer_source: str | None = None  # the file holding exactly the in-memory buffer
+        if args.training_mode == "semi_on_policy":
+            if not isinstance(train_dataset, Dataset):
+                raise ValueError(
+                    "`training_mode='semi_on_policy'` collects its replay buffer from a map-style `datasets.Dataset`; "
+                    f"got {type(train_dataset).__name__}."
+                )
+            capacity = math.ceil(args.replay_buffer_size / self.accelerator.num_processes)
+            self.replay_buffer = ReplayBuffer(capacity)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
@@ -270,22 +320,31 @@ class ARCoPOTrainer(Trainer):
             seed=self.args.seed,
         )
 
-    def _rng(self, purpose: int) -> torch.Generator:
+    def _rng(self, purpose: int, device: torch.device | str | None = None, step: int | None = None) -> torch.Generator:
         """A generator that depends only on (seed, step, rank, purpose): rollouts replay exactly after a resume."""
-        seed = self.args.seed * 1_000_003 + self.state.global_step * 10_007 + self.accelerator.process_index * 101
-        generator = torch.Generator(device=self.accelerator.device)
+        step = self.state.global_step if step is None else step
+        seed = self.args.seed * 1_000_003 + step * 10_007 + self.accelerator.process_index * 101
+        generator = torch.Generator(device=self.accelerator.device if device is None else device)
         generator.manual_seed((seed * 13 + purpose) % (2**63))
         return generator
 
     # ------------------------------------------------------------------ rollout and rewards
     @torch.no_grad()
-    def _generate_and_score(self, inputs: list[dict[str, Any]], mode: str = "train") -> RolloutBatch:
+    def _generate_and_score(
+        self, inputs: list[dict[str, Any]], mode: str = "train", generator: torch.Generator | None = None
+    ) -> RolloutBatch:
+        """
+        Roll out one forked group per prompt and score it. `mode` is `"train"` or `"eval"` (the current policy) or
+        `"collect"` (the caller has disabled the adapter: reference rollouts for the replay buffer).
+        """
         args = self.args
         device = self.accelerator.device
         pipe = self.pipeline
         prompts = [row["prompt"] for row in inputs]
         n, g, steps = len(prompts), args.num_generations, len(self.timesteps)
-        generator = self._rng(purpose=1 if mode == "train" else 3)
+        if generator is None:
+            generator = self._rng(purpose=1 if mode == "train" else 3)
+        self.rollout_counts[{"train": "policy", "eval": "eval", "collect": "reference"}[mode]] += n
 
         start = time.perf_counter()
         prompt_embeds, _ = pipe.encode_prompt(prompts, max_sequence_length=args.max_sequence_length, device=device)
@@ -357,11 +416,12 @@ class ARCoPOTrainer(Trainer):
         if args.log_completions and self.accelerator.is_main_process and mode == "train":
             self._save_completions(prompts[0], videos[:g], rewards[0])
 
+        frame_offset = pivot * args.num_frames_per_chunk
         return RolloutBatch(
             prompts=prompts,
             prompt_embeds=prompt_embeds,
             pivot=pivot,
-            frame_offset=pivot * args.num_frames_per_chunk,
+            frame_offset=frame_offset,
             prefix_cache=group.prefix_cache,
             states=states,
             x0_preds=x0_preds.clone(),
@@ -370,6 +430,9 @@ class ARCoPOTrainer(Trainer):
             temperature=temperature,
             timesteps=self.timesteps,
             sigmas=self.sigmas,
+            prefix_latents=group.latents.unflatten(0, (n, g))[:, 0, :, :frame_offset].clone()
+            if mode == "collect"
+            else None,
         )
 
     def _calculate_rewards(self, inputs: list[dict[str, Any]], prompts: list[str], videos: torch.Tensor):
@@ -428,6 +491,127 @@ class ARCoPOTrainer(Trainer):
         with open(os.path.join(folder, f"step_{self.state.global_step:06d}.txt"), "w") as f:
             f.write(f"{prompt}\nrewards: {[round(r, 4) for r in rewards.tolist()]}\n")
 
+    # ------------------------------------------------------------------ semi-on-policy: the replay buffer
+    def _replay_buffer_file(self, folder: str | None = None) -> str:
+        """This process's buffer file: `replay_buffer.pt` (`replay_buffer-rank{i}.pt` with several processes)."""
+        suffix = "" if self.accelerator.num_processes == 1 else f"-rank{self.accelerator.process_index}"
+        if folder is None and self.args.replay_buffer_path is not None:
+            root, ext = os.path.splitext(self.args.replay_buffer_path)
+            return f"{root}{suffix}{ext or '.pt'}"
+        return os.path.join(folder or self.args.output_dir, f"replay_buffer{suffix}.pt")
+
+    def _check_replay_buffer(self, buffer: ReplayBuffer, source: str) -> None:
+        expected = (
+            self.args.num_generations,
+            len(self.timesteps),
+            self.latent_shape[1],
+            self.args.num_frames_per_chunk,
+        )
+        for entry in buffer.entries:
+            got = (*entry.states.shape[:3], entry.states.shape[3])
+            if got != expected or entry.pivot >= self.num_chunks:
+                raise ValueError(
+                    f"The replay buffer {source} was collected with (num_generations, denoising steps, channels, "
+                    f"frames per chunk) = {got} and pivot {entry.pivot}, but this run has {expected} and "
+                    f"{self.num_chunks} chunks: delete the file or point `replay_buffer_path` elsewhere to collect a "
+                    "new buffer."
+                )
+
+    def _ensure_replay_buffer(self) -> None:
+        """Fill the replay buffer once: from `replay_buffer_path` if it exists, else by reference rollouts."""
+        buffer = self.replay_buffer
+        if len(buffer) >= buffer.capacity:
+            return
+        args = self.args
+        path = self._replay_buffer_file()
+        start = time.perf_counter()
+        if os.path.exists(path):
+            loaded = ReplayBuffer.load(path)
+            self._check_replay_buffer(loaded, f"in {path}")
+            self.replay_buffer = buffer = loaded
+            self._replay_buffer_source = path
+            logger.info(f"Loaded a replay buffer of {len(buffer)} groups from {path}.")
+        else:
+            dataset = self.train_dataset
+            rank = self.accelerator.process_index
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed * 7919 + rank))
+            per_batch = args.per_device_train_batch_size
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            progress = tqdm(
+                total=buffer.capacity,
+                initial=len(buffer),
+                desc="Collecting reference rollouts",
+                unit="group",
+                disable=not self.is_local_process_zero(),
+            )
+            with reference_policy(unwrapped):
+                batch_index = 0
+                while len(buffer) < buffer.capacity:
+                    take = min(per_batch, buffer.capacity - len(buffer))
+                    rows = [dataset[int(order[(batch_index * per_batch + i) % len(order)])] for i in range(take)]
+                    # independent of global_step: re-collecting after a crash gives the same buffer
+                    generator = self._rng(purpose=5 + batch_index, step=0)
+                    for entry in self._generate_and_score(
+                        rows, mode="collect", generator=generator
+                    ).to_buffer_entries():
+                        buffer.add(entry)
+                    progress.update(take)
+                    batch_index += 1
+            progress.close()
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            buffer.save(path)
+            self._replay_buffer_source = path
+            logger.info(f"Collected a replay buffer of {len(buffer)} reference groups; saved to {path}.")
+        collect = self._metrics["collect"]
+        metrics = self._metrics["train"]
+        for key in ("reward", "reward_std"):
+            if collect.get(key):
+                metrics[f"buffer/{key}"].append(sum(collect[key]) / len(collect[key]))
+        collect.clear()
+        metrics["buffer/groups"].append(float(len(buffer)))
+        metrics["buffer/memory_mb"].append(buffer.nbytes / 2**20)
+        metrics["buffer/disk_mb"].append(os.path.getsize(path) / 2**20 if os.path.exists(path) else 0.0)
+        metrics["buffer/seconds"].append(time.perf_counter() - start)
+
+    def _rollout_from_entries(self, entries: list[BufferEntry]) -> RolloutBatch:
+        """A [`RolloutBatch`] of buffer groups with one pivot; the prefix cache is rebuilt by the reference policy."""
+        args = self.args
+        device = self.accelerator.device
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with reference_policy(unwrapped):
+            cache = rebuild_prefix_cache(self.pipeline, list(entries), args.num_frames_per_chunk, self.latent_shape[2])
+        states = torch.stack([e.states for e in entries]).to(device)  # [N, G, T, C, Fc, H, W]
+        x0_preds = torch.stack([e.x0_preds for e in entries]).to(device)  # [N, G, T, C, Fc, H, W]
+        rewards = torch.stack([e.rewards for e in entries]).to(device)  # [N, G]
+        n, steps = len(entries), states.shape[2]
+        if args.temperature is None:
+            temperature = median_pairwise_distance(x0_preds, args.distance_reduction)  # [N, T]
+        else:
+            temperature = torch.full((n, steps), args.temperature, device=device)  # [N, T]
+        return RolloutBatch(
+            prompts=[e.prompt for e in entries],
+            prompt_embeds=torch.stack([e.prompt_embeds for e in entries]).to(device),
+            pivot=entries[0].pivot,
+            frame_offset=entries[0].pivot * args.num_frames_per_chunk,
+            prefix_cache=cache,
+            states=states,
+            x0_preds=x0_preds,
+            rewards=rewards,
+            advantages=group_advantages(rewards, args.scale_rewards, args.quasi_norm_p),
+            temperature=temperature,
+            timesteps=self.timesteps,
+            sigmas=self.sigmas,
+        )
+
+    def _sample_from_buffer(self) -> list[RolloutBatch]:
+        """`per_device_train_batch_size` distinct buffer groups, batched by pivot chunk."""
+        n = min(self.args.per_device_train_batch_size, len(self.replay_buffer))
+        entries = self.replay_buffer.sample(n, generator=self._rng(purpose=4, device="cpu"))
+        by_pivot: dict[int, list[BufferEntry]] = defaultdict(list)
+        for entry in entries:
+            by_pivot[entry.pivot].append(entry)
+        return [self._rollout_from_entries(by_pivot[p]) for p in sorted(by_pivot)]
+
     # ------------------------------------------------------------------ training step
     def _prepare_inputs(self, inputs: list[dict[str, Any]]) -> RolloutBatch:
         if self._step % self.args.num_iterations == 0 or self._buffered_rollout is None:
@@ -438,10 +622,23 @@ class ARCoPOTrainer(Trainer):
         if self._step == 0 and self.state.global_step > 0:  # resumed: continue the micro-step count
             self._step = self.state.global_step * self.args.gradient_accumulation_steps
         model.train()
-        rollout = self._prepare_inputs(inputs)
-        iteration = self._step % self.args.num_iterations
-        start = time.perf_counter()
-        loss = self._compute_loss(model, rollout, iteration)
+        if self.args.training_mode == "semi_on_policy":
+            # exploitation: groups of the reference policy from the buffer; the current policy is never rolled out
+            self._ensure_replay_buffer()
+            batches = self._sample_from_buffer()
+            total_groups = sum(len(b.prompts) for b in batches)
+            start = time.perf_counter()
+            loss = sum(
+                self._compute_loss(
+                    model, b, iteration=None, weight=len(b.prompts) / total_groups, final=i == len(batches) - 1
+                )
+                for i, b in enumerate(batches)
+            )
+        else:
+            rollout = self._prepare_inputs(inputs)
+            iteration = self._step % self.args.num_iterations
+            start = time.perf_counter()
+            loss = self._compute_loss(model, rollout, iteration)
         self._metrics["train"]["timing/update_seconds"].append(time.perf_counter() - start)
         self._step += 1
         return loss
@@ -449,10 +646,22 @@ class ARCoPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         raise NotImplementedError("ARCoPOTrainer computes its loss in `training_step` (one backward per step).")
 
-    def _compute_loss(self, model: torch.nn.Module, rollout: RolloutBatch, iteration: int) -> torch.Tensor:
+    def _compute_loss(
+        self,
+        model: torch.nn.Module,
+        rollout: RolloutBatch,
+        iteration: int | None,
+        weight: float = 1.0,
+        final: bool = True,
+    ) -> torch.Tensor:
         """
         The localised update on the pivot chunk: for each denoising step, the current policy's `x̂0` at `K` anchors
         (fresh each inner iteration), the objective, and one backward. Returns the detached total loss.
+
+        `iteration` is the inner iteration of an on-policy rollout, or `None` for buffer groups (semi-on-policy): then
+        `π_old` is the reference, whose anchor predictions are recomputed here with the adapter disabled, batched as
+        the current policy's, so that the ratio is exactly 1 while the adapter is still zero. The loss is scaled by
+        `weight` (the share of this batch in the step); gradients are synchronised after the `final` backward.
         """
         args = self.args
         n, g, steps = rollout.states.shape[:3]
@@ -465,14 +674,26 @@ class ARCoPOTrainer(Trainer):
         cache = rollout.prefix_cache.fork(k)  # [N * K] rows, the prefix shared by the anchors of a group
         embeds = rollout.prompt_embeds.repeat_interleave(k, dim=0)  # [N * K, S, text_dim]
         unwrapped = self.accelerator.unwrap_model(model)
-        scale = 1.0 / (steps if args.loss_type == "arcopo" else steps - 1) / self.current_gradient_accumulation_steps
+        scale = (
+            weight / (steps if args.loss_type == "arcopo" else steps - 1) / self.current_gradient_accumulation_steps
+        )
         total = torch.zeros((), device=rollout.states.device)
         stats: list[LossStats] = []
         penalties = []
         trained_steps = range(steps) if args.loss_type == "arcopo" else range(steps - 1)
         for position, j in enumerate(trained_steps):
             x_t = rollout.states[:, :, j].flatten(0, 1)[rows.flatten()]  # [N * K, C, Fc, H, W]
-            last = position == len(trained_steps) - 1
+            x0_old = rollout.x0_preds[:, :, j]  # [N, G, C, Fc, H, W]
+            x0_ref = None
+            if iteration is None or args.beta > 0:
+                with torch.no_grad(), reference_policy(unwrapped):
+                    x0_ref = self.pipeline.predict_x0(
+                        x_t, rollout.timesteps[j], rollout.sigmas[j].item(), embeds, cache, rollout.frame_offset
+                    )  # [N * K, C, Fc, H, W]
+            if iteration is None:  # semi-on-policy: π_old is the reference, at the anchors recomputed right here
+                x0_old = x0_old.clone()
+                x0_old.view(n * g, *x0_old.shape[2:])[rows.flatten()] = x0_ref.to(x0_old.dtype)
+            last = final and position == len(trained_steps) - 1
             sync = nullcontext() if last else self.accelerator.no_sync(model)
             with sync:
                 x0_theta = self.pipeline.predict_x0(
@@ -493,27 +714,26 @@ class ARCoPOTrainer(Trainer):
                 if args.loss_type == "arcopo":
                     loss, step_stats = arcopo_loss(
                         x0_theta,
-                        rollout.x0_preds[:, :, j],
+                        x0_old,
                         anchor_index,
                         rollout.advantages,
                         epsilon=args.epsilon,
                         temperature=rollout.temperature[:, j],
                         reduction=args.distance_reduction,
+                        clip=args.ratio_clip,
                     )
                 else:
                     sigma_next = rollout.sigmas[j + 1].item()
                     x_next = rollout.states[:, :, j + 1].flatten(0, 1)[rows.flatten()]  # [N * K, C, Fc, H, W]
-                    x0_old = rollout.x0_preds[:, :, j].flatten(0, 1)[rows.flatten()]  # [N * K, C, Fc, H, W]
+                    x0_old_anchor = x0_old.flatten(0, 1)[rows.flatten()]  # [N * K, C, Fc, H, W]
                     log_prob = sde_transition_log_prob(x_next, x0_theta.flatten(0, 1), sigma_next).view(n, k)
-                    old_log_prob = sde_transition_log_prob(x_next, x0_old, sigma_next).view(n, k)
+                    old_log_prob = sde_transition_log_prob(x_next, x0_old_anchor, sigma_next).view(n, k)
                     adv = rollout.advantages.gather(1, anchor_index)  # [N, K]
-                    loss, step_stats = sde_grpo_loss(log_prob, old_log_prob, adv, epsilon=args.epsilon)
+                    loss, step_stats = sde_grpo_loss(
+                        log_prob, old_log_prob, adv, epsilon=args.epsilon, clip=args.ratio_clip
+                    )
                 if args.beta > 0:
-                    with torch.no_grad(), reference_policy(unwrapped):
-                        x0_ref = self.pipeline.predict_x0(
-                            x_t, rollout.timesteps[j], rollout.sigmas[j].item(), embeds, cache, rollout.frame_offset
-                        ).unflatten(0, (n, k))  # [N, K, C, Fc, H, W]
-                    penalty = (x0_theta.float() - x0_ref.float()).pow(2).mean()
+                    penalty = (x0_theta.float() - x0_ref.unflatten(0, (n, k)).float()).pow(2).mean()
                     penalties.append(penalty.item())
                     loss = loss + args.beta * penalty
                 self.accelerator.backward(loss * scale)
@@ -580,11 +800,39 @@ class ARCoPOTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         transformer = self.accelerator.unwrap_model(model if model is not None else self.model)
         load_lora_adapter_weights(transformer, resume_from_checkpoint, adapter_name=self.adapter_name)
+        if self.replay_buffer is not None:
+            path = self._replay_buffer_file(resume_from_checkpoint)
+            if os.path.exists(path):
+                buffer = ReplayBuffer.load(path)
+                self._check_replay_buffer(buffer, f"in {path}")
+                self.replay_buffer = buffer
+            else:
+                logger.warning(f"{path} not found: the replay buffer will be loaded or collected again.")
 
     def _save_checkpoint(self, model, trial):
         if self.args.should_save:
             self.create_model_card(model_name=os.path.basename(self.args.output_dir.rstrip("/")))
         super()._save_checkpoint(model, trial)
+        if self.replay_buffer is not None and len(self.replay_buffer):
+            # the buffer never changes once collected: hard-link its file when possible (no extra disk), else write
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            os.makedirs(folder, exist_ok=True)
+            dest, source = self._replay_buffer_file(folder), self._replay_buffer_file()
+            tmp = f"{dest}.tmp-{os.getpid()}"
+            try:
+                if source == self._replay_buffer_source and os.path.exists(source):
+                    try:
+                        os.link(source, tmp)
+                    except OSError:
+                        shutil.copyfile(source, tmp)
+                    os.replace(tmp, dest)
+                else:
+                    self.replay_buffer.save(dest)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
 
     def create_model_card(
         self,

@@ -97,7 +97,10 @@ class ReplayBuffer:
                 f"Inconsistent entry: states {tuple(entry.states.shape)}, x0_preds {tuple(entry.x0_preds.shape)}, "
                 f"rewards {tuple(entry.rewards.shape)} (expected [G, T, ...], [G, T, ...] and [G])."
             )
-        detached = BufferEntry(**{k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in asdict(entry).items()})
+        # compact CPU copies: a view would drag (and save) the whole rollout tensor it points into
+        detached = BufferEntry(
+            **{k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in asdict(entry).items()}
+        )
         if len(self.entries) == self.capacity:
             self.entries.pop(0)
         self.entries.append(detached)
@@ -137,18 +140,29 @@ class ReplayBuffer:
 
 @torch.no_grad()
 def rebuild_prefix_cache(
-    pipeline: SelfForcingPipeline, entry: BufferEntry, num_frames_per_chunk: int, num_latent_frames: int
+    pipeline: SelfForcingPipeline,
+    entry: BufferEntry | list[BufferEntry],
+    num_frames_per_chunk: int,
+    num_latent_frames: int,
 ) -> KVCache:
     """
-    The KV cache of an entry's prefix, rebuilt with one commit pass per stored clean chunk (batch 1). Equal to the
-    cache at collection time when that was also batch 1 and the transformer has not changed.
+    The KV cache of the prefix of one entry (batch 1) or of several entries with the same pivot (batch `len(entry)`),
+    rebuilt with one commit pass per stored clean chunk by `pipeline.transformer` as it is configured (disable its
+    adapters for the reference policy). Equal to the cache at collection time when that had the same batching and the
+    transformer has not changed.
     """
+    entries = entry if isinstance(entry, list | tuple) else [entry]
+    if not entries:
+        raise ValueError("`entry` is an empty list: give at least one BufferEntry.")
+    pivots = {e.pivot for e in entries}
+    if len(pivots) != 1:
+        raise ValueError(f"Entries with different pivots {sorted(pivots)} cannot share a cache; group them by pivot.")
     device = pipeline._execution_device
-    _, _, height, width = entry.prefix_latents.shape
-    cache = pipeline.prepare_cache(1, num_latent_frames, height, width)
-    embeds = entry.prompt_embeds[None].to(device)  # [1, S, text_dim]
-    latents = entry.prefix_latents[None].to(device)  # [1, C, pivot * Fc, H, W]
-    for c in range(entry.pivot):
-        chunk = latents[:, :, c * num_frames_per_chunk : (c + 1) * num_frames_per_chunk]  # [1, C, Fc, H, W]
+    _, _, height, width = entries[0].prefix_latents.shape
+    cache = pipeline.prepare_cache(len(entries), num_latent_frames, height, width)
+    embeds = torch.stack([e.prompt_embeds for e in entries]).to(device)  # [B, S, text_dim]
+    latents = torch.stack([e.prefix_latents for e in entries]).to(device)  # [B, C, pivot * Fc, H, W]
+    for c in range(entries[0].pivot):
+        chunk = latents[:, :, c * num_frames_per_chunk : (c + 1) * num_frames_per_chunk]  # [B, C, Fc, H, W]
         pipeline.commit_chunk(chunk, embeds, cache, c * num_frames_per_chunk)
     return cache
