@@ -17,32 +17,53 @@
 """
 Align a streaming video generator with AR-CoPO.
 
-    accelerate launch examples/train_arcopo.py                                   # tiny model, toy reward, CPU
-    accelerate launch examples/train_arcopo.py --config examples/configs/tiny.yaml
+    accelerate launch examples/train_arcopo.py                      # Moving Shapes: the shipped model, verifiable rewards
+    accelerate launch examples/train_arcopo.py --config examples/configs/moving_shapes.yaml --max_steps 20
+    accelerate launch examples/train_arcopo.py --pipeline_name_or_path tiny-random --config examples/configs/tiny.yaml
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/train_arcopo.py \\
         --pipeline_name_or_path path/to/self-forcing-diffusers --prompts_file prompts.txt --reward_funcs mymod.reward
 
-Two CPU processes (DDP over gloo):
+With no arguments the script reads `examples/configs/moving_shapes.yaml`: it aligns the Moving Shapes generator shipped
+in `trl_arcopo.shapes` on the RL-training prompts with the colour, shape, direction and temporal-quality rewards, and
+writes to `output_dir`: the LoRA adapter and model card, `eval_table.md` / `eval_results.json` (base vs trained, on
+the training and the held-out prompts, fresh seeds), `samples.gif` (held-out prompts, base vs trained) and
+`reward_curve.png`.
 
-    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 examples/train_arcopo.py --max_steps 2
+`--pipeline_name_or_path tiny-random` builds a tiny random pixel-space model trained toward red videos (the `redness`
+reward): a check of the plumbing, not a useful model. Two CPU processes (DDP over gloo):
 
-Without `--pipeline_name_or_path` the script builds a tiny random pixel-space model and trains it toward red videos
-(the `redness` reward) in a minute: a check of the plumbing, not a useful model.
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 examples/train_arcopo.py --pipeline_name_or_path tiny-random \\
+        --max_steps 2
 """
 
 import importlib
+import json
+import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset, load_dataset
 from peft import LoraConfig
 from trl import TrlParser
 
-from trl_arcopo import ARCoPOConfig, ARCoPOTrainer, SelfForcingPipeline
+from trl_arcopo import ARCoPOConfig, ARCoPOTrainer, SelfForcingPipeline, shapes
+from trl_arcopo.shapes.evaluation import (
+    evaluate_generator,
+    format_table,
+    generate_videos,
+    plot_curves,
+    save_video_grid,
+    smooth,
+)
 from trl_arcopo.testing_utils import tiny_pipeline
 
 
+MOVING_SHAPES, TINY_RANDOM = "moving-shapes", "tiny-random"
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "moving_shapes.yaml")
 TOY_PROMPTS = ["a red fox jumps over a blue car", "a cat runs on the beach", "a dog in snow at night"]
+SHAPES_REWARDS = ["colour_reward", "shape_reward", "direction_reward", "temporal_quality_reward"]
 
 
 def redness(prompts, videos, **kwargs):
@@ -53,15 +74,31 @@ def redness(prompts, videos, **kwargs):
 
 @dataclass
 class ScriptArguments:
-    pipeline_name_or_path: str | None = field(
-        default=None, metadata={"help": "SelfForcingPipeline folder or Hub id; None builds a tiny random model."}
+    pipeline_name_or_path: str = field(
+        default=MOVING_SHAPES,
+        metadata={
+            "help": "SelfForcingPipeline folder or Hub id; 'moving-shapes' (the shipped Moving Shapes model) or "
+            "'tiny-random' (a tiny random model)."
+        },
     )
     dataset_name: str | None = field(default=None, metadata={"help": "A datasets name/path with a 'prompt' column."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     prompts_file: str | None = field(default=None, metadata={"help": "Text file, one prompt per line."})
-    reward_funcs: list[str] = field(
-        default_factory=lambda: ["redness"],
-        metadata={"help": "Reward functions: 'redness' or dotted import paths ('package.module.function')."},
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions: names from trl_arcopo.shapes, 'redness', or dotted import paths "
+            "('package.module.function'). None: the four Moving Shapes rewards, or 'redness' for tiny-random."
+        },
+    )
+    shapes_pipeline_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Moving Shapes: a folder made by examples/moving_shapes/pretrain.py instead of the shipped model."
+        },
+    )
+    eval_num_seeds: int = field(
+        default=4, metadata={"help": "Moving Shapes: videos per prompt in the before/after evaluation."}
     )
     torch_dtype: str = field(default="float32", metadata={"help": "Transformer dtype: float32, bfloat16, float16."})
 
@@ -80,15 +117,65 @@ class LoraArguments:
 def resolve_reward(name):
     if name == "redness":
         return redness
+    if hasattr(shapes, name):
+        return getattr(shapes, name)
     module, _, attr = name.rpartition(".")
     if not module:
-        raise ValueError(f"Unknown reward {name!r}: use 'redness' or a dotted path 'package.module.function'.")
+        raise ValueError(
+            f"Unknown reward {name!r}: use 'redness', a Moving Shapes reward ({', '.join(SHAPES_REWARDS)}, "
+            "combined_reward) or a dotted path 'package.module.function'."
+        )
     return getattr(importlib.import_module(module), attr)
 
 
+def evaluate_shapes(pipeline, training_args, num_seeds):
+    """Scores on the training and held-out prompts (fresh seeds, disjoint from the training rollouts)."""
+    seed = training_args.seed + 1
+    return {
+        split: evaluate_generator(pipeline, prompts, num_seeds, seed=seed, sampler=training_args.sampler)
+        for split, prompts in (("train", shapes.TRAIN_PROMPTS), ("heldout", shapes.HELDOUT_PROMPTS))
+    }
+
+
+def write_shapes_report(output_dir, before, after, videos_before, videos_after, log_history):
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "eval_results.json"), "w") as f:
+        json.dump({"base": before, "trained": after}, f, indent=2)
+    lines = ["# Moving Shapes: base vs AR-CoPO", ""]
+    for split, title in (("train", "RL-training prompts (60)"), ("heldout", "held-out prompts (12)")):
+        lines += [f"## {title}", "", format_table({"base": before[split], "AR-CoPO": after[split]}), ""]
+    lines.append("mean ± std over evaluation seed sets (the same noises for both models).")
+    table = "\n".join(lines)
+    with open(os.path.join(output_dir, "eval_table.md"), "w") as f:
+        f.write(table + "\n")
+    save_video_grid(
+        os.path.join(output_dir, "samples.gif"),
+        {"base": videos_before, "AR-CoPO": videos_after},
+        list(shapes.HELDOUT_PROMPTS),
+    )
+    steps = [h["step"] for h in log_history if "reward" in h]
+    curves = {"reward (sum of 4)": (steps, smooth([h["reward"] for h in log_history if "reward" in h]), None)}
+    for name in SHAPES_REWARDS:
+        key = f"rewards/{name}/mean"
+        values = [h[key] for h in log_history if key in h]
+        if len(values) == len(steps):
+            curves[name.replace("_reward", "")] = (steps, smooth(values), None)
+    plot_curves(
+        os.path.join(output_dir, "reward_curve.png"),
+        curves,
+        "step",
+        "training reward (moving average of 5 steps)",
+        "AR-CoPO on Moving Shapes",
+    )
+    return table
+
+
 def main(script_args, training_args, lora_args):
+    shapes_world = script_args.pipeline_name_or_path == MOVING_SHAPES
     # Model
-    if script_args.pipeline_name_or_path is None:
+    if shapes_world:
+        pipeline = shapes.load_pretrained_pipeline(script_args.shapes_pipeline_path)
+    elif script_args.pipeline_name_or_path == TINY_RANDOM:
         pipeline = tiny_pipeline()
     else:
         dtype = getattr(torch, script_args.torch_dtype)
@@ -100,6 +187,7 @@ def main(script_args, training_args, lora_args):
         lora_dropout=lora_args.lora_dropout,
         target_modules=lora_args.lora_target_modules,
     )
+    reward_names = script_args.reward_funcs or (SHAPES_REWARDS if shapes_world else ["redness"])
 
     # Dataset
     if script_args.dataset_name is not None:
@@ -107,13 +195,22 @@ def main(script_args, training_args, lora_args):
     elif script_args.prompts_file is not None:
         with open(script_args.prompts_file) as f:
             dataset = Dataset.from_dict({"prompt": [line.strip() for line in f if line.strip()]})
+    elif shapes_world:
+        dataset = shapes.make_dataset("train")
     else:
         dataset = Dataset.from_dict({"prompt": TOY_PROMPTS})
+
+    # Moving Shapes: the base model's scores and samples, before the adapter exists
+    report = shapes_world and PartialState().is_main_process
+    if report:
+        grid_seeds = list(range(len(shapes.HELDOUT_PROMPTS)))
+        before = evaluate_shapes(pipeline, training_args, script_args.eval_num_seeds)
+        videos_before = generate_videos(pipeline, shapes.HELDOUT_PROMPTS, grid_seeds, sampler=training_args.sampler)
 
     # Training
     trainer = ARCoPOTrainer(
         pipeline=pipeline,
-        reward_funcs=[resolve_reward(name) for name in script_args.reward_funcs],
+        reward_funcs=[resolve_reward(name) for name in reward_names],
         args=training_args,
         train_dataset=dataset,
         peft_config=peft_config,
@@ -121,11 +218,24 @@ def main(script_args, training_args, lora_args):
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.check_adapters_in_sync()
     trainer.save_model(training_args.output_dir)
+
+    if report:  # the adapter is active: the pipeline now samples from the trained policy
+        after = evaluate_shapes(pipeline, training_args, script_args.eval_num_seeds)
+        videos_after = generate_videos(pipeline, shapes.HELDOUT_PROMPTS, grid_seeds, sampler=training_args.sampler)
+        table = write_shapes_report(
+            training_args.output_dir, before, after, videos_before, videos_after, trainer.state.log_history
+        )
+        print(table)
+        print(
+            f"adapter, model card, eval_table.md, samples.gif and reward_curve.png are in {training_args.output_dir}"
+        )
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 1:  # no arguments: the Moving Shapes main job
+        sys.argv += ["--config", DEFAULT_CONFIG]
     parser = TrlParser((ScriptArguments, ARCoPOConfig, LoraArguments))
     script_args, training_args, lora_args = parser.parse_args_and_config(args=None, return_remaining_strings=False)
     main(script_args, training_args, lora_args)

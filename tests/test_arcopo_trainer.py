@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import warnings
 from unittest import mock
 
 import pytest
@@ -79,6 +80,9 @@ def test_config_errors_name_value_and_fix():
     config = ARCoPOConfig("out")  # the defaults run on a machine without a GPU
     assert config.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     assert config.gradient_checkpointing is False and config.remove_unused_columns is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecated TrainingArguments field is set by the defaults
+        ARCoPOConfig("out", use_cpu=True)
 
 
 def test_trainer_input_errors(tmp_path):
@@ -251,7 +255,7 @@ def test_two_process_ddp_example_keeps_adapters_identical(tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(ROOT, "src"))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-        os.path.join(ROOT, "examples", "train_arcopo.py"),
+        os.path.join(ROOT, "examples", "train_arcopo.py"), "--pipeline_name_or_path", "tiny-random",
         "--output_dir", str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size", "1",
         "--num_generations", "3", "--num_anchors", "2", "--lora_r", "4", "--lora_alpha", "8",
         "--report_to", "none", "--save_strategy", "no", "--use_cpu",
@@ -295,7 +299,13 @@ def test_example_parses_yaml_config(tmp_path):
     )
     assert training_args.num_generations == 6  # the command line overrides the file
     assert training_args.num_anchors == 2 and training_args.max_steps == 8 and lora_args.lora_r == 8
-    assert script_args.reward_funcs == ["redness"]
+    assert script_args.pipeline_name_or_path == "tiny-random" and script_args.reward_funcs is None
+    # the main job's file: the shipped Moving Shapes model (a fresh parser: a config sets parser defaults)
+    parser = TrlParser((module.ScriptArguments, ARCoPOConfig, module.LoraArguments))
+    script_args, training_args, _ = parser.parse_args_and_config(
+        args=["--config", os.path.join(ROOT, "examples", "configs", "moving_shapes.yaml"), "--use_cpu"]
+    )
+    assert script_args.pipeline_name_or_path == "moving-shapes" and training_args.max_steps > 0
 
 
 def test_beta_penalty_is_zero_at_init_and_grows(tmp_path):

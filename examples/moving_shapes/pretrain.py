@@ -82,6 +82,7 @@ def build_pipeline(seed: int) -> SelfForcingPipeline:
         default_width=SIZE,
         default_num_frames=FRAMES,
         default_max_sequence_length=TEXT_TOKENS,
+        default_sampler="ode",
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -253,6 +254,7 @@ def main():
                 SIZE,
                 FRAMES,
                 TEXT_TOKENS,
+                "ode",
             )
             eval_pipe.set_progress_bar_config(disable=True)
             row = {"step": step, "minutes": round(elapsed / 60, 2), "loss": round(sum(losses) / len(losses), 5)}

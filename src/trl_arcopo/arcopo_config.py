@@ -40,7 +40,7 @@ class ARCoPOConfig(TrainingArguments):
     > Defaults that differ from [`~transformers.TrainingArguments`]: `learning_rate=1e-5` (paper),
     > `per_device_train_batch_size=1` (prompts, i.e. groups of `num_generations` videos, per device per rollout),
     > `logging_steps=1`, `ddp_find_unused_parameters=False`, `bf16=None` (True only on a GPU that supports it, so the defaults run on a CPU-only
-    > machine), `gradient_checkpointing=False` (diffusers' own checkpointing is used when set), and
+    > machine), `activation_checkpointing` (`gradient_checkpointing`) uses diffusers' own checkpointing of the transformer, and
     > `remove_unused_columns=False` (extra dataset columns reach the reward functions).
 
     Parameters:
@@ -63,8 +63,9 @@ class ARCoPOConfig(TrainingArguments):
         denoising_sigmas (`list[float]`, *optional*, defaults to `[1.0, 0.75, 0.5, 0.25]`):
             Per-chunk schedule before the scheduler's shift (with `shift=5`: Self-Forcing's timesteps
             `[1000, 937.5, 833.3, 625]`).
-        sampler (`str`, *optional*, defaults to `"consistency"`):
-            `"consistency"` (Self-Forcing's re-noise sampler) or `"ode"` (deterministic Euler).
+        sampler (`str` or `None`, *optional*, defaults to `None`):
+            `"consistency"` (Self-Forcing's re-noise sampler) or `"ode"` (deterministic Euler). `None` uses the
+            pipeline's `default_sampler`.
         max_sequence_length (`int` or `None`, *optional*, defaults to `None`):
             Text tokens; `None` uses the pipeline's `default_max_sequence_length`.
 
@@ -145,9 +146,6 @@ class ARCoPOConfig(TrainingArguments):
         default=None,
         metadata={"help": "Use bf16 mixed precision. None: only on a GPU that supports it (never on a CPU)."},
     )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Use the transformer's (diffusers) gradient checkpointing in the update."}
-    )
     remove_unused_columns: bool | None = field(
         default=False, metadata={"help": "Keep extra dataset columns: they reach the reward functions."}
     )
@@ -173,7 +171,9 @@ class ARCoPOConfig(TrainingArguments):
         default_factory=lambda: list(SELF_FORCING_SIGMAS),
         metadata={"help": "Per-chunk sigmas before the scheduler's shift (Self-Forcing: 1.0 0.75 0.5 0.25)."},
     )
-    sampler: str = field(default="consistency", metadata={"help": "Chunk sampler: 'consistency' or 'ode'."})
+    sampler: str | None = field(
+        default=None, metadata={"help": "Chunk sampler: 'consistency' or 'ode'; None: the pipeline's default."}
+    )
     max_sequence_length: int | None = field(
         default=None, metadata={"help": "Text tokens; None uses the pipeline default."}
     )
@@ -241,9 +241,9 @@ class ARCoPOConfig(TrainingArguments):
             raise ValueError(f"`fork_noise_scale={self.fork_noise_scale}` must be in (0, 1] (paper: 0.5).")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"`loss_type={self.loss_type!r}` is not one of {LOSS_TYPES}.")
-        if self.sampler not in SAMPLERS:
+        if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ValueError(f"`sampler={self.sampler!r}` is not one of {SAMPLERS}.")
-        if self.loss_type == "sde_grpo" and (self.sampler != "consistency" or len(self.denoising_sigmas) < 2):
+        if self.loss_type == "sde_grpo" and (self.sampler == "ode" or len(self.denoising_sigmas) < 2):
             raise ValueError(
                 "`loss_type='sde_grpo'` explores through the re-noise of the consistency sampler: use "
                 "`sampler='consistency'` and at least 2 `denoising_sigmas`."

@@ -234,6 +234,12 @@ class ARCoPOTrainer(Trainer):
                 f"[0, {self.num_chunks}) or None (uniform)."
             )
         self.timesteps, self.sigmas = pipeline.get_schedule(args.denoising_sigmas)
+        self.sampler = args.sampler or getattr(config, "default_sampler", "consistency")
+        if args.loss_type == "sde_grpo" and self.sampler != "consistency":
+            raise ValueError(
+                f"`loss_type='sde_grpo'` explores through the consistency sampler's re-noise, but the sampler is "
+                f"{self.sampler!r} (the pipeline's `default_sampler`): set `sampler='consistency'`."
+            )
 
         # Model and PEFT: the policy is a LoRA adapter, the frozen base is the reference
         transformer = pipeline.transformer
@@ -267,9 +273,9 @@ class ARCoPOTrainer(Trainer):
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
         cast_training_params(transformer, dtype=torch.float32)
-        if args.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-            args.gradient_checkpointing = False  # Trainer would call a transformers-only method
+        if getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()  # diffusers' checkpointing of the transformer blocks
+            args.activation_checkpointing = args.gradient_checkpointing = False  # Trainer's is transformers-only
         for module in (pipeline.text_encoder, pipeline.vae):
             if module is not None:
                 module.requires_grad_(False).eval()
@@ -349,7 +355,7 @@ class ARCoPOTrainer(Trainer):
         start = time.perf_counter()
         prompt_embeds, _ = pipe.encode_prompt(prompts, max_sequence_length=args.max_sequence_length, device=device)
         shape = (n, *self.latent_shape[1:])
-        noise = RolloutNoise.sample(shape, args.num_frames_per_chunk, steps, args.sampler, generator, device=device)
+        noise = RolloutNoise.sample(shape, args.num_frames_per_chunk, steps, self.sampler, generator, device=device)
         if args.pivot_chunk is not None:
             pivot = args.pivot_chunk
         else:
@@ -377,7 +383,7 @@ class ARCoPOTrainer(Trainer):
             self.sigmas,
             shape[3],
             shape[4],
-            args.sampler,
+            self.sampler,
             branch_renoise,
         )
         transformer.train(was_training)

@@ -92,6 +92,9 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             in pixel space (values in `[-1, 1]`, `in_channels` = 3).
         default_height, default_width, default_num_frames (`int`): video size used when `__call__` gets none.
         default_max_sequence_length (`int`): text tokens used when `__call__` gets none.
+        default_sampler (`str`, defaults to `"consistency"`): the sampler used when `__call__` (or the trainer) gets
+            none: `"consistency"` for Self-Forcing (distilled for it), `"ode"` for models trained by plain flow
+            matching such as the Moving Shapes generator.
 
     Example:
 
@@ -116,8 +119,11 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         default_width: int = 832,
         default_num_frames: int = 81,
         default_max_sequence_length: int = 512,
+        default_sampler: str = "consistency",
     ):
         super().__init__()
+        if default_sampler not in SAMPLERS:
+            raise ValueError(f"Unknown `default_sampler={default_sampler!r}`; use one of {SAMPLERS}.")
         transformer = CausalWanTransformer3DModel.from_wan(transformer)
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler, vae=vae
@@ -127,6 +133,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             default_width=default_width,
             default_num_frames=default_num_frames,
             default_max_sequence_length=default_max_sequence_length,
+            default_sampler=default_sampler,
         )
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 1
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 1
@@ -486,7 +493,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
         max_sequence_length: int | None = None,
-        sampler: SamplerType = "consistency",
+        sampler: SamplerType | None = None,
         local_attn_frames: int | None = None,
         sink_frames: int = 0,
     ) -> SelfForcingPipelineOutput | tuple:
@@ -506,7 +513,8 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 then the re-noise of each chunk, chunk by chunk, in order.
             latents (`torch.Tensor` of shape `[B, C, F_latent, H_latent, W_latent]`, *optional*): the initial noise.
             output_type (`str`, defaults to `"np"`): `"np"`, `"pt"`, `"pil"` or `"latent"`.
-            sampler (`str`, defaults to `"consistency"`): `"consistency"` (re-noise, Self-Forcing) or `"ode"`.
+            sampler (`str`, *optional*): `"consistency"` (re-noise, Self-Forcing) or `"ode"`; defaults to the
+                pipeline's `default_sampler`.
             local_attn_frames, sink_frames: optional local attention window with sink frames (see [`KVCache`]).
 
         Returns:
@@ -515,6 +523,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         height = height or self.config.default_height
         width = width or self.config.default_width
         num_frames = num_frames or self.config.default_num_frames
+        sampler = sampler or getattr(self.config, "default_sampler", "consistency")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"Unknown `output_type={output_type!r}`; use one of {OUTPUT_TYPES}.")
         if (prompt is None) == (prompt_embeds is None):

@@ -13,6 +13,8 @@
 # limitations under the License.
 """The "Moving Shapes" world: a procedural, verifiable text-to-video task (see `docs/moving_shapes.md`)."""
 
+from .evaluation import evaluate_generator, format_table, generate_videos, plot_curves, save_video_grid
+from .pretrained import PRETRAINED_PATH, load_pretrained_pipeline
 from .rewards import (
     VideoAnalysis,
     all_correct,
@@ -49,6 +51,7 @@ __all__ = [
     "DIRECTIONS",
     "HELDOUT_PROMPTS",
     "PALETTE",
+    "PRETRAINED_PATH",
     "SHAPES",
     "TRAIN_PROMPTS",
     "Motion",
@@ -58,12 +61,18 @@ __all__ = [
     "colour_reward",
     "combined_reward",
     "direction_reward",
+    "evaluate_generator",
     "format_prompt",
+    "format_table",
+    "generate_videos",
+    "load_pretrained_pipeline",
     "make_dataset",
     "parse_prompt",
+    "plot_curves",
     "render_batch",
     "render_video",
     "sample_motion",
+    "save_video_grid",
     "score_videos",
     "shape_reward",
     "temporal_quality_reward",
