@@ -3,8 +3,16 @@ import torch
 from diffusers import WanTransformer3DModel
 from peft import LoraConfig
 
-from trl_arcopo import CausalWanTransformer3DModel, KVCache, block_causal_mask, teacher_forcing_mask
-from trl_arcopo.testing_utils import tiny_transformer
+from trl_arcopo import (
+    CausalWanTransformer3DModel,
+    CausalWanX0Transformer3DModel,
+    KVCache,
+    SelfForcingPipeline,
+    block_causal_mask,
+    teacher_forcing_mask,
+)
+from trl_arcopo.sampling import x0_from_velocity
+from trl_arcopo.testing_utils import tiny_pipeline, tiny_transformer
 
 
 FRAMES, CHUNK, H, W = 12, 3, 8, 8  # 4 chunks; 16 tokens per frame with patch 2
@@ -151,3 +159,30 @@ def test_clear_errors(model):
         model(x, torch.zeros(2), text, kv_cache=cache, attention_mask=block_causal_mask(FRAMES, CHUNK, TPF))
     with pytest.raises(ValueError, match="timestep"):
         model(x, torch.zeros(2, 5), text)
+
+
+def test_x0_head_gives_velocity_whose_clean_estimate_is_the_head_output(tmp_path):
+    torch.manual_seed(0)
+    base = tiny_transformer(in_channels=3, patch_size=(1, 2, 2))
+    x0_model = CausalWanX0Transformer3DModel.from_config(base.config).eval()
+    x0_model.load_state_dict(base.state_dict())
+    x_t = torch.randn(2, 3, 3, 8, 8)
+    text = torch.randn(2, 4, 32)
+    timestep = torch.tensor([[750.0] * 3, [250.0] * 3])  # [B, F]
+    with torch.no_grad():
+        head = base(x_t, timestep, text, return_dict=False)[0]  # what the shared head outputs: here read as x0
+        velocity = x0_model(x_t, timestep, text, return_dict=False)[0]
+    sigma = (timestep / 1000)[:, None, :, None, None]
+    torch.testing.assert_close(x0_from_velocity(x_t, sigma, velocity), head, atol=1e-5, rtol=1e-5)
+    # in a pipeline, saved and reloaded: the class (so the parametrisation) is kept and the videos are identical
+    source = tiny_pipeline()
+    pipe = SelfForcingPipeline(
+        source.tokenizer, source.text_encoder, x0_model, source.scheduler, None, 16, 16, 9,
+        source.config.default_max_sequence_length, "ode",
+    )  # fmt: skip
+    pipe.save_pretrained(tmp_path)
+    reloaded = SelfForcingPipeline.from_pretrained(tmp_path)
+    assert type(reloaded.transformer) is CausalWanX0Transformer3DModel and reloaded.config.default_sampler == "ode"
+    a = pipe("a red fox", generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    b = reloaded("a red fox", generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    assert torch.equal(a, b)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from trl_arcopo.shapes import COLOURS, generate_videos, score_videos
 from trl_arcopo.shapes.pretrained import load_pretrained_pipeline
 from trl_arcopo.testing_utils import tiny_pipeline
 
@@ -17,3 +18,17 @@ def test_load_pipeline_from_a_pretraining_folder(tmp_path):
 def test_missing_pipeline_names_the_path_and_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="pretrain.py"):
         load_pretrained_pipeline(str(tmp_path / "nowhere"))
+
+
+def test_shipped_model_loads_offline_and_draws_the_prompted_colour(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = load_pretrained_pipeline()  # the folder inside the package: no network, no download
+    assert pipe.vae is None and pipe.config.default_sampler == "ode"
+    assert sum(p.numel() for p in pipe.transformer.parameters()) < 5_000_000
+    prompts = [f"a {colour} square moving right" for colour in COLOURS]
+    videos = generate_videos(pipe, prompts, seeds=list(range(len(prompts))))  # [6, 12, 3, 32, 32]
+    assert videos.shape == (6, 12, 3, 32, 32) and videos.min() >= 0 and videos.max() <= 1
+    assert torch.equal(videos, generate_videos(pipe, prompts, seeds=list(range(len(prompts)))))
+    # a trained model, not noise: most videos show one object of the prompted colour
+    scores = score_videos(prompts, videos)
+    assert scores["colour"].mean() >= 0.5, scores["colour"]

@@ -1,1 +1,7 @@
-from .causal_wan import CausalWanTransformer3DModel, block_causal_mask, teacher_forcing_mask, transformer_flops
+from .causal_wan import (
+    CausalWanTransformer3DModel,
+    CausalWanX0Transformer3DModel,
+    block_causal_mask,
+    teacher_forcing_mask,
+    transformer_flops,
+)

@@ -376,3 +376,28 @@ def transformer_flops(config, num_query_tokens: int, num_key_tokens: int, text_t
     )
     head = 2 * num_query_tokens * d * config.out_channels * math.prod(config.patch_size) * 2
     return config.num_layers * per_layer + head
+
+
+class CausalWanX0Transformer3DModel(CausalWanTransformer3DModel):
+    r"""
+    [`CausalWanTransformer3DModel`] whose output head predicts the clean sample `x̂0` instead of the flow velocity;
+    `forward` converts it to the velocity every caller expects, `v = (x_t - x̂0) / σ` with `σ = timestep / 1000` per
+    frame, so pipelines, samplers and trainers use it unchanged (and `x_t - σ·v` gives back `x̂0`).
+
+    Same parameters and checkpoint layout as Wan. It is meant for small models trained from scratch in pixel space
+    (the Moving Shapes generator): predicting the velocity `ε - x0` there means copying the input noise through the
+    network, which a tiny transformer does imprecisely, and the error shows up as speckle in every `x̂0`. Predicting
+    `x0` needs no such copy. At `timestep = 0` (the cache-commit pass, whose output is not used) `σ` is clamped to
+    `1e-3`.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, *args, return_dict: bool = True, **kwargs):
+        x0 = super().forward(hidden_states, timestep, *args, return_dict=False, **kwargs)[0]  # [B, C, F, H, W]
+        batch_size, _, num_frames = hidden_states.shape[:3]
+        sigma = timestep.float().expand(batch_size) if timestep.ndim == 0 else timestep.float()
+        sigma = sigma.reshape(batch_size, -1).expand(batch_size, num_frames) / 1000  # [B, F]
+        sigma = sigma.clamp_min(1e-3)[:, None, :, None, None].to(x0.dtype)  # [B, 1, F, 1, 1]
+        velocity = (hidden_states - x0) / sigma  # [B, C, F, H, W]
+        if not return_dict:
+            return (velocity,)
+        return Transformer2DModelOutput(sample=velocity)
