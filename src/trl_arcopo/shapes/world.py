@@ -153,8 +153,6 @@ OBJECT_SIZE_RANGE = (8.0, 12.0)
 SPEED_RANGE = (1.0, 1.5)
 #: Pixels kept free between the object's bounding box and the frame border.
 MARGIN = 1.0
-#: Largest offset (pixels at 32×32) of the path's centre from the frame centre, along and across the motion.
-POSITION_JITTER = 3.0
 
 
 def sample_motion(direction: str, seed: int = 0, num_frames: int = 12, size: int = 32) -> Motion:
@@ -163,10 +161,9 @@ def sample_motion(direction: str, seed: int = 0, num_frames: int = 12, size: int
     position, and differ only in what the prompt names).
 
     Object size is uniform in `OBJECT_SIZE_RANGE` and speed uniform in `SPEED_RANGE` (both times `size / 32`); the
-    speed is lowered if the whole path would not fit. The path is centred in the frame up to a uniform jitter of
-    `POSITION_JITTER` pixels (times `size / 32`) along and across the motion, and kept at least `MARGIN` pixels inside
-    the frame: where the object is comes mostly from the prompt (a "moving left" object starts right of the centre),
-    which keeps the world small enough for a CPU-trained generator.
+    speed is lowered if the whole path would not fit. The start is uniform among the positions from which the object
+    stays at least `MARGIN` pixels inside the frame for all `num_frames` frames; the coordinate across the motion is
+    uniform within the same bounds.
 
     Args:
         direction (`str`): one of `DIRECTIONS`.
@@ -185,17 +182,15 @@ def sample_motion(direction: str, seed: int = 0, num_frames: int = 12, size: int
     scale = size / 32
     object_size = rng.uniform(*OBJECT_SIZE_RANGE) * scale
     speed = rng.uniform(*SPEED_RANGE) * scale
-    along, across = rng.uniform(-1, 1), rng.uniform(-1, 1)
+    along, across = rng.random(), rng.random()
     low, high = MARGIN + object_size / 2, size - MARGIN - object_size / 2  # bounds of the centre
     if num_frames > 1:
         speed = min(speed, (high - low) / (num_frames - 1))
     travel = speed * (num_frames - 1)
     dx, dy = DIRECTION_VECTORS[direction]
     sign = dx + dy
-    jitter, centre = POSITION_JITTER * scale, size / 2
-    start_along = centre - sign * travel / 2 + along * jitter
-    start_along = min(max(start_along, low + travel * (sign < 0)), high - travel * (sign > 0))
-    start_across = min(max(centre + across * jitter, low), high)
+    start_along = low + along * (high - low - travel) if sign > 0 else high - along * (high - low - travel)
+    start_across = low + across * (high - low)
     start = (start_along, start_across) if dx != 0 else (start_across, start_along)
     return Motion(object_size=object_size, speed=speed, start=start, velocity=(dx * speed, dy * speed))
 
