@@ -6,6 +6,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from trl_arcopo import RolloutNoise, SelfForcingPipeline
+from trl_arcopo.sampling import get_schedule
 from trl_arcopo.testing_utils import tiny_pipeline, tiny_transformer
 
 
@@ -186,3 +187,26 @@ def test_cache_too_short_error(pipe):
 def test_prompt_xor_embeds(pipe):
     with pytest.raises(ValueError, match="exactly one"):
         pipe()
+
+
+def test_pipeline_defaults_for_sampler_and_schedule_are_used_and_saved(tmp_path):
+    source = tiny_pipeline()
+    pipe = SelfForcingPipeline(
+        source.tokenizer, source.text_encoder, source.transformer, source.scheduler, None, 16, 16, 9,
+        source.config.default_max_sequence_length, default_sampler="ode", default_sigmas=[1.0, 0.5],
+    )  # fmt: skip
+    timesteps, sigmas = pipe.get_schedule()
+    assert len(timesteps) == 2 and sigmas.tolist() == pytest.approx(
+        get_schedule(pipe.scheduler, [1.0, 0.5])[1].tolist()
+    )
+    pipe.save_pretrained(tmp_path)
+    reloaded = SelfForcingPipeline.from_pretrained(tmp_path)
+    a = reloaded("a red fox", generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    b = source(
+        "a red fox", generator=torch.Generator().manual_seed(0), output_type="pt", sampler="ode", sigmas=[1.0, 0.5]
+    ).frames
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="default_sampler='sde'"):
+        SelfForcingPipeline(
+            source.tokenizer, source.text_encoder, source.transformer, source.scheduler, default_sampler="sde"
+        )

@@ -60,9 +60,9 @@ class ARCoPOConfig(TrainingArguments):
             Frames per video (with a VAE, `4k + 1`). `None` uses the pipeline's `default_num_frames`.
         num_frames_per_chunk (`int`, *optional*, defaults to `3`):
             Latent frames per chunk (Self-Forcing: 3).
-        denoising_sigmas (`list[float]`, *optional*, defaults to `[1.0, 0.75, 0.5, 0.25]`):
-            Per-chunk schedule before the scheduler's shift (with `shift=5`: Self-Forcing's timesteps
-            `[1000, 937.5, 833.3, 625]`).
+        denoising_sigmas (`list[float]` or `None`, *optional*, defaults to `None`):
+            Per-chunk schedule before the scheduler's shift. `None` uses the pipeline's `default_sigmas`, else
+            Self-Forcing's `[1.0, 0.75, 0.5, 0.25]` (with `shift=5`: timesteps `[1000, 937.5, 833.3, 625]`).
         sampler (`str` or `None`, *optional*, defaults to `None`):
             `"consistency"` (Self-Forcing's re-noise sampler) or `"ode"` (deterministic Euler). `None` uses the
             pipeline's `default_sampler`.
@@ -167,9 +167,11 @@ class ARCoPOConfig(TrainingArguments):
         default=None, metadata={"help": "Frames per video; None uses the pipeline default."}
     )
     num_frames_per_chunk: int = field(default=3, metadata={"help": "Latent frames per chunk (Self-Forcing: 3)."})
-    denoising_sigmas: list[float] = field(
-        default_factory=lambda: list(SELF_FORCING_SIGMAS),
-        metadata={"help": "Per-chunk sigmas before the scheduler's shift (Self-Forcing: 1.0 0.75 0.5 0.25)."},
+    denoising_sigmas: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Per-chunk sigmas before the scheduler's shift; None: the pipeline's default (Self-Forcing's)."
+        },
     )
     sampler: str | None = field(
         default=None, metadata={"help": "Chunk sampler: 'consistency' or 'ode'; None: the pipeline's default."}
@@ -243,7 +245,9 @@ class ARCoPOConfig(TrainingArguments):
             raise ValueError(f"`loss_type={self.loss_type!r}` is not one of {LOSS_TYPES}.")
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ValueError(f"`sampler={self.sampler!r}` is not one of {SAMPLERS}.")
-        if self.loss_type == "sde_grpo" and (self.sampler == "ode" or len(self.denoising_sigmas) < 2):
+        if self.loss_type == "sde_grpo" and (
+            self.sampler == "ode" or (self.denoising_sigmas is not None and len(self.denoising_sigmas) < 2)
+        ):
             raise ValueError(
                 "`loss_type='sde_grpo'` explores through the re-noise of the consistency sampler: use "
                 "`sampler='consistency'` and at least 2 `denoising_sigmas`."
@@ -266,7 +270,7 @@ class ARCoPOConfig(TrainingArguments):
             raise ValueError(f"`num_frames_per_chunk={self.num_frames_per_chunk}` must be at least 1.")
         if self.pivot_chunk is not None and self.pivot_chunk < 0:
             raise ValueError(f"`pivot_chunk={self.pivot_chunk}` must be a chunk index (>= 0) or None (uniform).")
-        sigmas = list(self.denoising_sigmas)
+        sigmas = list(self.denoising_sigmas) if self.denoising_sigmas is not None else list(SELF_FORCING_SIGMAS)
         if not sigmas or any(not 0 < s <= 1 for s in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
             raise ValueError(f"`denoising_sigmas={sigmas}` must be a non-empty, strictly decreasing list in (0, 1].")
         if self.training_mode not in TRAINING_MODES:

@@ -95,6 +95,8 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         default_sampler (`str`, defaults to `"consistency"`): the sampler used when `__call__` (or the trainer) gets
             none: `"consistency"` for Self-Forcing (distilled for it), `"ode"` for models trained by plain flow
             matching such as the Moving Shapes generator.
+        default_sigmas (`list[float]`, *optional*): the per-chunk schedule (before the scheduler's shift) used when
+            none is given; `None` is Self-Forcing's `[1.0, 0.75, 0.5, 0.25]`.
 
     Example:
 
@@ -120,6 +122,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         default_num_frames: int = 81,
         default_max_sequence_length: int = 512,
         default_sampler: str = "consistency",
+        default_sigmas: list[float] | None = None,
     ):
         super().__init__()
         if default_sampler not in SAMPLERS:
@@ -134,6 +137,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             default_num_frames=default_num_frames,
             default_max_sequence_length=default_max_sequence_length,
             default_sampler=default_sampler,
+            default_sigmas=list(default_sigmas) if default_sigmas is not None else None,
         )
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 1
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 1
@@ -264,7 +268,12 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         )
 
     def get_schedule(self, sigmas: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(timesteps [T], sigmas [T + 1])` of one chunk, from the scheduler (see [`trl_arcopo.sampling.get_schedule`])."""
+        """
+        `(timesteps [T], sigmas [T + 1])` of one chunk, from the scheduler (see [`trl_arcopo.sampling.get_schedule`]);
+        `sigmas=None` uses the pipeline's `default_sigmas`.
+        """
+        if sigmas is None:
+            sigmas = getattr(self.config, "default_sigmas", None)
         return get_schedule(self.scheduler, sigmas)
 
     # ------------------------------------------------------------------ the network calls
@@ -506,7 +515,8 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             height, width, num_frames (`int`, *optional*): video size (defaults from the pipeline config).
                 `num_frames` counts output frames: with a VAE it must be `4k + 1`.
             num_frames_per_chunk (`int`, defaults to 3): latent frames per chunk.
-            sigmas (`list[float]`, *optional*): the per-chunk schedule before the scheduler's shift; defaults to
+            sigmas (`list[float]`, *optional*): the per-chunk schedule before the scheduler's shift; defaults to the
+                pipeline's `default_sigmas`, else
                 Self-Forcing's `[1.0, 0.75, 0.5, 0.25]` (timesteps `[1000, 937.5, 833.3, 625]` with shift 5).
             guidance_scale (`float`, defaults to 1.0): classifier-free guidance; `1.0` disables it (Self-Forcing).
             generator (`torch.Generator` or a list, *optional*): draws the initial noise (unless `latents` is given),
