@@ -98,7 +98,10 @@ class ScriptArguments:
         },
     )
     eval_num_seeds: int = field(
-        default=4, metadata={"help": "Moving Shapes: videos per prompt in the before/after evaluation."}
+        default=4,
+        metadata={
+            "help": "Moving Shapes: videos per held-out prompt in the before/after evaluation (2 per training prompt)."
+        },
     )
     torch_dtype: str = field(default="float32", metadata={"help": "Transformer dtype: float32, bfloat16, float16."})
 
@@ -129,11 +132,13 @@ def resolve_reward(name):
 
 
 def evaluate_shapes(pipeline, training_args, num_seeds):
-    """Scores on the training and held-out prompts (fresh seeds, disjoint from the training rollouts)."""
+    """Scores on the training (2 videos each) and held-out prompts (fresh seeds, not the training rollouts')."""
     seed = training_args.seed + 1
     return {
-        split: evaluate_generator(pipeline, prompts, num_seeds, seed=seed, sampler=training_args.sampler)
-        for split, prompts in (("train", shapes.TRAIN_PROMPTS), ("heldout", shapes.HELDOUT_PROMPTS))
+        "train": evaluate_generator(pipeline, shapes.TRAIN_PROMPTS, 2, seed=seed, sampler=training_args.sampler),
+        "heldout": evaluate_generator(
+            pipeline, shapes.HELDOUT_PROMPTS, num_seeds, seed=seed, sampler=training_args.sampler
+        ),
     }
 
 
