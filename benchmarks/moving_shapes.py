@@ -30,9 +30,10 @@ reference passes all count; evaluation does not). Methods:
 - `merged@s`: the `semi` adapter plus `s` times the `arcopo` adapter of the same seed (its compute is the sum);
 - `no_clip`: the off-policy ablation, `semi` without the ratio clip.
 
-Evaluation: fresh seeds, 2 videos per training prompt and 4 per held-out prompt (the same noises for every method).
-During training, every `--eval_every` steps, the combined reward of one video per training prompt gives the
-reward-versus-forward-passes curves. Output: `results.json`, `results.md` (mean ± std over seeds) and
+Evaluation: fresh seeds, `--eval_train_seeds` videos per training prompt and `--eval_heldout_seeds` per held-out
+prompt (the same noises for every method). During training, every `--eval_every` steps, the combined reward of one
+video for each of the first `--curve_prompts` training prompts (the same noises at every point) gives the
+reward-versus-forward-passes curves. The defaults fit all methods and 3 seeds in about an hour on 2 CPU cores. Output: `results.json`, `results.md` (mean ± std over seeds) and
 `reward_vs_forwards.png` in `--output_dir`.
 """
 
@@ -100,14 +101,14 @@ class ForwardCounter:
 class BudgetAndCurve(TrainerCallback):
     """Stops at the forward budget; evaluates the training reward every `eval_every` steps (not counted)."""
 
-    def __init__(self, counter, pipeline, budget, eval_every, sampler, seed):
+    def __init__(self, counter, pipeline, budget, eval_every, prompts, seed):
         self.counter, self.pipeline, self.budget = counter, pipeline, budget
-        self.eval_every, self.sampler, self.seed = eval_every, sampler, seed
+        self.eval_every, self.prompts, self.seed = eval_every, prompts, seed
         self.curve = []
 
     def evaluate(self):
         self.counter.active = False
-        result = evaluate_generator(self.pipeline, TRAIN_PROMPTS, 1, seed=self.seed, sampler=self.sampler)
+        result = evaluate_generator(self.pipeline, self.prompts, 1, seed=self.seed)
         self.counter.active = True
         self.curve.append((self.counter.count, result["combined"]["mean"]))
 
@@ -149,11 +150,11 @@ def config_for(method, seed, output_dir, args):
     return ARCoPOConfig(**common)
 
 
-def evaluate(pipeline, seed):
+def evaluate(pipeline, seed, args):
     # fresh seeds (training uses `seed`; evaluation sets start at 10_000)
     return {
-        "train": evaluate_generator(pipeline, TRAIN_PROMPTS, 2, seed=10_000 + seed),
-        "heldout": evaluate_generator(pipeline, HELDOUT_PROMPTS, 4, seed=10_000 + seed),
+        "train": evaluate_generator(pipeline, TRAIN_PROMPTS, args.eval_train_seeds, seed=10_000 + seed),
+        "heldout": evaluate_generator(pipeline, HELDOUT_PROMPTS, args.eval_heldout_seeds, seed=10_000 + seed),
     }
 
 
@@ -161,7 +162,9 @@ def train_one(method, seed, args):
     pipeline = load_pretrained_pipeline(args.pipeline_path)
     counter = ForwardCounter(pipeline.transformer)
     output_dir = os.path.join(args.work_dir, f"{method}-seed{seed}")
-    curve_cb = BudgetAndCurve(counter, pipeline, args.budget, args.eval_every, None, seed=20_000 + seed)
+    # the curve: one video for each of the first `curve_prompts` training prompts, the same noises at every point
+    curve_prompts = TRAIN_PROMPTS[: args.curve_prompts]
+    curve_cb = BudgetAndCurve(counter, pipeline, args.budget, args.eval_every, curve_prompts, seed=20_000 + seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = config_for(method, seed, output_dir, args)
@@ -178,7 +181,7 @@ def train_one(method, seed, args):
     seconds = time.perf_counter() - start
     counter.active = False
     trainer.save_model(output_dir)
-    result = evaluate(pipeline, seed)
+    result = evaluate(pipeline, seed, args)
     return {
         "method": method,
         "seed": seed,
@@ -200,7 +203,7 @@ def merged_one(scale, seed, runs, args):
     pipeline.load_lora_weights(on["adapter"], adapter_name="on_policy")
     combine_adapters(pipeline, "semi", "on_policy", scale=scale)
     start = time.perf_counter()
-    result = evaluate(pipeline, seed)
+    result = evaluate(pipeline, seed, args)
     return {
         "method": f"merged@{scale}",
         "seed": seed,
@@ -235,14 +238,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["base", *TRAINED, "merged"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--budget", type=int, default=60_000, help="Transformer chunk-forwards per training run.")
-    parser.add_argument("--batch_size", type=int, default=4, help="Prompts per step.")
-    parser.add_argument("--num_generations", type=int, default=8)
-    parser.add_argument("--num_anchors", type=int, default=4)
-    parser.add_argument("--buffer_size", type=int, default=16, help="Semi-on-policy buffer (groups).")
+    parser.add_argument("--budget", type=int, default=2000, help="Transformer chunk-forwards per training run.")
+    parser.add_argument("--batch_size", type=int, default=2, help="Prompts per step.")
+    parser.add_argument("--num_generations", type=int, default=4)
+    parser.add_argument("--num_anchors", type=int, default=2)
+    parser.add_argument("--buffer_size", type=int, default=8, help="Semi-on-policy buffer (groups).")
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--lora_r", type=int, default=16)
-    parser.add_argument("--eval_every", type=int, default=5)
+    parser.add_argument("--eval_every", type=int, default=5, help="Steps between points of the reward curve.")
+    parser.add_argument("--curve_prompts", type=int, default=20, help="Training prompts scored at each curve point.")
+    parser.add_argument("--eval_train_seeds", type=int, default=1, help="Final evaluation: videos per train prompt.")
+    parser.add_argument(
+        "--eval_heldout_seeds", type=int, default=3, help="Final evaluation: videos per held-out prompt."
+    )
     parser.add_argument("--pipeline_path", default=None, help="A pretraining output instead of the shipped model.")
     parser.add_argument("--work_dir", default="outputs/benchmark_moving_shapes")
     parser.add_argument("--output_dir", default="docs/benchmarks/moving_shapes")
@@ -258,7 +266,7 @@ def main():
         pipeline = load_pretrained_pipeline(args.pipeline_path)
         start = time.perf_counter()
         for seed in args.seeds:
-            result = evaluate(pipeline, seed)
+            result = evaluate(pipeline, seed, args)
             runs.append(dict(method="base", seed=seed, forwards=0, steps=0, seconds=0.0, curve=[], eval=result))
         print(f"base evaluated in {time.perf_counter() - start:.0f} s", flush=True)
     for method in (m for m in TRAINED if m in args.methods):

@@ -51,6 +51,22 @@ def test_add_overflow_sample_and_state_dict(tmp_path):
         buffer.add(bad)
 
 
+def test_informative_sampling_skips_groups_with_equal_rewards():
+    buffer = ReplayBuffer(capacity=6)
+    for i in range(6):
+        entry = _entry(i)
+        if i % 2:  # every odd group: all candidates scored alike, so zero advantage
+            entry.rewards = torch.full((3,), 0.5)
+        buffer.add(entry)
+    assert buffer.informative_indices() == [0, 2, 4]
+    for seed in range(5):
+        drawn = buffer.sample(3, generator=torch.Generator().manual_seed(seed), informative_only=True)
+        assert sorted(e.prompt for e in drawn) == ["prompt 0", "prompt 2", "prompt 4"]
+    assert len(buffer.sample(6)) == 6  # without the filter every group can be drawn
+    with pytest.raises(ValueError, match="Cannot sample 4 entries from a buffer with 3 informative"):
+        buffer.sample(4, informative_only=True)
+
+
 def test_prefix_cache_is_rebuilt_exactly(pipe):
     embeds, _ = pipe.encode_prompt(["a red fox jumps"])
     noise = RolloutNoise.sample(pipe.latent_shape(1, 16, 16, 9, 3), 3, 4, generator=torch.Generator().manual_seed(0))

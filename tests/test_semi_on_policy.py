@@ -19,7 +19,7 @@ def redness(prompts, videos, **kwargs):
     return (videos[:, :, 0] - videos[:, :, 1:].mean(dim=2)).mean(dim=(1, 2, 3)).tolist()
 
 
-def _trainer(output_dir, pipe=None, **kwargs):
+def _trainer(output_dir, pipe=None, reward_funcs=(redness,), **kwargs):
     defaults = dict(
         output_dir=str(output_dir),
         training_mode="semi_on_policy",
@@ -38,7 +38,7 @@ def _trainer(output_dir, pipe=None, **kwargs):
     defaults.update(kwargs)
     return ARCoPOTrainer(
         pipeline=pipe or tiny_pipeline(),
-        reward_funcs=[redness],
+        reward_funcs=list(reward_funcs),
         args=ARCoPOConfig(**defaults),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
         peft_config=LoraConfig(**LORA),
@@ -129,6 +129,16 @@ def test_replay_buffer_path_is_reused_and_checked(tmp_path):
     other = _trainer(tmp_path / "c", max_steps=1, replay_buffer_path=path, num_generations=4)
     with pytest.raises(ValueError, match="replay buffer .*reference.pt.*collected with.*replay_buffer_path"):
         other.train()
+
+
+def test_buffer_without_reward_spread_fails_with_the_fix_and_keeps_the_file(tmp_path):
+    def constant(prompts, videos, **kwargs):
+        return [1.0] * len(prompts)
+
+    trainer = _trainer(tmp_path, max_steps=1, reward_funcs=[constant])
+    with pytest.raises(ValueError, match="equal rewards.*replay_buffer_size.*num_generations"):
+        trainer.train()
+    assert len(ReplayBuffer.load(str(tmp_path / "replay_buffer.pt"))) == 4  # the collected rollouts are not lost
 
 
 def test_mode_config_errors_and_unsafe_no_clip_warning(tmp_path):

@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trl_arcopo import CausalWanX0Transformer3DModel, SelfForcingPipeline, teacher_forcing_mask
-from trl_arcopo.sampling import self_forcing_scheduler
+from trl_arcopo.sampling import get_schedule, self_forcing_scheduler
 from trl_arcopo.shapes import ALL_PROMPTS, render_batch, score_videos, vocabulary
 from trl_arcopo.testing_utils import tiny_text_encoder, tiny_tokenizer
 
@@ -53,6 +53,8 @@ TEXT_TOKENS = 8
 # by plain flow matching (not distilled like Self-Forcing) returns the posterior mean x0 at each step, which is blurry
 # from the warped schedule's last state (sigma 0.625); the last state at sigma 0.25 keeps objects sharp.
 SHIFT = 1.0
+# The shipped pipeline samples with 8 uniform ODE steps (about twice the all-correct rate of the 4 training levels).
+SAMPLING_SIGMAS = [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
 
 
 def build_pipeline(seed: int) -> SelfForcingPipeline:
@@ -83,9 +85,39 @@ def build_pipeline(seed: int) -> SelfForcingPipeline:
         default_num_frames=FRAMES,
         default_max_sequence_length=TEXT_TOKENS,
         default_sampler="ode",
+        default_sigmas=SAMPLING_SIGMAS,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def degraded_context(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    frame_indices: torch.Tensor,
+    clean_frames: int,
+    generator: torch.Generator,
+    levels: tuple[float, float],
+) -> torch.Tensor:
+    """
+    The model's own clean estimates `[B, C, F', H, W]` of the first `clean_frames` frames of `x0` `[B, C, F, H, W]`:
+    each chunk is noised to a level uniform in `levels` and denoised in one step given the true chunks before it.
+    Used as context in place of the true chunks, they teach the next chunk to continue the *generated* past (blurred
+    edges, slightly wrong shapes) rather than only the perfect one the sampler never shows it.
+    """
+    batch, num_chunks = x0.shape[0], x0.shape[2] // CHUNK
+    sigma = torch.rand((batch, num_chunks), generator=generator) * (levels[1] - levels[0]) + levels[0]  # [B, L]
+    s = sigma.repeat_interleave(CHUNK, dim=1)[:, None, :, None, None]  # [B, 1, F, 1, 1]
+    x_t = (1 - s) * x0 + s * torch.randn(x0.shape, generator=generator)  # [B, C, F, H, W]
+    timesteps = torch.cat([s[:, 0, :, 0, 0] * 1000, torch.zeros_like(s[:, 0, :clean_frames, 0, 0])], dim=1)
+    with torch.no_grad():
+        velocity = model(
+            torch.cat([x_t, x0[:, :, :clean_frames]], dim=2), timesteps, embeds, attention_mask=mask,
+            frame_indices=frame_indices, return_dict=False,
+        )[0][:, :, :clean_frames]  # fmt: skip
+    return (x_t[:, :, :clean_frames] - s[:, :, :clean_frames] * velocity).clamp(-1, 1)
 
 
 def sample_sigmas(
@@ -143,6 +175,20 @@ def main():
         "--keep_snapshots", action="store_true", help="Also keep the EMA pipeline of every evaluation (pipeline-STEP)."
     )
     parser.add_argument("--eval_samplers", nargs="+", default=["ode"], help="Samplers to evaluate with.")
+    parser.add_argument(
+        "--init_from",
+        default=None,
+        help="Start from the EMA weights of another run's checkpoint.pt (fresh optimizer and step count), e.g. to "
+        "continue with `--degrade_context`.",
+    )
+    parser.add_argument(
+        "--degrade_context",
+        type=float,
+        default=0.0,
+        help="Fraction of training videos whose clean context is replaced by the model's own one-step estimates of it "
+        "(see `degraded_context`): teaches continuation from imperfect, generated chunks.",
+    )
+    parser.add_argument("--degrade_levels", type=float, nargs=2, default=(0.25, 0.6))
     parser.add_argument("--num_threads", type=int, default=None)
     args = parser.parse_args()
     if args.num_threads:
@@ -157,6 +203,11 @@ def main():
     step = 0
     elapsed_before = 0.0
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    if args.init_from and not os.path.exists(ckpt_path):
+        init = torch.load(args.init_from, weights_only=False)
+        model.load_state_dict(init["ema"])
+        ema.load_state_dict(init["ema"])
+        print(f"initialised from the EMA weights of {args.init_from} (step {init['step']})")
     if os.path.exists(ckpt_path):
         state = torch.load(ckpt_path, weights_only=False)
         model.load_state_dict(state["model"])
@@ -169,7 +220,7 @@ def main():
     # Text embeddings of every prompt, once (the text encoder is frozen)
     embeds_all, _ = pipe.encode_prompt(list(ALL_PROMPTS), max_sequence_length=TEXT_TOKENS)  # [72, S, 64]
     num_chunks = FRAMES // CHUNK
-    levels = pipe.get_schedule()[1][:-1]  # the noise levels the sampler visits, e.g. [1, 0.75, 0.5, 0.25]
+    levels = get_schedule(pipe.scheduler)[1][:-1]  # the 4-step Self-Forcing levels, unwarped: [1, 0.75, 0.5, 0.25]
     tokens_per_frame = (SIZE // PATCH) ** 2
     # the last clean chunk is context for no noisy chunk: drop it from the sequence (~20% less compute)
     clean_frames = FRAMES - CHUNK
@@ -191,7 +242,14 @@ def main():
         sigma_f = sigma.repeat_interleave(CHUNK, dim=1)  # [B, F]
         s = sigma_f[:, None, :, None, None]  # [B, 1, F, 1, 1]
         x_t = (1 - s) * x0 + s * noise  # [B, C, F, H, W]
-        sequence = torch.cat([x_t, x0[:, :, :clean_frames]], dim=2)  # [B, C, F + F', H, W]
+        context = x0[:, :, :clean_frames]  # [B, C, F', H, W]
+        if args.degrade_context > 0:
+            degrade = torch.rand(args.batch_size, generator=generator) < args.degrade_context  # [B]
+            estimate = degraded_context(
+                model, x0, embeds_all[idx], mask, frame_indices, clean_frames, generator, args.degrade_levels
+            )
+            context = torch.where(degrade[:, None, None, None, None], estimate, context)
+        sequence = torch.cat([x_t, context], dim=2)  # [B, C, F + F', H, W]
         timesteps = torch.cat([sigma_f * 1000, torch.zeros_like(sigma_f[:, :clean_frames])], dim=1)  # [B, F + F']
         velocity = model(
             sequence, timesteps, embeds_all[idx], attention_mask=mask, frame_indices=frame_indices, return_dict=False
@@ -256,6 +314,7 @@ def main():
                 FRAMES,
                 TEXT_TOKENS,
                 "ode",
+                SAMPLING_SIGMAS,
             )
             eval_pipe.set_progress_bar_config(disable=True)
             row = {"step": step, "minutes": round(elapsed / 60, 2), "loss": round(sum(losses) / len(losses), 5)}

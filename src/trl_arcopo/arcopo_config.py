@@ -122,6 +122,9 @@ class ARCoPOConfig(TrainingArguments):
         replay_buffer_path (`str` or `None`, *optional*, defaults to `None`):
             Load the buffer from this file if it exists, otherwise collect it and save it there. `None` saves it to
             `output_dir/replay_buffer.pt`. Checkpoints always carry a copy.
+        replay_buffer_informative_only (`bool`, *optional*, defaults to `True`):
+            Draw only buffer groups whose rewards differ. A group with equal rewards has zero advantages and gives
+            no gradient, so drawing it only shrinks the batch. All groups stay in the buffer (and in its file).
         ratio_clip (`bool`, *optional*, defaults to `True`):
             Clip the ratio at `1 ± epsilon`. `False` is only for the off-policy ablation: without the clip nothing
             keeps the policy near the buffer's behaviour policy, and training is unsafe.
@@ -211,6 +214,9 @@ class ARCoPOConfig(TrainingArguments):
     replay_buffer_size: int = field(default=100, metadata={"help": "Groups in the replay buffer (paper: 100)."})
     replay_buffer_path: str | None = field(
         default=None, metadata={"help": "Load the buffer from this file if it exists, else collect and save it there."}
+    )
+    replay_buffer_informative_only: bool = field(
+        default=True, metadata={"help": "Draw only buffer groups whose rewards differ (others give no gradient)."}
     )
     ratio_clip: bool = field(
         default=True, metadata={"help": "Clip the ratio at 1 +- epsilon; False is the unsafe off-policy ablation."}

@@ -575,6 +575,15 @@ class ARCoPOTrainer(Trainer):
                 metrics[f"buffer/{key}"].append(sum(collect[key]) / len(collect[key]))
         collect.clear()
         metrics["buffer/groups"].append(float(len(buffer)))
+        informative = len(buffer.informative_indices())
+        metrics["buffer/frac_reward_zero_std"].append(1 - informative / len(buffer))
+        if informative == 0 and args.replay_buffer_informative_only:
+            raise ValueError(
+                f"Every one of the {len(buffer)} replay-buffer groups in {path} has equal rewards (zero advantage), "
+                "so semi-on-policy training has nothing to learn from. Collect a larger or more varied buffer: raise "
+                "`replay_buffer_size` or `num_generations`, or widen the neighbour noise (`fork_noise_scale`), "
+                "after deleting the file."
+            )
         metrics["buffer/memory_mb"].append(buffer.nbytes / 2**20)
         metrics["buffer/disk_mb"].append(os.path.getsize(path) / 2**20 if os.path.exists(path) else 0.0)
         metrics["buffer/seconds"].append(time.perf_counter() - start)
@@ -611,8 +620,12 @@ class ARCoPOTrainer(Trainer):
 
     def _sample_from_buffer(self) -> list[RolloutBatch]:
         """`per_device_train_batch_size` distinct buffer groups, batched by pivot chunk."""
-        n = min(self.args.per_device_train_batch_size, len(self.replay_buffer))
-        entries = self.replay_buffer.sample(n, generator=self._rng(purpose=4, device="cpu"))
+        informative_only = self.args.replay_buffer_informative_only
+        available = len(self.replay_buffer.informative_indices()) if informative_only else len(self.replay_buffer)
+        n = min(self.args.per_device_train_batch_size, available)
+        entries = self.replay_buffer.sample(
+            n, generator=self._rng(purpose=4, device="cpu"), informative_only=informative_only
+        )
         by_pivot: dict[int, list[BufferEntry]] = defaultdict(list)
         for entry in entries:
             by_pivot[entry.pivot].append(entry)

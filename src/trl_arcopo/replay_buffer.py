@@ -106,12 +106,23 @@ class ReplayBuffer:
         self.entries.append(detached)
         self.num_added += 1
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> list[BufferEntry]:
-        """`n` distinct entries drawn uniformly (without replacement)."""
-        if not 1 <= n <= len(self.entries):
-            raise ValueError(f"Cannot sample {n} entries from a buffer of {len(self.entries)}.")
-        index = torch.randperm(len(self.entries), generator=generator)[:n]
-        return [self.entries[i] for i in index.tolist()]
+    def informative_indices(self) -> list[int]:
+        """Indices of the entries whose rewards are not all equal (the groups with a non-zero advantage)."""
+        return [i for i, e in enumerate(self.entries) if (e.rewards.max() - e.rewards.min()).item() > 0]
+
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, informative_only: bool = False
+    ) -> list[BufferEntry]:
+        """
+        `n` distinct entries drawn uniformly (without replacement); with `informative_only`, among the entries whose
+        rewards differ (see [`~ReplayBuffer.informative_indices`]).
+        """
+        pool = self.informative_indices() if informative_only else list(range(len(self.entries)))
+        if not 1 <= n <= len(pool):
+            which = "informative entries (rewards not all equal)" if informative_only else "entries"
+            raise ValueError(f"Cannot sample {n} entries from a buffer with {len(pool)} {which}.")
+        index = torch.randperm(len(pool), generator=generator)[:n]
+        return [self.entries[pool[i]] for i in index.tolist()]
 
     def state_dict(self) -> dict:
         return {"capacity": self.capacity, "num_added": self.num_added, "entries": [asdict(e) for e in self.entries]}
