@@ -245,11 +245,11 @@ def main():
     parser.add_argument("--buffer_size", type=int, default=8, help="Semi-on-policy buffer (groups).")
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--lora_r", type=int, default=16)
-    parser.add_argument("--eval_every", type=int, default=5, help="Steps between points of the reward curve.")
-    parser.add_argument("--curve_prompts", type=int, default=20, help="Training prompts scored at each curve point.")
+    parser.add_argument("--eval_every", type=int, default=8, help="Steps between points of the reward curve.")
+    parser.add_argument("--curve_prompts", type=int, default=12, help="Training prompts scored at each curve point.")
     parser.add_argument("--eval_train_seeds", type=int, default=1, help="Final evaluation: videos per train prompt.")
     parser.add_argument(
-        "--eval_heldout_seeds", type=int, default=3, help="Final evaluation: videos per held-out prompt."
+        "--eval_heldout_seeds", type=int, default=2, help="Final evaluation: videos per held-out prompt."
     )
     parser.add_argument("--pipeline_path", default=None, help="A pretraining output instead of the shipped model.")
     parser.add_argument("--work_dir", default="outputs/benchmark_moving_shapes")

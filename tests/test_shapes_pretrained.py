@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from trl_arcopo.shapes import COLOURS, generate_videos, score_videos
+from trl_arcopo.shapes import COLOURS, evaluate_generator, generate_videos, paired_difference, score_videos
 from trl_arcopo.shapes.pretrained import load_pretrained_pipeline
 from trl_arcopo.testing_utils import tiny_pipeline
 
@@ -32,3 +32,29 @@ def test_shipped_model_loads_offline_and_draws_the_prompted_colour(monkeypatch):
     # a trained model, not noise: most videos show one object of the prompted colour
     scores = score_videos(prompts, videos)
     assert scores["colour"].mean() >= 0.5, scores["colour"]
+
+
+def test_evaluation_seed_sets_and_paired_difference():
+    pipe = load_pretrained_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red square moving left", "a blue circle moving up"]
+    result = evaluate_generator(pipe, prompts, num_seeds=2, seed=3)
+    combined = result["combined"]
+    by_seed = torch.tensor(combined["by_seed"])  # the mean of each seed set of 2 videos
+    assert by_seed.shape == (2,)
+    assert combined["mean"] == pytest.approx(by_seed.mean().item(), abs=1e-6)
+    assert combined["std"] == pytest.approx(by_seed.std().item(), abs=1e-6)
+    # the same seeds give the same videos, so a model compared with itself differs by exactly 0 in every seed set
+    again = evaluate_generator(pipe, prompts, num_seeds=2, seed=3)
+    assert paired_difference(result, again) == {
+        "mean": 0.0,
+        "std": 0.0,
+        "base_spread": combined["std"],
+        "by_seed": [0.0, 0.0],
+    }
+    shifted = {
+        "combined": {"mean": 0.0, "std": 0.0, "by_seed": [v + d for v, d in zip(combined["by_seed"], (0.1, 0.3))]}
+    }
+    diff = paired_difference(result, shifted)
+    assert diff["by_seed"] == pytest.approx([0.1, 0.3]) and diff["mean"] == pytest.approx(0.2)
+    assert diff["std"] == pytest.approx(2**0.5 * 0.1)

@@ -13,7 +13,14 @@
 # limitations under the License.
 """The "Moving Shapes" world: a procedural, verifiable text-to-video task (see `docs/moving_shapes.md`)."""
 
-from .evaluation import evaluate_generator, format_table, generate_videos, plot_curves, save_video_grid
+from .evaluation import (
+    evaluate_generator,
+    format_table,
+    generate_videos,
+    paired_difference,
+    plot_curves,
+    save_video_grid,
+)
 from .pretrained import PRETRAINED_PATH, load_pretrained_pipeline
 from .rewards import (
     VideoAnalysis,
@@ -67,6 +74,7 @@ __all__ = [
     "generate_videos",
     "load_pretrained_pipeline",
     "make_dataset",
+    "paired_difference",
     "parse_prompt",
     "plot_curves",
     "render_batch",

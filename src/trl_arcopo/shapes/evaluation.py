@@ -60,8 +60,9 @@ def evaluate_generator(
     """
     Score `num_seeds` videos per prompt (seed set `s` uses seeds `seed * 100_003 + s * 1009 + prompt index`, the same
     for every model, so two models are compared on the same noises). Returns, for each reported score, the mean over
-    all videos and the standard deviation of the per-seed-set means (the seed-to-seed spread):
-    `{"colour": {"mean": ..., "std": ...}, ...}` with `*_acc` (fraction `>= 0.5`) for colour, shape and direction.
+    all videos, the standard deviation of the per-seed-set means (the seed-to-seed spread) and those means:
+    `{"colour": {"mean": ..., "std": ..., "by_seed": [...]}, ...}` with `*_acc` (fraction `>= 0.5`) for colour, shape
+    and direction.
     """
     prompts = list(prompts)
     all_prompts = [p for _ in range(num_seeds) for p in prompts]
@@ -77,6 +78,7 @@ def evaluate_generator(
         result[key] = {
             "mean": values.mean().item(),
             "std": by_seed.std().item() if num_seeds > 1 else 0.0,
+            "by_seed": by_seed.tolist(),
         }
     return result
 
@@ -89,6 +91,20 @@ def format_table(rows: dict[str, dict[str, dict[str, float]]], keys: Sequence[st
         cells = [f"{result[k]['mean']:.3f} ± {result[k]['std']:.3f}" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_difference(before: dict, after: dict, key: str = "combined") -> dict[str, float]:
+    """
+    `after - before` of `key` per evaluation seed set (two `evaluate_generator` results on the same noises): its mean,
+    its standard deviation over seed sets, and the base's own seed-to-seed spread, to compare the rise with.
+    """
+    diffs = torch.tensor(after[key]["by_seed"]) - torch.tensor(before[key]["by_seed"])  # [num_seeds]
+    return {
+        "mean": diffs.mean().item(),
+        "std": diffs.std().item() if len(diffs) > 1 else 0.0,
+        "base_spread": before[key]["std"],
+        "by_seed": diffs.tolist(),
+    }
 
 
 def save_video_grid(
