@@ -16,11 +16,15 @@ Pretrain the tiny streaming generator of the Moving Shapes world (pixel space, n
 
     python examples/moving_shapes/pretrain.py --output_dir outputs/moving-shapes-pretrain
 
+The shipped model is this run stopped at step 500 of 600, then continued with `--init_from` and `--degrade_context`
+(the exact commands are in docs/moving_shapes.md).
+
 Causal flow matching with teacher forcing: every training video is laid out as `[noisy chunks ; clean chunks]` and run
 once with the teacher-forcing mask, so each noisy chunk is predicted from the clean chunks before it, exactly as the
 streaming sampler will see it. Each chunk gets its own noise level, drawn from the levels the 4-step sampler visits
 (Self-Forcing's step list without the shift-5 warp: `sigma in {1, 0.75, 0.5, 0.25}`), mixed with uniform levels.
-Prompts cover all 72 combinations.
+Prompts cover all 72 combinations. With `--degrade_context`, part of the context is the model's own estimate of the
+true chunks instead of the chunks themselves, so that continuing an imperfect, generated past is trained too.
 
 The run resumes from `output_dir/checkpoint.pt` (written atomically every `--checkpoint_every` steps), evaluates the
 EMA weights on all 72 prompts with the real sampler every `--eval_every` steps (accuracy of colour, shape, direction
@@ -161,6 +165,12 @@ def main():
     parser.add_argument("--warmup_steps", type=int, default=50)
     parser.add_argument("--max_steps", type=int, default=600)
     parser.add_argument("--max_minutes", type=float, default=110.0, help="Stop (and save) after this wall time.")
+    parser.add_argument(
+        "--stop_at_step",
+        type=int,
+        default=None,
+        help="Stop (and save) at this step, keeping the learning-rate schedule of `--max_steps`.",
+    )
     parser.add_argument("--ema_decay", type=float, default=0.995)
     parser.add_argument("--uniform_fraction", type=float, default=0.25)
     parser.add_argument(
@@ -290,7 +300,7 @@ def main():
         progress.update(1)
         progress.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
         elapsed = elapsed_before + time.perf_counter() - start
-        out_of_time = elapsed > args.max_minutes * 60
+        out_of_time = elapsed > args.max_minutes * 60 or step == args.stop_at_step
 
         if step % args.checkpoint_every == 0 or out_of_time or step == args.max_steps:
             state = {
