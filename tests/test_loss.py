@@ -371,3 +371,33 @@ def test_arcopo_loss_per_problem_temperature_equals_separate_calls():
         for i in range(2)
     ]
     assert torch.allclose(loss, sum(parts) / 2)
+
+
+def test_huge_log_ratio_gives_a_finite_zero_gradient_not_nan():
+    # exp(150) overflows float32: without the cap, inf times the zero gradient of the unselected branch is NaN
+    for advantage in (1.0, -1.0):
+        log_prob = torch.tensor([150.0, 0.0], requires_grad=True)
+        loss, stats = sde_grpo_loss(log_prob, torch.zeros(2), torch.tensor([advantage, 0.0]), epsilon=0.2)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(log_prob.grad).all()
+        assert log_prob.grad[0] == 0  # a capped (or clipped) term carries no gradient
+        assert stats.log_ratio_abs_max == 150.0 and torch.isfinite(stats.ratio_max)
+
+
+def test_two_sided_clip_caps_negative_advantage_terms_at_delta():
+    old = torch.zeros(2)
+    advantages = torch.tensor([-1.0, -1.0])
+    log_prob = torch.log(torch.tensor([5.0, 2.0])).requires_grad_()
+    # one-sided: -mean(min(ρA, clip(ρ)A)) = mean(ρ) for A = -1, gradient ρ / 2 per term
+    loss, _ = sde_grpo_loss(log_prob, old, advantages, epsilon=0.2)
+    loss.backward()
+    assert loss.item() == pytest.approx((5 + 2) / 2)
+    assert log_prob.grad.tolist() == pytest.approx([2.5, 1.0])
+    # two-sided with delta = 3: the first term is the constant 3 (no gradient), the second (ρ = 2 < 3) is unchanged
+    log_prob.grad = None
+    loss, _ = sde_grpo_loss(log_prob, old, advantages, epsilon=0.2, delta=3.0)
+    loss.backward()
+    assert loss.item() == pytest.approx((3 + 2) / 2)
+    assert log_prob.grad.tolist() == pytest.approx([0.0, 1.0])
+    with pytest.raises(ValueError, match="delta=1.1"):
+        sde_grpo_loss(log_prob, old, advantages, epsilon=0.2, delta=1.1)

@@ -128,6 +128,11 @@ class ARCoPOConfig(TrainingArguments):
         ratio_clip (`bool`, *optional*, defaults to `True`):
             Clip the ratio at `1 ± epsilon`. `False` is only for the off-policy ablation: without the clip nothing
             keeps the policy near the buffer's behaviour policy, and training is unsafe.
+        delta (`float` or `None`, *optional*, defaults to `None`):
+            Two-sided (dual) clip, as TRL's `delta`: the ratio is capped at `delta` in the unclipped term, so a
+            negative-advantage term whose ratio ran far past `1 + epsilon` stops pushing with a gradient that grows with
+            the ratio. Useful in semi-on-policy mode, where `π_old` (the reference) never moves and the policy can drift
+            far from it on groups that are rarely drawn; e.g. `3`. Must exceed `1 + epsilon`.
         adapter_name (`str` or `None`, *optional*, defaults to `None`):
             Name of the trained LoRA adapter. `None`: the adapter already on the transformer if there is one and no
             `peft_config` is given, otherwise `"on_policy"` or `"semi"` according to `training_mode`, so that the two
@@ -218,6 +223,10 @@ class ARCoPOConfig(TrainingArguments):
     replay_buffer_informative_only: bool = field(
         default=True, metadata={"help": "Draw only buffer groups whose rewards differ (others give no gradient)."}
     )
+    delta: float | None = field(
+        default=None,
+        metadata={"help": "Two-sided clip: cap the ratio at delta in the unclipped term (e.g. 3; None: off)."},
+    )
     ratio_clip: bool = field(
         default=True, metadata={"help": "Clip the ratio at 1 +- epsilon; False is the unsafe off-policy ablation."}
     )
@@ -262,6 +271,10 @@ class ARCoPOConfig(TrainingArguments):
             raise ValueError(f"`num_iterations={self.num_iterations}` must be at least 1.")
         if self.epsilon <= 0:
             raise ValueError(f"`epsilon={self.epsilon}` must be positive (paper: 1e-4).")
+        if self.delta is not None and self.delta <= 1 + self.epsilon:
+            raise ValueError(
+                f"`delta={self.delta}` must exceed 1 + epsilon = {1 + self.epsilon} (e.g. 3), or be None."
+            )
         if self.temperature is not None and self.temperature <= 0:
             raise ValueError(f"`temperature={self.temperature}` must be positive, or None for the automatic choice.")
         if self.distance_reduction not in ("mean", "sum"):

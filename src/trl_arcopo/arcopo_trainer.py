@@ -740,6 +740,7 @@ class ARCoPOTrainer(Trainer):
                         temperature=rollout.temperature[:, j],
                         reduction=args.distance_reduction,
                         clip=args.ratio_clip,
+                        delta=args.delta,
                     )
                 else:
                     sigma_next = rollout.sigmas[j + 1].item()
@@ -749,7 +750,7 @@ class ARCoPOTrainer(Trainer):
                     old_log_prob = sde_transition_log_prob(x_next, x0_old_anchor, sigma_next).view(n, k)
                     adv = rollout.advantages.gather(1, anchor_index)  # [N, K]
                     loss, step_stats = sde_grpo_loss(
-                        log_prob, old_log_prob, adv, epsilon=args.epsilon, clip=args.ratio_clip
+                        log_prob, old_log_prob, adv, epsilon=args.epsilon, clip=args.ratio_clip, delta=args.delta
                     )
                 if args.beta > 0:
                     penalty = (x0_theta.float() - x0_ref.unflatten(0, (n, k)).float()).pow(2).mean()

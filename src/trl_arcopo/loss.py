@@ -127,10 +127,25 @@ class LossStats:
         }
 
 
+#: Log-ratios are capped here before `exp` (ratio <= 4.9e8): beyond ~88, `exp` overflows float32, and the `inf` times
+#: the zero gradient of an unselected `min` branch is NaN, which would poison every weight. Capped terms get no gradient.
+MAX_LOG_RATIO = 20.0
+
+
+def _ratio(log_ratio: torch.Tensor) -> torch.Tensor:
+    return torch.exp(log_ratio.clamp(max=MAX_LOG_RATIO))
+
+
 def _clipped_surrogate(
-    ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float, clip: bool
+    ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float, clip: bool, delta: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-term PPO objective `min(ρA, clip(ρ)A)` (or `ρA`) and the mask of terms where the clip is active."""
+    """
+    Per-term PPO objective `min(ρA, clip(ρ)A)` (or `ρA`) and the mask of terms where the clip is active. With `delta`,
+    `ρ` is first capped at `delta` (two-sided / dual clip): a negative-advantage term whose ratio ran past `delta`
+    contributes a constant instead of a gradient growing with `ρ`.
+    """
+    if delta is not None:
+        ratio = ratio.clamp(max=delta)
     unclipped = ratio * advantages  # broadcast shape of ratio and advantages
     clip_active = ((ratio > 1 + epsilon) & (advantages > 0)) | ((ratio < 1 - epsilon) & (advantages < 0))  # same
     if not clip:
@@ -153,9 +168,11 @@ def _stats(
     )
 
 
-def _check_epsilon(epsilon: float) -> None:
+def _check_epsilon(epsilon: float, delta: float | None = None) -> None:
     if epsilon < 0:
         raise ValueError(f"The clip range `epsilon={epsilon}` must be non-negative.")
+    if delta is not None and delta <= 1 + epsilon:
+        raise ValueError(f"`delta={delta}` must exceed 1 + epsilon = {1 + epsilon} (e.g. 3), or be None.")
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -181,6 +198,7 @@ def arcopo_loss(
     temperature: float | torch.Tensor = 1.0,
     reduction: str = "mean",
     clip: bool = True,
+    delta: float | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
     r"""
     AR-CoPO / Neighbor GRPO clipped surrogate loss over clean predictions.
@@ -212,11 +230,13 @@ def arcopo_loss(
             How squared differences are reduced to a distance: `"mean"` or `"sum"` over all elements.
         clip (`bool`, defaults to `True`):
             `False` uses the unclipped `ρ A` (ablation only).
+        delta (`float` or `None`, defaults to `None`):
+            Upper bound of the ratio in the unclipped term (two-sided clip, TRL's `delta`); must exceed `1 + ε`.
 
     Returns:
         `tuple[torch.Tensor, LossStats]`: the scalar float32 loss (to minimise) and detached statistics.
     """
-    _check_epsilon(epsilon)
+    _check_epsilon(epsilon, delta)
     if torch.as_tensor(temperature).le(0).any():
         raise ValueError(f"`temperature={temperature}` must be positive.")
     if reduction not in DISTANCE_REDUCTIONS:
@@ -265,10 +285,10 @@ def arcopo_loss(
     log_pi = torch.log_softmax(-d / temperature, dim=-1)  # [P, K, G]
     log_pi_old = torch.log_softmax(-d_old / temperature, dim=-1)  # [P, K, G]
     log_ratio = log_pi - log_pi_old  # [P, K, G]
-    ratio = torch.exp(log_ratio)  # [P, K, G]
+    ratio = _ratio(log_ratio)  # [P, K, G]
 
     adv = _upcast(advantages.detach()).unsqueeze(1)  # [P, 1, G]
-    objective, clip_active = _clipped_surrogate(ratio, adv, epsilon, clip)  # [P, K, G], [P, K, G]
+    objective, clip_active = _clipped_surrogate(ratio, adv, epsilon, clip, delta)  # [P, K, G], [P, K, G]
     loss = -objective.mean()  # []
     return loss, _stats(ratio, log_ratio, clip_active, d)
 
@@ -320,6 +340,7 @@ def sde_grpo_loss(
     advantages: torch.Tensor,
     epsilon: float = 1e-4,
     clip: bool = True,
+    delta: float | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
     r"""
     Flow-GRPO / DanceGRPO PPO-clip loss on per-transition log-probabilities:
@@ -336,11 +357,13 @@ def sde_grpo_loss(
             PPO clip range `ε`.
         clip (`bool`, defaults to `True`):
             `False` uses the unclipped `ρ A` (ablation only).
+        delta (`float` or `None`, defaults to `None`):
+            Upper bound of the ratio in the unclipped term (two-sided clip, TRL's `delta`); must exceed `1 + ε`.
 
     Returns:
         `tuple[torch.Tensor, LossStats]`: the scalar loss (to minimise) and detached statistics (no distance).
     """
-    _check_epsilon(epsilon)
+    _check_epsilon(epsilon, delta)
     if not (log_prob.shape == old_log_prob.shape == advantages.shape):
         raise ValueError(
             f"`log_prob`, `old_log_prob` and `advantages` must have the same shape, got {tuple(log_prob.shape)}, "
@@ -349,7 +372,7 @@ def sde_grpo_loss(
     if log_prob.numel() == 0:
         raise ValueError(f"`log_prob` of shape {tuple(log_prob.shape)} is empty.")
     log_ratio = _upcast(log_prob) - _upcast(old_log_prob.detach())  # same shape as log_prob
-    ratio = torch.exp(log_ratio)  # same shape
-    objective, clip_active = _clipped_surrogate(ratio, _upcast(advantages.detach()), epsilon, clip)  # same shape
+    ratio = _ratio(log_ratio)  # same shape
+    objective, clip_active = _clipped_surrogate(ratio, _upcast(advantages.detach()), epsilon, clip, delta)
     loss = -objective.mean()  # []
     return loss, _stats(ratio, log_ratio, clip_active)
