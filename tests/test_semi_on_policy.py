@@ -146,7 +146,7 @@ def test_mode_config_errors_and_unsafe_no_clip_warning(tmp_path):
         ARCoPOConfig("out", training_mode="offline", use_cpu=True)
     with pytest.raises(ValueError, match="replay_buffer_size=0"):
         ARCoPOConfig("out", replay_buffer_size=0, use_cpu=True)
-    with pytest.raises(ValueError, match="delta=1.0 must exceed 1 \\+ epsilon"):
+    with pytest.raises(ValueError, match="delta=1.0` must exceed 1 \\+ epsilon"):
         ARCoPOConfig("out", delta=1.0, use_cpu=True)
     with pytest.warns(UserWarning, match="ratio_clip=False.*ablation"):
         ARCoPOConfig("out", ratio_clip=False, use_cpu=True)
