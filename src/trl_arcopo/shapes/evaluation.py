@@ -93,7 +93,7 @@ def format_table(rows: dict[str, dict[str, dict[str, float]]], keys: Sequence[st
     return "\n".join(lines)
 
 
-def paired_difference(before: dict, after: dict, key: str = "combined") -> dict[str, float]:
+def paired_difference(before: dict, after: dict, key: str = "combined") -> dict[str, float | list[float]]:
     """
     `after - before` of `key` per evaluation seed set (two `evaluate_generator` results on the same noises): its mean,
     its standard deviation over seed sets, and the base's own seed-to-seed spread, to compare the rise with.
