@@ -33,7 +33,7 @@ reference passes all count; evaluation does not). Methods:
 Evaluation: fresh seeds, `--eval_train_seeds` videos per training prompt and `--eval_heldout_seeds` per held-out
 prompt (the same noises for every method). During training, every `--eval_every` steps, the combined reward of one
 video for each of the first `--curve_prompts` training prompts (the same noises at every point) gives the
-reward-versus-forward-passes curves. The defaults run all methods over 3 seeds in about an hour on 2 CPU cores (62.9 min measured, partly shared).
+reward-versus-forward-passes curves. The defaults run all methods over 3 seeds in about an hour on 2 CPU cores (63.1 min measured alone).
 Each finished training run is saved (`work_dir/METHOD-seedN/result.json`, atomically) and reused by a later
 invocation with the same settings, so an interrupted benchmark resumes where it stopped. Output: `results.json`, `results.md` (mean ± std over seeds) and
 `reward_vs_forwards.png` in `--output_dir`.
