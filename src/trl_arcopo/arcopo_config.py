@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from .loss import check_delta
 from .sampling import SAMPLERS, SELF_FORCING_SIGMAS
 
 
@@ -271,10 +272,7 @@ class ARCoPOConfig(TrainingArguments):
             raise ValueError(f"`num_iterations={self.num_iterations}` must be at least 1.")
         if self.epsilon <= 0:
             raise ValueError(f"`epsilon={self.epsilon}` must be positive (paper: 1e-4).")
-        if self.delta is not None and self.delta <= 1 + self.epsilon:
-            raise ValueError(
-                f"`delta={self.delta}` must exceed 1 + epsilon = {1 + self.epsilon} (e.g. 3), or be None."
-            )
+        check_delta(self.delta, self.epsilon)
         if self.temperature is not None and self.temperature <= 0:
             raise ValueError(f"`temperature={self.temperature}` must be positive, or None for the automatic choice.")
         if self.distance_reduction not in ("mean", "sum"):

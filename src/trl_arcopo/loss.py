@@ -168,11 +168,16 @@ def _stats(
     )
 
 
+def check_delta(delta: float | None, epsilon: float) -> None:
+    """Raise if the two-sided clip `delta` does not exceed `1 + epsilon` (shared by the losses and `ARCoPOConfig`)."""
+    if delta is not None and delta <= 1 + epsilon:
+        raise ValueError(f"`delta={delta}` must exceed 1 + epsilon = {1 + epsilon} (e.g. 3), or be None.")
+
+
 def _check_epsilon(epsilon: float, delta: float | None = None) -> None:
     if epsilon < 0:
         raise ValueError(f"The clip range `epsilon={epsilon}` must be non-negative.")
-    if delta is not None and delta <= 1 + epsilon:
-        raise ValueError(f"`delta={delta}` must exceed 1 + epsilon = {1 + epsilon} (e.g. 3), or be None.")
+    check_delta(delta, epsilon)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
