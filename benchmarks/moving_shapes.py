@@ -135,6 +135,7 @@ def config_for(method, seed, output_dir, args):
         num_generations=args.num_generations,
         num_anchors=args.num_anchors,
         num_iterations=2,
+        pivot_chunk=args.pivot_chunk,
         report_to="none",
         save_strategy="no",
         logging_steps=1,
@@ -166,7 +167,15 @@ def evaluate(pipeline, seed, args):
 def run_settings(args):
     """The arguments a finished run depends on (a run is reused only when they are unchanged)."""
     keys = ("budget", "batch_size", "num_generations", "num_anchors", "buffer_size", "learning_rate", "delta")
-    keys += ("lora_r", "eval_every", "curve_prompts", "eval_train_seeds", "eval_heldout_seeds", "pipeline_path")
+    keys += (
+        "pivot_chunk",
+        "lora_r",
+        "eval_every",
+        "curve_prompts",
+        "eval_train_seeds",
+        "eval_heldout_seeds",
+        "pipeline_path",
+    )
     return {k: getattr(args, k) for k in keys}
 
 
@@ -271,10 +280,17 @@ def main():
     parser.add_argument("--buffer_size", type=int, default=16, help="Semi-on-policy buffer (groups).")
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--delta", type=float, default=3.0, help="Two-sided clip of the semi-on-policy runs.")
+    parser.add_argument(
+        "--pivot_chunk",
+        type=lambda v: None if v.lower() == "none" else int(v),
+        default=0,
+        help="Chunk where every group forks ('none': uniform, as in the paper). Shape and direction are decided in "
+        "the first chunk of this world, so 0 (as in the main job).",
+    )
     parser.add_argument("--lora_r", type=int, default=16)
-    parser.add_argument("--eval_every", type=int, default=8, help="Steps between points of the reward curve.")
+    parser.add_argument("--eval_every", type=int, default=12, help="Steps between points of the reward curve.")
     parser.add_argument("--curve_prompts", type=int, default=12, help="Training prompts scored at each curve point.")
-    parser.add_argument("--eval_train_seeds", type=int, default=2, help="Final evaluation: videos per train prompt.")
+    parser.add_argument("--eval_train_seeds", type=int, default=1, help="Final evaluation: videos per train prompt.")
     parser.add_argument(
         "--eval_heldout_seeds", type=int, default=4, help="Final evaluation: videos per held-out prompt."
     )
