@@ -20,7 +20,8 @@ The paper's table in miniature: alignment methods on the Moving Shapes world at 
 Every method starts from the shipped Moving Shapes generator with a fresh LoRA and trains on the 60 RL-training prompts
 with the four verifiable rewards (colour, shape, direction, temporal quality) until it has spent the same budget of
 transformer chunk-forwards (a forward on a batch of n chunks counts n; rollouts, buffer collection, updates and
-reference passes all count; evaluation does not). Methods:
+reference passes all count; evaluation does not). Every group forks at `--pivot_chunk` (default 0: the first chunk,
+which decides this world's shape and direction; `none` draws it uniformly, as the paper does). Methods:
 
 - `base`: the shipped model, no training;
 - `arcopo`: AR-CoPO on-policy (forked rollouts, neighbour noise at one chunk, contrastive clipped loss);
@@ -33,7 +34,8 @@ reference passes all count; evaluation does not). Methods:
 Evaluation: fresh seeds, `--eval_train_seeds` videos per training prompt and `--eval_heldout_seeds` per held-out
 prompt (the same noises for every method). During training, every `--eval_every` steps, the combined reward of one
 video for each of the first `--curve_prompts` training prompts (the same noises at every point) gives the
-reward-versus-forward-passes curves. The defaults run all methods over 3 seeds in about an hour on 2 CPU cores (63.1 min measured alone).
+reward-versus-forward-passes curves. The defaults run all methods over 3 seeds in about 40 minutes on 2 CPU cores
+(39.3 min measured alone).
 Each finished training run is saved (`work_dir/METHOD-seedN/result.json`, atomically) and reused by a later
 invocation with the same settings, so an interrupted benchmark resumes where it stopped. Output: `results.json`, `results.md` (mean ± std over seeds) and
 `reward_vs_forwards.png` in `--output_dir`.
