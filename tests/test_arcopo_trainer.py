@@ -193,6 +193,29 @@ def test_training_changes_lora_only_and_grads_stay_in_pivot_chunk(tmp_path):
     assert len(grad_calls) == 4 * 3 and all(c["batch"] == 4 for c in grad_calls)
 
 
+def test_same_seed_same_run_whatever_the_global_rng(tmp_path):
+    """The LoRA init draws from the global RNG: two launches with one `seed` must train the same adapter."""
+
+    def lora_state(trainer):
+        return {k: v.detach().clone() for k, v in trainer.pipeline.transformer.named_parameters() if "lora_" in k}
+
+    states = []
+    for i, global_seed in enumerate((1, 2)):
+        torch.manual_seed(global_seed)  # whatever ran before the trainer in this process
+        trainer = _trainer(tmp_path / f"run{i}")
+        initial = lora_state(trainer)
+        trainer.train()
+        states.append((initial, lora_state(trainer)))
+    (init_a, final_a), (init_b, final_b) = states
+    assert init_a.keys() == init_b.keys() and len(init_a) > 0
+    assert all(torch.equal(init_a[k], init_b[k]) for k in init_a)
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert any(not torch.equal(init_a[k], final_a[k]) for k in final_a)  # and training did move it
+    torch.manual_seed(1)
+    other = lora_state(_trainer(tmp_path / "other", seed=1))
+    assert any(not torch.equal(init_a[k], other[k]) for k in init_a)  # another seed, another init
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     straight = _trainer(tmp_path / "a", max_steps=4, num_iterations=2)
     straight.train()

@@ -29,7 +29,7 @@ from datasets import Dataset, IterableDataset
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, PeftConfig
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from trl.trainer.utils import RepeatSampler
@@ -250,6 +250,9 @@ class ARCoPOTrainer(Trainer):
                 adapter_name = transformer.active_adapters()[0]
             else:
                 adapter_name = "semi" if args.training_mode == "semi_on_policy" else "on_policy"
+        # LoRA's A matrices are drawn from the global RNG. `Trainer.__init__` seeds it, but only after this point:
+        # seed it here, so the same `seed` gives the same adapter (and the same run) in every launch.
+        set_seed(args.seed)
         if peft_config is not None:
             if not isinstance(peft_config, PeftConfig):
                 raise TypeError(f"`peft_config` must be a peft.PeftConfig, got {type(peft_config).__name__}.")
