@@ -193,6 +193,30 @@ def test_training_changes_lora_only_and_grads_stay_in_pivot_chunk(tmp_path):
     assert len(grad_calls) == 4 * 3 and all(c["batch"] == 4 for c in grad_calls)
 
 
+def test_frame_packed_pipeline_trains_on_one_latent_frame_per_chunk(tmp_path):
+    """`num_frames_per_chunk=None` takes the pipeline's default: with frame packing, one latent frame (3 frames)."""
+    pipe = tiny_pipeline(pack_frames=True)
+    shapes = []
+
+    def record_shape(prompts, videos, **kwargs):
+        shapes.append(tuple(videos.shape))
+        return redness(prompts, videos)
+
+    trainer = _trainer(tmp_path, pipe=pipe, reward_funcs=(record_shape,), max_steps=2, pivot_chunk=1)
+    assert trainer.args.num_frames_per_chunk == 1 and trainer.num_chunks == 3
+    lora_before = {k: v.clone() for k, v in trainer.adapter_state_dict().items()}
+    offsets = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: offsets.append(kwargs.get("frame_offset")) if torch.is_grad_enabled() else None,
+        with_kwargs=True,
+    )
+    trainer.train()
+    handle.remove()
+    assert shapes and all(shape[1:] == (9, 3, 16, 16) for shape in shapes)  # decoded: 9 frames of 16x16
+    assert offsets and set(offsets) == {1}  # the pivot chunk is latent frame 1 (frames 3..5)
+    assert all(not torch.equal(v, lora_before[k]) for k, v in trainer.adapter_state_dict().items())
+
+
 def test_same_seed_same_run_whatever_the_global_rng(tmp_path):
     """The LoRA init draws from the global RNG: two launches with one `seed` must train the same adapter."""
 

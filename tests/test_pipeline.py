@@ -5,7 +5,7 @@ from diffusers import WanPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from trl_arcopo import RolloutNoise, SelfForcingPipeline
+from trl_arcopo import FramePackingAutoencoder, RolloutNoise, SelfForcingPipeline
 from trl_arcopo.sampling import get_schedule
 from trl_arcopo.testing_utils import tiny_pipeline, tiny_transformer
 
@@ -114,6 +114,53 @@ def test_vae_pipeline_and_stock_transformer(tmp_path):
     assert torch.equal(video, again)
     pipe.save_pretrained(tmp_path)
     assert SelfForcingPipeline.from_pretrained(tmp_path).vae is not None
+
+
+def test_frame_packing_is_exact_with_the_documented_layout(tmp_path):
+    packer = FramePackingAutoencoder(in_channels=2, scale_factor_temporal=3, scale_factor_spatial=2)
+    video = torch.randn(2, 2, 6, 4, 6)  # [B, C, F, H, W]
+    z = packer.encode(video)
+    assert z.shape == (2, 2 * 3 * 4, 2, 2, 3) and packer.config.z_dim == 24
+    for c, tau, i, j, f, y, x in np.ndindex(2, 3, 2, 2, 2, 2, 3):  # channel (c·t + τ)·s² + i·s + j
+        assert torch.equal(
+            z[:, (c * 3 + tau) * 4 + i * 2 + j, f, y, x], video[:, c, f * 3 + tau, y * 2 + i, x * 2 + j]
+        )
+    assert torch.equal(packer.decode(z, return_dict=False)[0], video) and torch.equal(packer.decode(z).sample, video)
+    packer.save_pretrained(tmp_path)
+    reloaded = FramePackingAutoencoder.from_pretrained(tmp_path)
+    keys = ("in_channels", "scale_factor_temporal", "scale_factor_spatial", "z_dim", "latents_mean", "latents_std")
+    assert all(reloaded.config[k] == packer.config[k] for k in keys)
+    assert torch.equal(reloaded.encode(video), z)
+    with pytest.raises(ValueError, match="`num_frames=5` must be a positive multiple .* `scale_factor_temporal=3`"):
+        packer.encode(video[:, :, :5])
+    with pytest.raises(ValueError, match="Expected 2 channels"):
+        packer.encode(torch.zeros(1, 3, 3, 4, 4))
+    with pytest.raises(ValueError, match="Expected 24 latent channels"):
+        packer.decode(torch.zeros(1, 9, 1, 2, 2))
+    with pytest.raises(ValueError, match="`z_dim=16` must be"):
+        FramePackingAutoencoder(3, 3, z_dim=16)
+    with pytest.raises(ValueError, match="`latents_mean` must be 0"):
+        FramePackingAutoencoder(1, 1, latents_mean=[0.5])
+
+
+def test_frame_packed_pipeline_decodes_its_latents_and_saves(tmp_path):
+    pipe = tiny_pipeline(pack_frames=True)
+    latents = pipe(PROMPT, generator=_gen(0), output_type="latent").frames
+    assert latents.shape == (1, 9, 3, 16, 16)  # 9 frames = 3 latent frames of 3 packed frames, one per chunk
+    video = pipe(PROMPT, generator=_gen(0), output_type="pt").frames
+    expected = (pipe.vae.decode(latents, return_dict=False)[0] / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+    assert video.shape == (1, 9, 3, 16, 16) and (video - expected).abs().max() <= 1e-6
+    # the default chunk is the pipeline's (one latent frame); an explicit 1 is the same video
+    assert torch.equal(pipe(PROMPT, generator=_gen(0), output_type="pt", num_frames_per_chunk=1).frames, video)
+    pipe.save_pretrained(tmp_path)
+    loaded = SelfForcingPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.vae, FramePackingAutoencoder) and loaded.config.default_num_frames_per_chunk == 1
+    assert (loaded(PROMPT, generator=_gen(0), output_type="pt").frames - video).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="`num_frames=10` must be a positive multiple"):
+        pipe(PROMPT, num_frames=10)
+    with pytest.raises(ValueError, match="use e.g. `num_frames=9`"):
+        pipe(PROMPT, num_frames=6, num_frames_per_chunk=3)
 
 
 def _lora_pipe():

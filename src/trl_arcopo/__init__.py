@@ -19,7 +19,13 @@ from .arcopo_config import ARCoPOConfig
 from .arcopo_trainer import ARCoPOTrainer, RewardFunc
 from .kv_cache import KVCache
 from .loss import LossStats, arcopo_loss, group_advantages, sde_grpo_loss, sde_transition_log_prob
-from .models import CausalWanTransformer3DModel, CausalWanX0Transformer3DModel, block_causal_mask, teacher_forcing_mask
+from .models import (
+    CausalWanTransformer3DModel,
+    CausalWanX0Transformer3DModel,
+    FramePackingAutoencoder,
+    block_causal_mask,
+    teacher_forcing_mask,
+)
 from .pipelines import ChunkDenoisingOutput, SelfForcingPipeline, SelfForcingPipelineOutput
 from .rollout import ForkedRollout, forked_rollout
 from .sampling import RolloutNoise, get_schedule, neighbor_noise, self_forcing_scheduler
@@ -32,6 +38,7 @@ __all__ = [
     "CausalWanX0Transformer3DModel",
     "ChunkDenoisingOutput",
     "ForkedRollout",
+    "FramePackingAutoencoder",
     "KVCache",
     "LossStats",
     "RewardFunc",

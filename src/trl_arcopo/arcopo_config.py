@@ -59,8 +59,8 @@ class ARCoPOConfig(TrainingArguments):
             Video width in pixels. `None` uses the pipeline's `default_width`.
         num_frames (`int` or `None`, *optional*, defaults to `None`):
             Frames per video (with a VAE, `4k + 1`). `None` uses the pipeline's `default_num_frames`.
-        num_frames_per_chunk (`int`, *optional*, defaults to `3`):
-            Latent frames per chunk (Self-Forcing: 3).
+        num_frames_per_chunk (`int` or `None`, *optional*, defaults to `None`):
+            Latent frames per chunk (Self-Forcing: 3). `None` uses the pipeline's `default_num_frames_per_chunk`.
         denoising_sigmas (`list[float]` or `None`, *optional*, defaults to `None`):
             Per-chunk schedule before the scheduler's shift. `None` uses the pipeline's `default_sigmas`, else
             Self-Forcing's `[1.0, 0.75, 0.5, 0.25]` (with `shift=5`: timesteps `[1000, 937.5, 833.3, 625]`).
@@ -175,7 +175,12 @@ class ARCoPOConfig(TrainingArguments):
     num_frames: int | None = field(
         default=None, metadata={"help": "Frames per video; None uses the pipeline default."}
     )
-    num_frames_per_chunk: int = field(default=3, metadata={"help": "Latent frames per chunk (Self-Forcing: 3)."})
+    num_frames_per_chunk: int | None = field(
+        default=None,
+        metadata={
+            "help": "Latent frames per chunk (Self-Forcing: 3). None: the pipeline's default_num_frames_per_chunk."
+        },
+    )
     denoising_sigmas: list[float] | None = field(
         default=None,
         metadata={
@@ -283,7 +288,7 @@ class ARCoPOConfig(TrainingArguments):
             raise ValueError(f"`quasi_norm_p={self.quasi_norm_p}` must be in (0, 2] (Neighbor GRPO: 0.8).")
         if self.beta < 0:
             raise ValueError(f"`beta={self.beta}` must be non-negative.")
-        if self.num_frames_per_chunk < 1:
+        if self.num_frames_per_chunk is not None and self.num_frames_per_chunk < 1:
             raise ValueError(f"`num_frames_per_chunk={self.num_frames_per_chunk}` must be at least 1.")
         if self.pivot_chunk is not None and self.pivot_chunk < 0:
             raise ValueError(f"`pivot_chunk={self.pivot_chunk}` must be a chunk index (>= 0) or None (uniform).")

@@ -226,6 +226,8 @@ class ARCoPOTrainer(Trainer):
             args.width or config.default_width,
             args.num_frames or config.default_num_frames,
         )
+        if args.num_frames_per_chunk is None:
+            args.num_frames_per_chunk = getattr(config, "default_num_frames_per_chunk", 3)
         self.latent_shape = pipeline.latent_shape(1, *self.video_size, args.num_frames_per_chunk)
         self.num_chunks = self.latent_shape[2] // args.num_frames_per_chunk
         if args.pivot_chunk is not None and args.pivot_chunk >= self.num_chunks:

@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
-from .models import CausalWanTransformer3DModel
+from .models import CausalWanTransformer3DModel, FramePackingAutoencoder
 from .pipelines import SelfForcingPipeline
 from .sampling import self_forcing_scheduler
 
@@ -109,22 +109,30 @@ def tiny_vae(seed: int = 0) -> AutoencoderKLWan:
     ).eval()
 
 
-def tiny_pipeline(with_vae: bool = False, seed: int = 0, **transformer_kwargs) -> SelfForcingPipeline:
+def tiny_pipeline(
+    with_vae: bool = False, seed: int = 0, pack_frames: bool = False, **transformer_kwargs
+) -> SelfForcingPipeline:
     """
     A tiny `SelfForcingPipeline`: pixel space (3 channels, `vae=None`) by default, 16x16 videos of 9 frames in chunks
-    of 3; with `with_vae=True`, a tiny Wan VAE (latent 16 channels, 32x32 videos of 9 frames -> 3 latent frames).
+    of 3; with `with_vae=True`, a tiny Wan VAE (latent 16 channels, 32x32 videos of 9 frames -> 3 latent frames); with
+    `pack_frames=True`, a `FramePackingAutoencoder` (9 channels, 16x16 videos of 9 frames -> 3 latent frames, one per
+    chunk: `default_num_frames_per_chunk=1`).
     """
-    channels = 16 if with_vae else 3
+    if with_vae and pack_frames:
+        raise ValueError("Pass at most one of `with_vae` and `pack_frames`.")
+    vae = tiny_vae(seed) if with_vae else FramePackingAutoencoder(3, scale_factor_temporal=3) if pack_frames else None
+    channels = vae.config.z_dim if vae is not None else 3
     pipe = SelfForcingPipeline(
         tokenizer=tiny_tokenizer(),
         text_encoder=tiny_text_encoder(seed=seed),
         transformer=tiny_transformer(in_channels=channels, seed=seed, **transformer_kwargs),
         scheduler=self_forcing_scheduler(),
-        vae=tiny_vae(seed) if with_vae else None,
+        vae=vae,
         default_height=32 if with_vae else 16,
         default_width=32 if with_vae else 16,
         default_num_frames=9,
         default_max_sequence_length=16,
+        default_num_frames_per_chunk=1 if pack_frames else 3,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

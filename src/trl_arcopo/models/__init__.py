@@ -5,3 +5,4 @@ from .causal_wan import (
     teacher_forcing_mask,
     transformer_flops,
 )
+from .frame_packing import FramePackingAutoencoder

@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..kv_cache import KVCache
 from ..models.causal_wan import CausalWanTransformer3DModel
+from ..models.frame_packing import FramePackingAutoencoder
 from ..sampling import SAMPLERS, RolloutNoise, SamplerType, consistency_step, get_schedule, ode_step, x0_from_velocity
 
 
@@ -88,8 +89,9 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             `WanTransformer3DModel` is made causal with [`CausalWanTransformer3DModel.from_wan`] (weights shared).
         scheduler ([`~diffusers.FlowMatchEulerDiscreteScheduler`]): gives the denoising schedule;
             `FlowMatchEulerDiscreteScheduler(shift=5.0, stochastic_sampling=True)` for Self-Forcing.
-        vae ([`~diffusers.AutoencoderKLWan`], *optional*): the video VAE. `None` means the transformer works directly
-            in pixel space (values in `[-1, 1]`, `in_channels` = 3).
+        vae ([`~diffusers.AutoencoderKLWan`] or [`FramePackingAutoencoder`], *optional*): the video VAE. `None` means
+            the transformer works directly in pixel space (values in `[-1, 1]`, `in_channels` = 3);
+            `FramePackingAutoencoder` packs pixel frames into channels, losslessly.
         default_height, default_width, default_num_frames (`int`): video size used when `__call__` gets none.
         default_max_sequence_length (`int`): text tokens used when `__call__` gets none.
         default_sampler (`str`, defaults to `"consistency"`): the sampler used when `__call__` (or the trainer) gets
@@ -97,6 +99,8 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             matching such as the Moving Shapes generator.
         default_sigmas (`list[float]`, *optional*): the per-chunk schedule (before the scheduler's shift) used when
             none is given; `None` is Self-Forcing's `[1.0, 0.75, 0.5, 0.25]`.
+        default_num_frames_per_chunk (`int`, defaults to 3): latent frames per chunk when `__call__` (or the trainer)
+            gets none (Self-Forcing: 3).
 
     Example:
 
@@ -116,13 +120,14 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         text_encoder: PreTrainedModel | None,
         transformer: WanTransformer3DModel,
         scheduler: FlowMatchEulerDiscreteScheduler,
-        vae: AutoencoderKLWan | None = None,
+        vae: AutoencoderKLWan | FramePackingAutoencoder | None = None,
         default_height: int = 480,
         default_width: int = 832,
         default_num_frames: int = 81,
         default_max_sequence_length: int = 512,
         default_sampler: str = "consistency",
         default_sigmas: list[float] | None = None,
+        default_num_frames_per_chunk: int = 3,
     ):
         super().__init__()
         if default_sampler not in SAMPLERS:
@@ -138,6 +143,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             default_max_sequence_length=default_max_sequence_length,
             default_sampler=default_sampler,
             default_sigmas=list(default_sigmas) if default_sigmas is not None else None,
+            default_num_frames_per_chunk=default_num_frames_per_chunk,
         )
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 1
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 1
@@ -225,14 +231,18 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if num_frames_per_chunk < 1:
             raise ValueError(f"`num_frames_per_chunk={num_frames_per_chunk}` must be at least 1.")
         t = self.vae_scale_factor_temporal
-        if t > 1 and (num_frames - 1) % t:
-            raise ValueError(
-                f"`num_frames={num_frames}` must be 1 + a multiple of the VAE's temporal factor {t} (e.g. 81)."
-            )
-        latent_frames = (num_frames - 1) // t + 1 if t > 1 else num_frames
+        packing = hasattr(self.vae, "latent_num_frames")  # e.g. `FramePackingAutoencoder`: F / t, no causal frame
+        if packing:
+            latent_frames = self.vae.latent_num_frames(num_frames)
+        else:
+            if t > 1 and (num_frames - 1) % t:
+                raise ValueError(
+                    f"`num_frames={num_frames}` must be 1 + a multiple of the VAE's temporal factor {t} (e.g. 81)."
+                )
+            latent_frames = (num_frames - 1) // t + 1 if t > 1 else num_frames
         if latent_frames % num_frames_per_chunk:
             valid = (latent_frames // num_frames_per_chunk + 1) * num_frames_per_chunk
-            suggestion = (valid - 1) * t + 1 if t > 1 else valid
+            suggestion = valid * t if packing else (valid - 1) * t + 1 if t > 1 else valid
             raise ValueError(
                 f"`num_frames={num_frames}` gives {latent_frames} latent frames, not a multiple of "
                 f"`num_frames_per_chunk={num_frames_per_chunk}`; use e.g. `num_frames={suggestion}`."
@@ -490,7 +500,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         height: int | None = None,
         width: int | None = None,
         num_frames: int | None = None,
-        num_frames_per_chunk: int = 3,
+        num_frames_per_chunk: int | None = None,
         sigmas: list[float] | None = None,
         guidance_scale: float = 1.0,
         num_videos_per_prompt: int = 1,
@@ -514,7 +524,8 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             negative_prompt (`str` or `list[str]`, *optional*): used only with `guidance_scale > 1`.
             height, width, num_frames (`int`, *optional*): video size (defaults from the pipeline config).
                 `num_frames` counts output frames: with a VAE it must be `4k + 1`.
-            num_frames_per_chunk (`int`, defaults to 3): latent frames per chunk.
+            num_frames_per_chunk (`int`, *optional*): latent frames per chunk; defaults to the pipeline's
+                `default_num_frames_per_chunk`.
             sigmas (`list[float]`, *optional*): the per-chunk schedule before the scheduler's shift; defaults to the
                 pipeline's `default_sigmas`, else
                 Self-Forcing's `[1.0, 0.75, 0.5, 0.25]` (timesteps `[1000, 937.5, 833.3, 625]` with shift 5).
@@ -533,6 +544,8 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         height = height or self.config.default_height
         width = width or self.config.default_width
         num_frames = num_frames or self.config.default_num_frames
+        if num_frames_per_chunk is None:
+            num_frames_per_chunk = getattr(self.config, "default_num_frames_per_chunk", 3)
         sampler = sampler or getattr(self.config, "default_sampler", "consistency")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"Unknown `output_type={output_type!r}`; use one of {OUTPUT_TYPES}.")
