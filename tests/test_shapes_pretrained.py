@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from trl_arcopo import FramePackingAutoencoder
 from trl_arcopo.shapes import COLOURS, evaluate_generator, generate_videos, paired_difference, score_videos
 from trl_arcopo.shapes.pretrained import load_pretrained_pipeline
 from trl_arcopo.testing_utils import tiny_pipeline
@@ -20,18 +21,20 @@ def test_missing_pipeline_names_the_path_and_the_fix(tmp_path):
         load_pretrained_pipeline(str(tmp_path / "nowhere"))
 
 
-def test_shipped_model_loads_offline_and_draws_the_prompted_colour(monkeypatch):
+def test_shipped_model_loads_offline_and_draws_the_prompted_colour_and_motion(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = load_pretrained_pipeline()  # the folder inside the package: no network, no download
-    assert pipe.vae is None and pipe.config.default_sampler == "ode"
+    assert isinstance(pipe.vae, FramePackingAutoencoder) and pipe.config.default_sampler == "ode"
+    assert pipe.config.default_num_frames_per_chunk == 1  # one packed latent frame = one chunk of 3 frames
     assert sum(p.numel() for p in pipe.transformer.parameters()) < 5_000_000
     prompts = [f"a {colour} square moving right" for colour in COLOURS]
     videos = generate_videos(pipe, prompts, seeds=list(range(len(prompts))))  # [6, 12, 3, 32, 32]
     assert videos.shape == (6, 12, 3, 32, 32) and videos.min() >= 0 and videos.max() <= 1
     assert torch.equal(videos, generate_videos(pipe, prompts, seeds=list(range(len(prompts)))))
-    # a trained model, not noise: most videos show one object of the prompted colour
+    # a trained model, not noise: most videos show one object of the prompted colour, moving the prompted way
     scores = score_videos(prompts, videos)
     assert scores["colour"].mean() >= 0.5, scores["colour"]
+    assert scores["direction"].mean() >= 0.5, scores["direction"]
 
 
 def test_evaluation_seed_sets_and_paired_difference():

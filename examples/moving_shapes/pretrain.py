@@ -253,7 +253,7 @@ def main():
         "--pooled_text",
         action="store_true",
         help="Condition every block's adaLN modulation on the mean prompt embedding too (`pooled_text_modulation`), "
-        "as DiT does with class labels: cross-attention alone binds colour but not shape or direction.",
+        "as DiT does with class labels. Not used by the shipped model (see docs/moving_shapes.md).",
     )
     parser.add_argument("--width", type=int, default=128, help="Transformer width (heads of 32).")
     parser.add_argument("--ffn_dim", type=int, default=512)
@@ -277,8 +277,14 @@ def main():
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     if args.init_from and not os.path.exists(ckpt_path):
         init = torch.load(args.init_from, weights_only=False)
-        model.load_state_dict(init["ema"])
-        ema.load_state_dict(init["ema"])
+        for module in (model, ema):
+            # a run without `--pooled_text` can be continued with it: the new pooler starts at zero (no change)
+            missing, unexpected = module.load_state_dict(init["ema"], strict=False)
+            if unexpected or any(not key.startswith("text_pooler.") for key in missing):
+                raise ValueError(
+                    f"{args.init_from} does not match this model (missing {missing}, unexpected {unexpected}): use "
+                    "the same --pack_frames, --width, --ffn_dim and --num_layers as the run that wrote it."
+                )
         print(f"initialised from the EMA weights of {args.init_from} (step {init['step']})")
     if os.path.exists(ckpt_path):
         state = torch.load(ckpt_path, weights_only=False)
