@@ -44,6 +44,7 @@ invocation with the same settings, so an interrupted benchmark resumes where it 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -68,6 +69,7 @@ from trl_arcopo.shapes import (
     shape_reward,
     temporal_quality_reward,
 )
+from trl_arcopo.shapes.pretrained import PRETRAINED_PATH
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
@@ -178,7 +180,18 @@ def run_settings(args):
         "eval_heldout_seeds",
         "pipeline_path",
     )
-    return {k: getattr(args, k) for k in keys}
+    settings = {k: getattr(args, k) for k in keys}
+    settings["model_sha256"] = model_fingerprint(args.pipeline_path or PRETRAINED_PATH)
+    return settings
+
+
+def model_fingerprint(path: str) -> str:
+    """SHA-256 of the pipeline's transformer weights: a run made on another model (e.g. a re-shipped one) is not reused."""
+    digest = hashlib.sha256()
+    with open(os.path.join(path, "transformer", "diffusion_pytorch_model.safetensors"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def train_one(method, seed, args):
@@ -275,7 +288,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["base", *TRAINED, "merged"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--budget", type=int, default=6000, help="Transformer chunk-forwards per training run.")
+    parser.add_argument("--budget", type=int, default=12000, help="Transformer chunk-forwards per training run.")
     parser.add_argument("--batch_size", type=int, default=2, help="Prompts per step.")
     parser.add_argument("--num_generations", type=int, default=4)
     parser.add_argument("--num_anchors", type=int, default=2)

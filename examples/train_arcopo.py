@@ -150,13 +150,14 @@ def write_shapes_report(output_dir, before, after, videos_before, videos_after, 
     lines = ["# Moving Shapes: base vs AR-CoPO", ""]
     for split, title in (("train", "RL-training prompts (60)"), ("heldout", "held-out prompts (12)")):
         lines += [f"## {title}", "", format_table({"base": before[split], "AR-CoPO": after[split]}), ""]
-        diff = paired_difference(before[split], after[split])
-        per_seed = ", ".join(f"{d:+.3f}" for d in diff["by_seed"])
-        lines.append(
-            f"Combined reward, trained − base per seed set: {per_seed} (mean {diff['mean']:+.3f} ± "
-            f"{diff['std']:.3f}; the base's seed-to-seed spread is {diff['base_spread']:.3f})."
-        )
-        lines.append("")
+        for key, name in (("combined", "Combined reward"), ("all_correct", "All-correct rate")):
+            diff = paired_difference(before[split], after[split], key=key)
+            per_seed = ", ".join(f"{d:+.3f}" for d in diff["by_seed"])
+            lines.append(
+                f"{name}, trained − base per seed set: {per_seed} (mean {diff['mean']:+.3f} ± "
+                f"{diff['std']:.3f}; the base's seed-to-seed spread is {diff['base_spread']:.3f})."
+            )
+            lines.append("")
     lines.append("mean ± std over evaluation seed sets (the same noises for both models).")
     table = "\n".join(lines)
     with open(os.path.join(output_dir, "eval_table.md"), "w") as f:

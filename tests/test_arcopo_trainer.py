@@ -390,9 +390,11 @@ def test_main_job_report_files_and_paired_difference(tmp_path):
 
     before = {"train": result([0.30, 0.34]), "heldout": result([0.30, 0.32])}
     after = {"train": result([0.35, 0.37]), "heldout": result([0.40, 0.45])}
+    after["heldout"] = {**after["heldout"], "all_correct": result([0.50, 0.42])["all_correct"]}
     videos = torch.rand(12, 12, 3, 32, 32)
     log = [{"step": s, "reward": 1.0 + s, "rewards/colour_reward/mean": 0.5} for s in (1, 2, 3)]
     table = module.write_shapes_report(str(tmp_path), before, after, videos, videos, log)
     for name in ("eval_results.json", "eval_table.md", "samples.gif", "reward_curve.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "per seed set: +0.100, +0.130 (mean +0.115 ± 0.021; the base's seed-to-seed spread is 0.014)" in table
+    assert "All-correct rate, trained − base per seed set: +0.200, +0.100 (mean +0.150 ± 0.071;" in table

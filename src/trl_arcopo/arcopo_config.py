@@ -58,7 +58,8 @@ class ARCoPOConfig(TrainingArguments):
         width (`int` or `None`, *optional*, defaults to `None`):
             Video width in pixels. `None` uses the pipeline's `default_width`.
         num_frames (`int` or `None`, *optional*, defaults to `None`):
-            Frames per video (with a VAE, `4k + 1`). `None` uses the pipeline's `default_num_frames`.
+            Frames per video (with Wan's VAE `4k + 1`; with frame packing a multiple of its `scale_factor_temporal`).
+            `None` uses the pipeline's `default_num_frames`.
         num_frames_per_chunk (`int` or `None`, *optional*, defaults to `None`):
             Latent frames per chunk (Self-Forcing: 3). `None` uses the pipeline's `default_num_frames_per_chunk`.
         denoising_sigmas (`list[float]` or `None`, *optional*, defaults to `None`):

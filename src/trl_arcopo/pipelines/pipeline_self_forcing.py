@@ -523,7 +523,8 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             prompt (`str` or `list[str]`, *optional*): the prompt(s); or pass `prompt_embeds`.
             negative_prompt (`str` or `list[str]`, *optional*): used only with `guidance_scale > 1`.
             height, width, num_frames (`int`, *optional*): video size (defaults from the pipeline config).
-                `num_frames` counts output frames: with a VAE it must be `4k + 1`.
+                `num_frames` counts output frames: with Wan's VAE it must be `4k + 1`, with a
+                `FramePackingAutoencoder` a multiple of its `scale_factor_temporal`.
             num_frames_per_chunk (`int`, *optional*): latent frames per chunk; defaults to the pipeline's
                 `default_num_frames_per_chunk`.
             sigmas (`list[float]`, *optional*): the per-chunk schedule before the scheduler's shift; defaults to the
