@@ -260,6 +260,8 @@ def main():
     parser.add_argument("--num_layers", type=int, default=4)
     parser.add_argument("--num_threads", type=int, default=None)
     args = parser.parse_args()
+    if args.width < 32 or args.width % 32:
+        parser.error(f"--width {args.width} must be a positive multiple of 32 (the attention heads are 32 wide).")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     os.makedirs(args.output_dir, exist_ok=True)
