@@ -99,7 +99,7 @@ class ScriptArguments:
         },
     )
     eval_num_seeds: int = field(
-        default=4,
+        default=8,
         metadata={
             "help": "Moving Shapes: videos per held-out prompt in the before/after evaluation (2 per training prompt)."
         },
