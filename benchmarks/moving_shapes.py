@@ -44,6 +44,7 @@ invocation with the same settings, so an interrupted benchmark resumes where it 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -185,6 +186,7 @@ def run_settings(args):
     return settings
 
 
+@functools.cache
 def model_fingerprint(path: str) -> str:
     """SHA-256 of the pipeline's transformer weights: a run made on another model (e.g. a re-shipped one) is not reused."""
     digest = hashlib.sha256()
