@@ -77,6 +77,10 @@ def test_config_errors_name_value_and_fix():
         ARCoPOConfig("out", loss_type="sde_grpo", sampler="ode", use_cpu=True)
     with pytest.raises(ValueError, match="denoising_sigmas"):
         ARCoPOConfig("out", denoising_sigmas=[0.5, 0.75], use_cpu=True)
+    with pytest.raises(ValueError, match=r"train_denoising_steps=\[1, 1\].*distinct"):
+        ARCoPOConfig("out", train_denoising_steps=[1, 1], use_cpu=True)
+    with pytest.raises(ValueError, match=r"train_denoising_steps=\[\]"):
+        ARCoPOConfig("out", train_denoising_steps=[], use_cpu=True)
     config = ARCoPOConfig("out")  # the defaults run on a machine without a GPU
     assert config.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     assert config.gradient_checkpointing is False and config.remove_unused_columns is False
@@ -98,6 +102,10 @@ def test_trainer_input_errors(tmp_path):
         _trainer(tmp_path, pivot_chunk=3)
     with pytest.raises(ValueError, match="use e.g. `num_frames=9`"):
         _trainer(tmp_path, num_frames=8)
+    with pytest.raises(ValueError, match=r"train_denoising_steps=\[0, 3\]` but the schedule has 3 steps.*\[0, 3\)"):
+        _trainer(tmp_path, train_denoising_steps=[0, 3])
+    with pytest.raises(ValueError, match="sde_grpo` cannot train the last one: use indices in \\[0, 2\\)"):
+        _trainer(tmp_path, train_denoising_steps=[2], loss_type="sde_grpo", sampler="consistency")
 
 
 @pytest.mark.parametrize(
@@ -191,6 +199,36 @@ def test_training_changes_lora_only_and_grads_stay_in_pivot_chunk(tmp_path):
     assert not any(c["input_grad"] for c in grad_calls)
     # per update: one batched call per denoising step on N x K = 2 x 2 anchor chunks
     assert len(grad_calls) == 4 * 3 and all(c["batch"] == 4 for c in grad_calls)
+
+
+def test_train_denoising_steps_all_equals_default_and_a_subset_trains_only_those(tmp_path):
+    default = _trainer(tmp_path / "default", max_steps=2)
+    default.train()
+    listed = _trainer(tmp_path / "listed", max_steps=2, train_denoising_steps=[2, 0, 1])
+    listed.train()
+    for name, value in default.adapter_state_dict().items():
+        assert torch.equal(value, listed.adapter_state_dict()[name]), name
+    assert _history(default, "loss") == _history(listed, "loss")
+
+    pipe = tiny_pipeline()
+    subset = _trainer(tmp_path / "subset", pipe=pipe, max_steps=2, train_denoising_steps=[1])
+    timesteps = []
+
+    def record(module, args, kwargs):
+        if torch.is_grad_enabled():
+            timesteps.append(kwargs.get("timestep", args[1] if len(args) > 1 else None))
+
+    handle = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    subset.train()
+    handle.remove()
+    # one rollout, 2 inner updates, each one forward with autograd: at step 1 of the schedule only
+    assert len(timesteps) == 2
+    for t in timesteps:
+        assert torch.allclose(torch.as_tensor(t).float().flatten(), subset.timesteps[1].float())
+    assert not torch.equal(
+        torch.cat([v.flatten() for v in subset.adapter_state_dict().values()]),
+        torch.cat([v.flatten() for v in default.adapter_state_dict().values()]),
+    )
 
 
 def test_frame_packed_pipeline_trains_on_one_latent_frame_per_chunk(tmp_path):

@@ -108,6 +108,12 @@ class ARCoPOConfig(TrainingArguments):
             Weight of a penalty `mean((x̂0_θ - x̂0_ref)²)` toward the reference policy (the adapter disabled) at
             the anchors: the KL between the two Gaussian re-noise policies up to a constant factor. `0` skips the
             reference forward.
+        train_denoising_steps (`list[int]` or `None`, *optional*, defaults to `None`):
+            Which denoising steps of the pivot chunk the update trains (indices into the schedule, `0` = the step
+            from pure noise). `None` trains all of them (`sde_grpo`: all but the last, which has no transition). Each
+            step left out saves one policy forward (and one reference forward with `beta > 0`) per inner update;
+            the loss is the mean over the steps kept. Flow-GRPO and DanceGRPO train a fraction of the steps for the
+            same reason.
         reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
             Weights of the reward functions; `None` weighs them equally (1.0).
 
@@ -217,6 +223,9 @@ class ARCoPOConfig(TrainingArguments):
         default=None, metadata={"help": "Neighbor GRPO quasi-norm p for advantages (0.8 there); None: off."}
     )
     beta: float = field(default=0.0, metadata={"help": "Weight of the x0-space penalty toward the reference."})
+    train_denoising_steps: list[int] | None = field(
+        default=None, metadata={"help": "Denoising steps of the pivot chunk the update trains; None: all."}
+    )
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "Weights of the reward functions; None: all 1.0."}
     )
@@ -289,6 +298,13 @@ class ARCoPOConfig(TrainingArguments):
             raise ValueError(f"`quasi_norm_p={self.quasi_norm_p}` must be in (0, 2] (Neighbor GRPO: 0.8).")
         if self.beta < 0:
             raise ValueError(f"`beta={self.beta}` must be non-negative.")
+        if self.train_denoising_steps is not None:
+            steps = list(self.train_denoising_steps)
+            if not steps or any(j < 0 for j in steps) or len(set(steps)) != len(steps):
+                raise ValueError(
+                    f"`train_denoising_steps={steps}` must be a non-empty list of distinct step indices (>= 0, "
+                    "0 = the step from pure noise), or None for every step."
+                )
         if self.num_frames_per_chunk is not None and self.num_frames_per_chunk < 1:
             raise ValueError(f"`num_frames_per_chunk={self.num_frames_per_chunk}` must be at least 1.")
         if self.pivot_chunk is not None and self.pivot_chunk < 0:

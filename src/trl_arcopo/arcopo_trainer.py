@@ -236,6 +236,14 @@ class ARCoPOTrainer(Trainer):
                 f"[0, {self.num_chunks}) or None (uniform)."
             )
         self.timesteps, self.sigmas = pipeline.get_schedule(args.denoising_sigmas)
+        trainable = len(self.timesteps) - (1 if args.loss_type == "sde_grpo" else 0)
+        if args.train_denoising_steps is not None and max(args.train_denoising_steps) >= trainable:
+            raise ValueError(
+                f"`train_denoising_steps={list(args.train_denoising_steps)}` but the schedule has "
+                f"{len(self.timesteps)} steps"
+                + (" and `sde_grpo` cannot train the last one" if args.loss_type == "sde_grpo" else "")
+                + f": use indices in [0, {trainable})."
+            )
         self.sampler = args.sampler or getattr(config, "default_sampler", "consistency")
         if args.loss_type == "sde_grpo" and self.sampler != "consistency":
             raise ValueError(
@@ -698,13 +706,13 @@ class ARCoPOTrainer(Trainer):
         cache = rollout.prefix_cache.fork(k)  # [N * K] rows, the prefix shared by the anchors of a group
         embeds = rollout.prompt_embeds.repeat_interleave(k, dim=0)  # [N * K, S, text_dim]
         unwrapped = self.accelerator.unwrap_model(model)
-        scale = (
-            weight / (steps if args.loss_type == "arcopo" else steps - 1) / self.current_gradient_accumulation_steps
-        )
+        trained_steps = range(steps) if args.loss_type == "arcopo" else range(steps - 1)
+        if args.train_denoising_steps is not None:
+            trained_steps = sorted(args.train_denoising_steps)
+        scale = weight / len(trained_steps) / self.current_gradient_accumulation_steps
         total = torch.zeros((), device=rollout.states.device)
         stats: list[LossStats] = []
         penalties = []
-        trained_steps = range(steps) if args.loss_type == "arcopo" else range(steps - 1)
         for position, j in enumerate(trained_steps):
             x_t = rollout.states[:, :, j].flatten(0, 1)[rows.flatten()]  # [N * K, C, Fc, H, W]
             x0_old = rollout.x0_preds[:, :, j]  # [N, G, C, Fc, H, W]
@@ -905,6 +913,7 @@ ARCOPO_CARD_FIELDS = (
     "scale_rewards",
     "quasi_norm_p",
     "beta",
+    "train_denoising_steps",
     "reward_weights",
     "height",
     "width",
