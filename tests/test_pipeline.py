@@ -199,6 +199,34 @@ def test_lora_save_load_and_stock_wan_pipeline(tmp_path):
         assert (wan.transformer(x, t, text).sample - tr(x, t, text).sample).abs().max() <= 1e-5
 
 
+def test_callback_on_chunk_end_switches_the_adapter_for_later_chunks():
+    """Adapter off after chunk 0 == chunk 0 streamed with the adapter, then chunks 1.. without it on the same cache."""
+    pipe = _lora_pipe()
+    seen = []
+
+    def first_chunk_only(pipeline, chunk_index):
+        seen.append(chunk_index)
+        if chunk_index == 0:
+            pipeline.transformer.disable_adapters()
+
+    split = pipe(PROMPT, generator=_gen(0), output_type="latent", callback_on_chunk_end=first_chunk_only).frames
+    pipe.transformer.enable_adapters()
+    assert seen == [0, 1, 2]
+
+    embeds, _ = pipe.encode_prompt(PROMPT)
+    noise = RolloutNoise.sample(pipe.latent_shape(1, 16, 16, 9, 3), 3, 4, generator=_gen(0))
+    timesteps, sigmas = pipe.get_schedule()
+    cache = pipe.prepare_cache(1, 9, 16, 16)
+    with torch.no_grad():
+        first = pipe.generate_latents(embeds, noise, cache, timesteps, sigmas, end_chunk=1)
+        pipe.transformer.disable_adapters()
+        rest = pipe.generate_latents(embeds, noise, cache, timesteps, sigmas, start_chunk=1)
+        pipe.transformer.enable_adapters()
+    assert torch.equal(split, torch.cat([first, rest], dim=2))
+    with_adapter = pipe(PROMPT, generator=_gen(0), output_type="latent").frames
+    assert torch.equal(split[:, :, :3], with_adapter[:, :, :3]) and not torch.allclose(split, with_adapter)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

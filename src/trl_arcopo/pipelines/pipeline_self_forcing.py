@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -444,11 +445,13 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         attention_kwargs: dict[str, Any] | None = None,
         progress: bool = False,
         end_chunk: int | None = None,
+        callback_on_chunk_end: Callable[[SelfForcingPipeline, int], None] | None = None,
     ) -> torch.Tensor:
         """
         Stream chunks `start_chunk..end_chunk-1` (by default to the last chunk) from `noise`, committing each to
         `kv_cache` (which must already hold the chunks before `start_chunk`). Returns the generated chunks
-        concatenated along frames `[B, C, F', H, W]` (no frames when the range is empty).
+        concatenated along frames `[B, C, F', H, W]` (no frames when the range is empty). `callback_on_chunk_end(self,
+        c)` runs after chunk `c` is committed, before the next chunk starts.
         """
         chunks = []
         frames = noise.num_frames_per_chunk
@@ -472,6 +475,8 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             )
             self.commit_chunk(out.x0, prompt_embeds, kv_cache, c * frames, negative_prompt_embeds, attention_kwargs)
             chunks.append(out.x0)
+            if callback_on_chunk_end is not None:
+                callback_on_chunk_end(self, c)
         if not chunks:
             return noise.initial[:, :, :0]
         return torch.cat(chunks, dim=2)
@@ -515,6 +520,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         sampler: SamplerType | None = None,
         local_attn_frames: int | None = None,
         sink_frames: int = 0,
+        callback_on_chunk_end: Callable[[SelfForcingPipeline, int], None] | None = None,
     ) -> SelfForcingPipelineOutput | tuple:
         r"""
         Generate videos chunk by chunk.
@@ -538,6 +544,9 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             sampler (`str`, *optional*): `"consistency"` (re-noise, Self-Forcing) or `"ode"`; defaults to the
                 pipeline's `default_sampler`.
             local_attn_frames, sink_frames: optional local attention window with sink frames (see [`KVCache`]).
+            callback_on_chunk_end (`Callable`, *optional*): called as `callback_on_chunk_end(pipeline, chunk_index)`
+                after each chunk is committed to the KV cache and before the next one starts, e.g. to switch a LoRA
+                adapter off for the chunks that follow (`pipeline.transformer.disable_adapters()`).
 
         Returns:
             [`SelfForcingPipelineOutput`] or a tuple `(frames,)`.
@@ -586,6 +595,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             guidance_scale=guidance_scale,
             attention_kwargs=attention_kwargs,
             progress=True,
+            callback_on_chunk_end=callback_on_chunk_end,
         )
         frames = self.decode_latents(video_latents, output_type)
         self.maybe_free_model_hooks()

@@ -50,6 +50,14 @@ def generate_videos(
     return torch.cat(out)
 
 
+def evaluation_seeds(num_prompts: int, num_seeds: int, seed: int = 0) -> list[int]:
+    """
+    The noise seeds of `num_seeds` seed sets over `num_prompts` prompts, set by set: seed set `s` gives prompt `i` the
+    seed `seed * 100_003 + s * 1009 + i` (what [`evaluate_generator`] uses, so other measurements share its noises).
+    """
+    return [seed * 100_003 + s * 1009 + i for s in range(num_seeds) for i in range(num_prompts)]
+
+
 def evaluate_generator(
     pipeline,
     prompts: Sequence[str],
@@ -66,7 +74,7 @@ def evaluate_generator(
     """
     prompts = list(prompts)
     all_prompts = [p for _ in range(num_seeds) for p in prompts]
-    seeds = [seed * 100_003 + s * 1009 + i for s in range(num_seeds) for i in range(len(prompts))]
+    seeds = evaluation_seeds(len(prompts), num_seeds, seed)
     videos = generate_videos(pipeline, all_prompts, seeds, sampler=sampler)
     scores = score_videos(all_prompts, videos)
     per_video = {k: scores[k].float() for k in REPORTED}
