@@ -29,6 +29,10 @@ writes to `output_dir`: the LoRA adapter and model card, `eval_table.md` / `eval
 the training and the held-out prompts, fresh seeds), `samples.gif` (held-out prompts, base vs trained) and
 `reward_curve.png`.
 
+`--config examples/configs/moving_shapes.yaml --reward_funcs random` trains on a control reward with no signal
+(uniform noise): what its run does to the model is what the update costs by itself, the baseline a real reward's gain
+should be read against.
+
 `--pipeline_name_or_path tiny-random` builds a tiny random pixel-space model trained toward red videos (the `redness`
 reward): a check of the plumbing, not a useful model. Two CPU processes (DDP over gloo):
 
@@ -73,6 +77,17 @@ def redness(prompts, videos, **kwargs):
     return ((r - (g + b) / 2).mean(dim=(1, 2, 3)) * 0.5 + 0.5).tolist()
 
 
+def random_reward(prompts, videos, **kwargs):
+    """
+    Control reward: uniform in [0, 1] from torch's global generator, whatever the video. A run on it alone has no
+    signal, so what it does to the model is what the update costs by itself (its drift from noisy advantages).
+    """
+    return torch.rand(len(prompts)).tolist()
+
+
+BUILTIN_REWARDS = {"redness": redness, "random": random_reward}
+
+
 @dataclass
 class ScriptArguments:
     pipeline_name_or_path: str = field(
@@ -88,8 +103,9 @@ class ScriptArguments:
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Reward functions: names from trl_arcopo.shapes, 'redness', or dotted import paths "
-            "('package.module.function'). None: the four Moving Shapes rewards, or 'redness' for tiny-random."
+            "help": "Reward functions: names from trl_arcopo.shapes, 'redness', 'random' (a control with no signal) "
+            "or dotted import paths ('package.module.function'). None: the four Moving Shapes rewards, or 'redness' "
+            "for tiny-random."
         },
     )
     shapes_pipeline_path: str | None = field(
@@ -119,14 +135,14 @@ class LoraArguments:
 
 
 def resolve_reward(name):
-    if name == "redness":
-        return redness
+    if name in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[name]
     if hasattr(shapes, name):
         return getattr(shapes, name)
     module, _, attr = name.rpartition(".")
     if not module:
         raise ValueError(
-            f"Unknown reward {name!r}: use 'redness', a Moving Shapes reward ({', '.join(SHAPES_REWARDS)}, "
+            f"Unknown reward {name!r}: use 'redness', 'random', a Moving Shapes reward ({', '.join(SHAPES_REWARDS)}, "
             "combined_reward) or a dotted path 'package.module.function'."
         )
     return getattr(importlib.import_module(module), attr)

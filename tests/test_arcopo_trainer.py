@@ -436,3 +436,22 @@ def test_main_job_report_files_and_paired_difference(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     assert "per seed set: +0.100, +0.130 (mean +0.115 ± 0.021; the base's seed-to-seed spread is 0.014)" in table
     assert "All-correct rate, trained − base per seed set: +0.200, +0.100 (mean +0.150 ± 0.071;" in table
+
+
+def test_example_random_control_reward_ignores_the_videos(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_arcopo", os.path.join(ROOT, "examples", "train_arcopo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    control = module.resolve_reward("random")
+    prompts = ["a red square moving left"] * 5
+    torch.manual_seed(3)
+    first = control(prompts, torch.zeros(5, 12, 3, 32, 32))
+    torch.manual_seed(3)
+    second = control(prompts, torch.ones(5, 12, 3, 32, 32))  # other videos, same generator state: same scores
+    assert first == second and len(first) == 5 and all(0 <= r <= 1 for r in first) and len(set(first)) == 5
+    assert module.resolve_reward("redness") is module.redness
+    assert module.resolve_reward("shape_reward").__name__ == "shape_reward"
+    with pytest.raises(ValueError, match="'random'"):
+        module.resolve_reward("no_such_reward")
