@@ -369,14 +369,20 @@ def test_evaluation_and_sample_videos(tmp_path):
     assert "eval_reward" in logged and "eval_rewards/redness/mean" in logged and "eval_loss" in logged
 
 
-def test_example_parses_yaml_config(tmp_path):
+def _example_module():
+    """`examples/train_arcopo.py` imported as a module (it is a script, not part of the package)."""
     import importlib.util
-
-    from trl import TrlParser
 
     spec = importlib.util.spec_from_file_location("train_arcopo", os.path.join(ROOT, "examples", "train_arcopo.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_example_parses_yaml_config(tmp_path):
+    from trl import TrlParser
+
+    module = _example_module()
     parser = TrlParser((module.ScriptArguments, ARCoPOConfig, module.LoraArguments))
     config = os.path.join(ROOT, "examples", "configs", "tiny.yaml")
     script_args, training_args, lora_args = parser.parse_args_and_config(
@@ -414,11 +420,7 @@ def test_beta_penalty_is_zero_at_init_and_grows(tmp_path):
 
 
 def test_main_job_report_files_and_paired_difference(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_arcopo", os.path.join(ROOT, "examples", "train_arcopo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _example_module()
 
     def result(by_seed):  # an `evaluate_generator` result with two seed sets
         t = torch.tensor(by_seed)
@@ -439,11 +441,7 @@ def test_main_job_report_files_and_paired_difference(tmp_path):
 
 
 def test_example_random_control_reward_ignores_the_videos(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_arcopo", os.path.join(ROOT, "examples", "train_arcopo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _example_module()
     control = module.resolve_reward("random")
     prompts = ["a red square moving left"] * 5
     torch.manual_seed(3)
