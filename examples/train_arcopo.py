@@ -121,6 +121,13 @@ class ScriptArguments:
         },
     )
     torch_dtype: str = field(default="float32", metadata={"help": "Transformer dtype: float32, bfloat16, float16."})
+    num_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPU threads for torch. None: every core this process may use when it trains on the CPU as a "
+            "single process (`accelerate launch` otherwise pins OMP_NUM_THREADS=1), else torch's default."
+        },
+    )
 
 
 @dataclass
@@ -132,6 +139,21 @@ class LoraArguments:
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
         metadata={"help": "Module name suffixes that get a LoRA."},
     )
+
+
+def cpu_threads(requested, num_processes, device_type, num_cores):
+    """
+    Threads torch should use, or `None` to keep its default. Without `--num_cpu_threads_per_process`,
+    `accelerate launch` sets OMP_NUM_THREADS=1 even for a single process on a CPU-only machine, which leaves the other
+    cores idle (the Moving Shapes main job runs about 1.6 times faster on 2 cores than on 1).
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--num_threads must be at least 1, got {requested}; omit it to use every core.")
+        return requested
+    if device_type != "cpu" or num_processes > 1:
+        return None
+    return num_cores
 
 
 def resolve_reward(name):
@@ -201,6 +223,11 @@ def write_shapes_report(output_dir, before, after, videos_before, videos_after, 
 
 
 def main(script_args, training_args, lora_args):
+    state = PartialState()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = cpu_threads(script_args.num_threads, state.num_processes, state.device.type, cores)
+    if threads is not None:
+        torch.set_num_threads(threads)
     shapes_world = script_args.pipeline_name_or_path == MOVING_SHAPES
     # Model
     if shapes_world:
@@ -231,7 +258,7 @@ def main(script_args, training_args, lora_args):
         dataset = Dataset.from_dict({"prompt": TOY_PROMPTS})
 
     # Moving Shapes: the base model's scores and samples, before the adapter exists
-    report = shapes_world and PartialState().is_main_process
+    report = shapes_world and state.is_main_process
     if report:
         grid_seeds = list(range(len(shapes.HELDOUT_PROMPTS)))
         before = evaluate_shapes(pipeline, training_args, script_args.eval_num_seeds)

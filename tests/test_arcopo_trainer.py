@@ -399,6 +399,17 @@ def test_example_parses_yaml_config(tmp_path):
     assert script_args.pipeline_name_or_path == "moving-shapes" and training_args.max_steps > 0
 
 
+def test_example_uses_every_core_when_alone_on_cpu():
+    """`accelerate launch` pins OMP_NUM_THREADS=1; the example takes the cores back only where that is safe."""
+    cpu_threads = _example_module().cpu_threads
+    assert cpu_threads(None, 1, "cpu", 2) == 2  # one process on a CPU machine: every core
+    assert cpu_threads(None, 2, "cpu", 2) is None  # several processes share the cores: keep accelerate's split
+    assert cpu_threads(None, 1, "cuda", 8) is None  # the GPU does the work
+    assert cpu_threads(3, 1, "cuda", 8) == 3  # an explicit request always wins
+    with pytest.raises(ValueError, match="--num_threads must be at least 1, got 0"):
+        cpu_threads(0, 1, "cpu", 2)
+
+
 def test_beta_penalty_is_zero_at_init_and_grows(tmp_path):
     """With beta > 0 the reference is the transformer with the adapter disabled: equal to the policy at init."""
     trainer = _trainer(tmp_path, beta=0.1, max_steps=4)
