@@ -233,3 +233,25 @@ def test_reward_signature_and_outputs(ground_truth):
         colour_reward(["a red fox"], videos[:1])
     with pytest.raises(ValueError, match=r"\[N, F, 3, H, W\]"):
         colour_reward(prompts, videos[:, :, 0])
+
+
+def test_gradient_signal_share_closed_form():
+    """`benchmarks/moving_shapes_gradient_signal.py`: gradients `μ + n_a` with orthogonal noises of equal norm have a
+    signal share of exactly `|μ|² / (|μ|² + |n|²)`; pure noise along a few directions scores 0."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "moving_shapes_gradient_signal.py")
+    spec = importlib.util.spec_from_file_location("moving_shapes_gradient_signal", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    eye = torch.eye(6, dtype=torch.float64)
+    mu, noise = 2.0 * eye[0], 3.0 * eye[1:5]  # 4 groups: the same μ, orthogonal noises of norm 3
+    stats = module.signal_statistics(mu + noise)
+    assert stats["signal_share"] == pytest.approx(4 / 13)
+    assert stats["mean_cosine"] == pytest.approx(4 / 13)
+    assert stats["directions"] == pytest.approx((13 / 4) ** 2)
+    signs = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]], dtype=torch.float64)
+    flips = module.signal_statistics(signs * eye[:1])  # one direction, each group its own sign: no common direction
+    assert flips["signal_share"] == pytest.approx(-1 / 3) and flips["directions"] == pytest.approx(1.0)
