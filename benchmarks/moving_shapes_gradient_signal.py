@@ -103,6 +103,8 @@ def main():
     parser.add_argument(
         "--scale_rewards", default="group", help="'group' (the default) or 'none' (advantages r - mean)."
     )
+    parser.add_argument("--loss_type", default="arcopo", help="'arcopo' or 'sde_grpo' (the baseline's own rollouts).")
+    parser.add_argument("--train_denoising_steps", type=int, nargs="+", default=None, help="Default: every step.")
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -119,6 +121,8 @@ def main():
             fork_noise_scale=args.fork_noise_scale,
             pivot_chunk=0,
             scale_rewards=args.scale_rewards,
+            loss_type=args.loss_type,
+            train_denoising_steps=args.train_denoising_steps,
             report_to="none",
             seed=args.seed,
         )
@@ -149,7 +153,8 @@ def main():
 
     print(
         f"{args.groups_per_shape} groups per shape of G = {args.num_generations}, {args.num_anchors} anchors, "
-        f"fork_noise_scale {args.fork_noise_scale}, scale_rewards {args.scale_rewards!r}"
+        f"fork_noise_scale {args.fork_noise_scale}, scale_rewards {args.scale_rewards!r}, loss {args.loss_type!r}, "
+        f"denoising steps {args.train_denoising_steps or 'all'}"
     )
     print()
     print(
