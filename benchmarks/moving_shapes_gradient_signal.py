@@ -122,6 +122,8 @@ def main():
             pivot_chunk=0,
             scale_rewards=args.scale_rewards,
             loss_type=args.loss_type,
+            # SDE-GRPO explores through the re-noise of Self-Forcing's consistency sampler (as in moving_shapes.py)
+            sampler="consistency" if args.loss_type == "sde_grpo" else None,
             train_denoising_steps=args.train_denoising_steps,
             report_to="none",
             seed=args.seed,
