@@ -14,8 +14,8 @@
 """
 How much of one group's AR-CoPO gradient is signal, on the shipped Moving Shapes generator.
 
-    python benchmarks/moving_shapes_gradient_signal.py                     # 20 training prompts per shape
-    python benchmarks/moving_shapes_gradient_signal.py --same_prompt       # one prompt per shape, 20 noises each
+    python benchmarks/moving_shapes_gradient_signal.py                     # 40 groups over the 20 prompts of each shape
+    python benchmarks/moving_shapes_gradient_signal.py --same_prompt       # one prompt per shape, 40 noises each
 
 For each group (one prompt, G candidates forked at the first chunk, the main job's configuration) the benchmark takes
 the gradient of the first inner update's loss with respect to the fresh LoRA, `g`, twice on the same rollout and the
@@ -95,7 +95,7 @@ def group_gradients(trainer, prompts, seed, desc=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--groups_per_shape", type=int, default=20)
+    parser.add_argument("--groups_per_shape", type=int, default=40)
     parser.add_argument("--same_prompt", action="store_true", help="One prompt per shape, a fresh noise per group.")
     parser.add_argument("--num_generations", type=int, default=8)
     parser.add_argument("--num_anchors", type=int, default=4)
