@@ -57,6 +57,7 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
+from trl_arcopo.arcopo_trainer import DEFAULT_LORA_TARGETS
 from trl_arcopo.merging import combine_adapters
 from trl_arcopo.shapes import (
     HELDOUT_PROMPTS,
@@ -73,7 +74,6 @@ from trl_arcopo.shapes import (
 from trl_arcopo.shapes.pretrained import PRETRAINED_PATH
 
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 TRAINED = ("arcopo", "sde_grpo", "semi", "no_clip")
 MERGE_SCALES = (0.4, 0.6, 0.8, 1.0)
 COLUMNS = [
@@ -221,7 +221,7 @@ def train_one(method, seed, args):
         reward_funcs=[colour_reward, shape_reward, direction_reward, temporal_quality_reward],
         args=config,
         train_dataset=make_dataset("train"),
-        peft_config=LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=LORA_TARGETS),
+        peft_config=LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=DEFAULT_LORA_TARGETS),
         callbacks=[curve_cb],
     )
     start = time.perf_counter()

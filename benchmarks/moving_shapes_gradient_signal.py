@@ -45,6 +45,7 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
+from trl_arcopo.arcopo_trainer import DEFAULT_LORA_TARGETS
 from trl_arcopo.loss import group_advantages
 from trl_arcopo.shapes import SHAPES, TRAIN_PROMPTS, load_pretrained_pipeline, make_dataset
 from trl_arcopo.shapes import rewards as shape_rewards
@@ -131,7 +132,7 @@ def main():
         lora = LoraConfig(
             r=args.lora_r,
             lora_alpha=2 * args.lora_r,
-            target_modules=["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
+            target_modules=DEFAULT_LORA_TARGETS,
         )
         trainer = ARCoPOTrainer(
             pipeline=pipeline, reward_funcs=REWARDS, args=config, train_dataset=make_dataset("train"), peft_config=lora

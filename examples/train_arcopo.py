@@ -53,6 +53,7 @@ from peft import LoraConfig
 from trl import TrlParser
 
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer, SelfForcingPipeline, shapes
+from trl_arcopo.arcopo_trainer import DEFAULT_LORA_TARGETS
 from trl_arcopo.shapes.evaluation import (
     evaluate_generator,
     format_table,
@@ -136,7 +137,7 @@ class LoraArguments:
     lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha (paper: 128)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         metadata={"help": "Module name suffixes that get a LoRA."},
     )
 
