@@ -12,7 +12,7 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
-from trl_arcopo.testing_utils import tiny_pipeline
+from trl_arcopo.testing_utils import load_script, tiny_pipeline
 
 
 PROMPTS = ["a red fox jumps", "a cat runs on the beach", "a dog in snow", "a blue car at night"]
@@ -371,12 +371,7 @@ def test_evaluation_and_sample_videos(tmp_path):
 
 def _example_module():
     """`examples/train_arcopo.py` imported as a module (it is a script, not part of the package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_arcopo", os.path.join(ROOT, "examples", "train_arcopo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.join(ROOT, "examples", "train_arcopo.py"))
 
 
 def test_example_parses_yaml_config(tmp_path):

@@ -238,13 +238,13 @@ def test_reward_signature_and_outputs(ground_truth):
 def test_gradient_signal_share_closed_form():
     """`benchmarks/moving_shapes_gradient_signal.py`: gradients `μ + n_a` with orthogonal noises of equal norm have a
     signal share of exactly `|μ|² / (|μ|² + |n|²)`; pure noise along a few directions scores 0."""
-    import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "moving_shapes_gradient_signal.py")
-    spec = importlib.util.spec_from_file_location("moving_shapes_gradient_signal", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from trl_arcopo.testing_utils import load_script
+
+    module = load_script(
+        os.path.join(os.path.dirname(__file__), "..", "benchmarks", "moving_shapes_gradient_signal.py")
+    )
 
     eye = torch.eye(6, dtype=torch.float64)
     mu, noise = 2.0 * eye[0], 3.0 * eye[1:5]  # 4 groups: the same μ, orthogonal noises of norm 3

@@ -136,3 +136,15 @@ def tiny_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_script(path: str):
+    """A script that is not part of the package (`examples/...py`, `benchmarks/...py`) imported as a module."""
+    import importlib.util
+    import os
+
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
