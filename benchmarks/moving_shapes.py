@@ -12,33 +12,38 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-The paper's table in miniature: alignment methods on the Moving Shapes world at equal compute.
+The paper's Fig. 2 and Table 2/3 in miniature, on the Moving Shapes world, around its preference reward (subject
+prominence, `trl_arcopo.shapes.prominence_reward`).
 
-    python benchmarks/moving_shapes.py                       # all methods, seeds 0 1 2, writes docs/benchmarks/
-    python benchmarks/moving_shapes.py --methods arcopo sde_grpo --seeds 0 --budget 20000
+    python benchmarks/moving_shapes.py                     # every method, seeds 0 1 2, writes docs/benchmarks/
+    python benchmarks/moving_shapes.py --methods arcopo_consistency sde_grpo --seeds 0 --budget 8000
 
-Every method starts from the shipped Moving Shapes generator with a fresh LoRA and trains on the 60 RL-training prompts
-with the four verifiable rewards (colour, shape, direction, temporal quality) until it has spent the same budget of
-transformer chunk-forwards (a forward on a batch of n chunks counts n; rollouts, buffer collection, updates and
-reference passes all count; evaluation does not). Every group forks at `--pivot_chunk` (default 0: the first chunk,
-which decides this world's shape and direction; `none` draws it uniformly, as the paper does). Methods:
+Every method starts from the shipped generator with a fresh LoRA and takes the main job's configuration
+(`examples/configs/moving_shapes.yaml`: prompts per step, G, anchors, inner updates, learning rate, pivot, LoRA rank)
+with the changes listed below. It trains until it has spent `--budget` transformer chunk-forwards (a forward on a batch
+of n chunks counts n; rollouts, buffer collection, updates and reference passes all count; evaluation does not).
 
-- `base`: the shipped model, no training;
-- `arcopo`: AR-CoPO on-policy (forked rollouts, neighbour noise at one chunk, contrastive clipped loss);
+Fig. 2 analog, the preference alone, no KL penalty, reward versus forward passes:
+- `arcopo_consistency`: AR-CoPO on Self-Forcing's consistency sampler (the sampler SDE-GRPO needs);
 - `sde_grpo`: the SDE-GRPO baseline on the same sampler (shared initial noise, candidates differ in the pivot chunk's
   re-noise, Gaussian log-probability ratio);
-- `semi`: AR-CoPO semi-on-policy (a buffer of reference rollouts, `π_old` = reference, ratio clip as trust region);
-- `merged@s`: the `semi` adapter plus `s` times the `arcopo` adapter of the same seed (its compute is the sum);
-- `no_clip`: the off-policy ablation, `semi` without the ratio clip.
+- `arcopo`: AR-CoPO on the ODE sampler (the shipped model's default).
 
-Evaluation: fresh seeds, `--eval_train_seeds` videos per training prompt and `--eval_heldout_seeds` per held-out
-prompt (the same noises for every method). During training, every `--eval_every` steps, the combined reward of one
-video for each of the first `--curve_prompts` training prompts (the same noises at every point) gives the
-reward-versus-forward-passes curves. The defaults run all methods over 3 seeds in about 40 minutes on 2 CPU cores
-(39.3 min measured alone).
-Each finished training run is saved (`work_dir/METHOD-seedN/result.json`, atomically) and reused by a later
-invocation with the same settings, so an interrupted benchmark resumes where it stopped. Output: `results.json`, `results.md` (mean ± std over seeds) and
-`reward_vs_forwards.png` in `--output_dir`.
+Table 2/3 analog:
+- `base`: the shipped model, no training;
+- `arcopo`: the preference alone, on-policy: the reward hack;
+- `arcopo_dual`: the main job's rewards and settings (the preference next to colour, shape, direction and temporal
+  quality, KL penalty), on-policy;
+- `semi_dual`: the same rewards semi-on-policy (a buffer of `--buffer_size` reference groups, `π_old` = reference,
+  two-sided ratio clip `--delta`, no KL penalty: the reference is the trust region);
+- `merged@s`: the `semi_dual` adapter plus `s` times the `arcopo_dual` adapter of the same seed (compute: the sum).
+
+Evaluation: held-out prompts, fresh seeds (`--eval_seeds` videos per prompt, the same noises for every method), with
+the sampler the method trained on. Curves: every `--eval_every` steps the held-out preference of `--curve_seeds` videos
+per held-out prompt (the same noises at every point). Each finished training run is saved
+(`work_dir/METHOD-seedN/result.json`, atomically) and reused by a later invocation with the same settings, so an
+interrupted benchmark resumes where it stopped. Output in `--output_dir`: `results.json`, `results.md` (mean ± std over
+seeds), `preference_vs_forwards.png` (Fig. 2) and `dual_criterion.png` (Table 2/3).
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ import shutil
 import statistics
 import time
 import warnings
+from dataclasses import dataclass
 
+import yaml
 from peft import LoraConfig
 from transformers import TrainerCallback
 
@@ -61,34 +68,69 @@ from trl_arcopo.arcopo_trainer import DEFAULT_LORA_TARGETS
 from trl_arcopo.merging import combine_adapters
 from trl_arcopo.shapes import (
     HELDOUT_PROMPTS,
-    TRAIN_PROMPTS,
-    colour_reward,
-    direction_reward,
     evaluate_generator,
     load_pretrained_pipeline,
     make_dataset,
     plot_curves,
-    shape_reward,
-    temporal_quality_reward,
+    prominence_reward,
 )
+from trl_arcopo.shapes import rewards as shapes_rewards
 from trl_arcopo.shapes.pretrained import PRETRAINED_PATH
 
 
-TRAINED = ("arcopo", "sde_grpo", "semi", "no_clip")
+MAIN_JOB_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "configs", "moving_shapes.yaml")
+#: The main job's settings the benchmark takes (everything else is the benchmark's own).
+MAIN_JOB_KEYS = (
+    "per_device_train_batch_size",
+    "num_generations",
+    "num_anchors",
+    "num_iterations",
+    "learning_rate",
+    "pivot_chunk",
+    "train_denoising_steps",
+    "lora_r",
+    "lora_alpha",
+)
 MERGE_SCALES = (0.4, 0.6, 0.8, 1.0)
-COLUMNS = [
-    ("train reward", "train", "combined"),
-    ("train colour", "train", "colour_acc"),
-    ("train shape", "train", "shape_acc"),
-    ("train direction", "train", "direction_acc"),
-    ("train all-correct", "train", "all_correct"),
-    ("held-out colour", "heldout", "colour_acc"),
-    ("held-out shape", "heldout", "shape_acc"),
-    ("held-out direction", "heldout", "direction_acc"),
-    ("held-out all-correct", "heldout", "all_correct"),
-    ("held-out reward", "heldout", "combined"),
-    ("temporal quality", "heldout", "temporal_quality"),
+COLUMNS = [  # (title, result key), all on held-out prompts
+    ("preference", "prominence"),
+    ("all-correct", "all_correct"),
+    ("temporal quality", "temporal_quality"),
+    ("combined", "combined"),
 ]
+
+
+@dataclass(frozen=True)
+class Method:
+    title: str
+    dual: bool  # the main job's rewards, weights and KL penalty; else the preference alone without a penalty
+    loss_type: str = "arcopo"
+    sampler: str | None = None  # None: the pipeline's default (ODE for the shipped model)
+    semi_on_policy: bool = False
+
+
+METHODS = {
+    "arcopo": Method("AR-CoPO, preference alone (on-policy, ODE)", dual=False),
+    "arcopo_consistency": Method("AR-CoPO, preference alone (consistency sampler)", dual=False, sampler="consistency"),
+    "sde_grpo": Method(
+        "SDE-GRPO, preference alone (consistency sampler)", dual=False, loss_type="sde_grpo", sampler="consistency"
+    ),
+    "arcopo_dual": Method("AR-CoPO, preference + text alignment + quality (on-policy, the main job)", dual=True),
+    "semi_dual": Method(
+        "AR-CoPO semi-on-policy, preference + text alignment + quality", dual=True, semi_on_policy=True
+    ),
+}
+FIG2 = ("arcopo_consistency", "sde_grpo", "arcopo")
+
+
+def main_job_settings(path=MAIN_JOB_CONFIG):
+    """The main job's YAML: the shared settings, and its reward names, weights and KL penalty for the dual runs."""
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    shared = {k: config[k] for k in MAIN_JOB_KEYS if k in config}
+    names = config.get("reward_funcs") or ["prominence_reward"]
+    dual = {"reward_funcs": names, "reward_weights": config.get("reward_weights"), "beta": config.get("beta", 0.0)}
+    return shared, dual
 
 
 class ForwardCounter:
@@ -106,18 +148,20 @@ class ForwardCounter:
 
 
 class BudgetAndCurve(TrainerCallback):
-    """Stops at the forward budget; evaluates the training reward every `eval_every` steps (not counted)."""
+    """Stops at the forward budget; scores the held-out preference every `eval_every` steps (not counted)."""
 
-    def __init__(self, counter, pipeline, budget, eval_every, prompts, seed):
+    def __init__(self, counter, pipeline, budget, eval_every, num_seeds, seed, sampler):
         self.counter, self.pipeline, self.budget = counter, pipeline, budget
-        self.eval_every, self.prompts, self.seed = eval_every, prompts, seed
-        self.curve = []
+        self.eval_every, self.num_seeds, self.seed, self.sampler = eval_every, num_seeds, seed, sampler
+        self.curve = []  # (forwards, held-out preference)
 
     def evaluate(self):
         self.counter.active = False
-        result = evaluate_generator(self.pipeline, self.prompts, 1, seed=self.seed)
+        result = evaluate_generator(
+            self.pipeline, HELDOUT_PROMPTS, self.num_seeds, seed=self.seed, sampler=self.sampler
+        )
         self.counter.active = True
-        self.curve.append((self.counter.count, result["combined"]["mean"]))
+        self.curve.append((self.counter.count, result["prominence"]["mean"]))
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.evaluate()
@@ -130,58 +174,47 @@ class BudgetAndCurve(TrainerCallback):
         return control
 
 
-def config_for(method, seed, output_dir, args):
-    common = dict(
+def config_for(method: Method, seed, output_dir, args):
+    shared, dual = main_job_settings(args.main_job_config)
+    common = {k: v for k, v in shared.items() if not k.startswith("lora_")}
+    common.update(
         output_dir=output_dir,
         max_steps=10_000,  # the forward budget stops training
-        lr_scheduler_type="constant",
-        learning_rate=args.learning_rate,
-        per_device_train_batch_size=args.batch_size,
-        num_generations=args.num_generations,
-        num_anchors=args.num_anchors,
-        num_iterations=2,
-        pivot_chunk=args.pivot_chunk,
         report_to="none",
         save_strategy="no",
         logging_steps=1,
         seed=seed,
         use_cpu=True,
         disable_tqdm=True,
+        loss_type=method.loss_type,
+        sampler=method.sampler,
     )
-    if method == "sde_grpo":  # it explores through the re-noise of Self-Forcing's consistency sampler
-        common.update(loss_type="sde_grpo", sampler="consistency")
-    if method in ("semi", "no_clip"):
-        # each run collects its own buffer (in its output_dir), so the collection is charged to its budget
-        common.update(training_mode="semi_on_policy", replay_buffer_size=args.buffer_size)
-    if method == "semi":
-        # the reference never moves in this mode: the two-sided clip stops a drifting ratio from blowing up the update
-        common.update(delta=args.delta)
-    if method == "no_clip":
-        common.update(ratio_clip=False)
+    if method.dual:
+        common.update(reward_weights=dual["reward_weights"], beta=dual["beta"])
+    if method.semi_on_policy:
+        # each run collects its own buffer (in its output_dir), so the collection is charged to its budget; the
+        # reference never moves in this mode: the two-sided clip stops a drifting ratio from blowing up the update
+        common.update(training_mode="semi_on_policy", replay_buffer_size=args.buffer_size, delta=args.delta, beta=0.0)
     return ARCoPOConfig(**common)
 
 
-def evaluate(pipeline, seed, args):
-    # fresh seeds (training uses `seed`; evaluation sets start at 10_000)
-    return {
-        "train": evaluate_generator(pipeline, TRAIN_PROMPTS, args.eval_train_seeds, seed=10_000 + seed),
-        "heldout": evaluate_generator(pipeline, HELDOUT_PROMPTS, args.eval_heldout_seeds, seed=10_000 + seed),
-    }
+def reward_funcs_for(method: Method, args):
+    if not method.dual:
+        return [prominence_reward]
+    _, dual = main_job_settings(args.main_job_config)
+    return [getattr(shapes_rewards, name) for name in dual["reward_funcs"]]
+
+
+def evaluate(pipeline, seed, args, sampler):
+    # fresh seeds: training uses `seed`, the final evaluation 10_000 + seed, the curves 20_000 + seed
+    return evaluate_generator(pipeline, HELDOUT_PROMPTS, args.eval_seeds, seed=10_000 + seed, sampler=sampler)
 
 
 def run_settings(args):
     """The arguments a finished run depends on (a run is reused only when they are unchanged)."""
-    keys = ("budget", "batch_size", "num_generations", "num_anchors", "buffer_size", "learning_rate", "delta")
-    keys += (
-        "pivot_chunk",
-        "lora_r",
-        "eval_every",
-        "curve_prompts",
-        "eval_train_seeds",
-        "eval_heldout_seeds",
-        "pipeline_path",
-    )
+    keys = ("budget", "buffer_size", "delta", "eval_every", "curve_seeds", "eval_seeds", "pipeline_path")
     settings = {k: getattr(args, k) for k in keys}
+    settings["main_job"] = main_job_settings(args.main_job_config)
     settings["model_sha256"] = model_fingerprint(args.pipeline_path or PRETRAINED_PATH)
     return settings
 
@@ -196,32 +229,39 @@ def model_fingerprint(path: str) -> str:
     return digest.hexdigest()
 
 
-def train_one(method, seed, args):
-    done = os.path.join(args.work_dir, f"{method}-seed{seed}", "result.json")
+def train_one(name, seed, args):
+    method = METHODS[name]
+    output_dir = os.path.join(args.work_dir, f"{name}-seed{seed}")
+    done = os.path.join(output_dir, "result.json")
     if os.path.exists(done):  # finished by an earlier invocation with the same work_dir: reuse it
         with open(done) as f:
             run = json.load(f)
-        if run.get("settings") != run_settings(args):
+        if run.get("settings") != json.loads(json.dumps(run_settings(args))):
             raise ValueError(
                 f"{done} was made with other settings ({run.get('settings')}); delete {args.work_dir} or pass another "
                 "--work_dir to rerun."
             )
         return run
     pipeline = load_pretrained_pipeline(args.pipeline_path)
+    pipeline.set_progress_bar_config(disable=True)
     counter = ForwardCounter(pipeline.transformer)
-    output_dir = os.path.join(args.work_dir, f"{method}-seed{seed}")
-    # the curve: one video for each of the first `curve_prompts` training prompts, the same noises at every point
-    curve_prompts = TRAIN_PROMPTS[: args.curve_prompts]
-    curve_cb = BudgetAndCurve(counter, pipeline, args.budget, args.eval_every, curve_prompts, seed=20_000 + seed)
+    curve_cb = BudgetAndCurve(
+        counter, pipeline, args.budget, args.eval_every, args.curve_seeds, seed=20_000 + seed, sampler=method.sampler
+    )
+    shared, _ = main_job_settings(args.main_job_config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = config_for(method, seed, output_dir, args)
     trainer = ARCoPOTrainer(
         pipeline=pipeline,
-        reward_funcs=[colour_reward, shape_reward, direction_reward, temporal_quality_reward],
+        reward_funcs=reward_funcs_for(method, args),
         args=config,
         train_dataset=make_dataset("train"),
-        peft_config=LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=DEFAULT_LORA_TARGETS),
+        peft_config=LoraConfig(
+            r=shared.get("lora_r", 16),
+            lora_alpha=shared.get("lora_alpha", 2 * shared.get("lora_r", 16)),
+            target_modules=DEFAULT_LORA_TARGETS,
+        ),
         callbacks=[curve_cb],
     )
     start = time.perf_counter()
@@ -230,13 +270,13 @@ def train_one(method, seed, args):
     counter.active = False
     trainer.save_model(output_dir)
     run = {
-        "method": method,
+        "method": name,
         "seed": seed,
         "forwards": counter.count,
         "steps": trainer.state.global_step,
         "seconds": seconds,
         "curve": curve_cb.curve,
-        "eval": evaluate(pipeline, seed, args),
+        "eval": evaluate(pipeline, seed, args, method.sampler),
         "adapter": output_dir,
         "rollout_counts": dict(trainer.rollout_counts),
         "settings": run_settings(args),
@@ -248,14 +288,15 @@ def train_one(method, seed, args):
 
 
 def merged_one(scale, seed, runs, args):
-    semi = next(r for r in runs if r["method"] == "semi" and r["seed"] == seed)
-    on = next(r for r in runs if r["method"] == "arcopo" and r["seed"] == seed)
+    semi = next(r for r in runs if r["method"] == "semi_dual" and r["seed"] == seed)
+    on = next(r for r in runs if r["method"] == "arcopo_dual" and r["seed"] == seed)
     pipeline = load_pretrained_pipeline(args.pipeline_path)
+    pipeline.set_progress_bar_config(disable=True)
     pipeline.load_lora_weights(semi["adapter"], adapter_name="semi")
     pipeline.load_lora_weights(on["adapter"], adapter_name="on_policy")
     combine_adapters(pipeline, "semi", "on_policy", scale=scale)
     start = time.perf_counter()
-    result = evaluate(pipeline, seed, args)
+    result = evaluate(pipeline, seed, args, None)
     return {
         "method": f"merged@{scale}",
         "seed": seed,
@@ -267,56 +308,91 @@ def merged_one(scale, seed, runs, args):
     }
 
 
-def summarise(runs, methods):
-    def cell(values, digits=3):
-        if len(values) == 1:
-            return f"{values[0]:.{digits}f}"
-        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+def _cell(values, digits=3, sign=False):
+    fmt = f"{{:+.{digits}f}}" if sign else f"{{:.{digits}f}}"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {statistics.stdev(values):.{digits}f}"
 
-    header = ["method", *[c[0] for c in COLUMNS], "forward passes", "wall-clock (s)"]
+
+def summarise(runs, methods):
+    """Mean ± std over seeds of each column, and of trained − base per seed (the same evaluation noises)."""
+    base = {r["seed"]: r for r in runs if r["method"] == "base"}
+    header = ["method", *[c[0] for c in COLUMNS], "Δ preference", "Δ all-correct", "Δ temporal quality"]
+    header += ["forward passes", "wall-clock (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for method in methods:
         rows = [r for r in runs if r["method"] == method]
         if not rows:
             continue
-        cells = [cell([r["eval"][split][key]["mean"] for r in rows]) for _, split, key in COLUMNS]
-        forwards = cell([float(r["forwards"]) for r in rows], 0)
-        seconds = cell([r["seconds"] for r in rows], 0)
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {forwards} | {seconds} |")
+        cells = [_cell([r["eval"][key]["mean"] for r in rows]) for _, key in COLUMNS]
+        for key in ("prominence", "all_correct", "temporal_quality"):
+            if method == "base" or not base:
+                cells.append("")
+                continue
+            diffs = [r["eval"][key]["mean"] - base[r["seed"]]["eval"][key]["mean"] for r in rows if r["seed"] in base]
+            cells.append(_cell(diffs, sign=True))
+        forwards = _cell([float(r["forwards"]) for r in rows], 0)
+        seconds = _cell([r["seconds"] for r in rows], 0)
+        title = METHODS[method].title if method in METHODS else method
+        lines.append(f"| `{method}`: {title} | " + " | ".join(cells) + f" | {forwards} | {seconds} |")
     return "\n".join(lines)
+
+
+def mean_curve(runs, method):
+    """The seeds' curves on a common grid (their mean forwards at each point): `(x, mean, std)` or None."""
+    rows = [r for r in runs if r["method"] == method and r["curve"]]
+    if not rows:
+        return None
+    length = min(len(r["curve"]) for r in rows)
+    x = [statistics.mean(r["curve"][i][0] for r in rows) for i in range(length)]
+    ys = [[r["curve"][i][1] for r in rows] for i in range(length)]
+    return x, [statistics.mean(v) for v in ys], [statistics.stdev(v) if len(v) > 1 else 0.0 for v in ys]
+
+
+def forwards_to_reach(curve, target):
+    """First forward count at which a mean curve reaches `target` (linear between points), or None if it never does."""
+    x, y, _ = curve
+    for i, value in enumerate(y):
+        if value >= target:
+            if i == 0:
+                return x[0]
+            x0, x1, y0 = x[i - 1], x[i], y[i - 1]
+            return x0 + (x1 - x0) * (target - y0) / (value - y0)
+    return None
+
+
+def fig2_summary(runs):
+    """How many forward passes AR-CoPO needs to reach SDE-GRPO's final held-out preference (same sampler)."""
+    sde, arcopo = mean_curve(runs, "sde_grpo"), mean_curve(runs, "arcopo_consistency")
+    if sde is None or arcopo is None:
+        return None
+    target, sde_forwards = sde[1][-1], sde[0][-1]
+    reached = forwards_to_reach(arcopo, target)
+    ratio = None if reached is None else reached / sde_forwards
+    return {"sde_grpo_final": target, "sde_grpo_forwards": sde_forwards, "arcopo_forwards": reached, "ratio": ratio}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["base", *TRAINED, "merged"])
+    parser.add_argument("--methods", nargs="+", default=["base", *METHODS, "merged"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--budget", type=int, default=12000, help="Transformer chunk-forwards per training run.")
-    parser.add_argument("--batch_size", type=int, default=2, help="Prompts per step.")
-    parser.add_argument("--num_generations", type=int, default=4)
-    parser.add_argument("--num_anchors", type=int, default=2)
-    parser.add_argument("--buffer_size", type=int, default=16, help="Semi-on-policy buffer (groups).")
-    parser.add_argument("--learning_rate", type=float, default=3e-4)
+    parser.add_argument("--budget", type=int, default=6000, help="Transformer chunk-forwards per training run.")
+    parser.add_argument("--buffer_size", type=int, default=32, help="Semi-on-policy buffer (groups).")
     parser.add_argument("--delta", type=float, default=3.0, help="Two-sided clip of the semi-on-policy runs.")
-    parser.add_argument(
-        "--pivot_chunk",
-        type=lambda v: None if v.lower() == "none" else int(v),
-        default=0,
-        help="Chunk where every group forks ('none': uniform, as in the paper). Shape and direction are decided in "
-        "the first chunk of this world, so 0 (as in the main job).",
-    )
-    parser.add_argument("--lora_r", type=int, default=16)
-    parser.add_argument("--eval_every", type=int, default=12, help="Steps between points of the reward curve.")
-    parser.add_argument("--curve_prompts", type=int, default=12, help="Training prompts scored at each curve point.")
-    parser.add_argument("--eval_train_seeds", type=int, default=1, help="Final evaluation: videos per train prompt.")
-    parser.add_argument(
-        "--eval_heldout_seeds", type=int, default=4, help="Final evaluation: videos per held-out prompt."
-    )
+    parser.add_argument("--eval_every", type=int, default=4, help="Steps between points of the curves.")
+    parser.add_argument("--curve_seeds", type=int, default=2, help="Curves: videos per held-out prompt.")
+    parser.add_argument("--eval_seeds", type=int, default=8, help="Final evaluation: videos per held-out prompt.")
+    parser.add_argument("--main_job_config", default=MAIN_JOB_CONFIG, help="The main job's YAML (shared settings).")
     parser.add_argument("--pipeline_path", default=None, help="A pretraining output instead of the shipped model.")
     parser.add_argument("--work_dir", default="outputs/benchmark_moving_shapes")
     parser.add_argument("--output_dir", default="docs/benchmarks/moving_shapes")
     args = parser.parse_args()
-    if "merged" in args.methods and not {"semi", "arcopo"} <= set(args.methods):
-        parser.error("`merged` needs the `semi` and `arcopo` methods in --methods.")
+    unknown = set(args.methods) - {"base", "merged", *METHODS}
+    if unknown:
+        parser.error(f"Unknown methods {sorted(unknown)}; use base, merged or {', '.join(METHODS)}.")
+    if "merged" in args.methods and not {"semi_dual", "arcopo_dual"} <= set(args.methods):
+        parser.error("`merged` needs the `semi_dual` and `arcopo_dual` methods in --methods.")
     os.makedirs(args.work_dir, exist_ok=True)
     os.makedirs(args.output_dir, exist_ok=True)
     total_start = time.perf_counter()
@@ -324,58 +400,98 @@ def main():
     runs = []
     if "base" in args.methods:
         pipeline = load_pretrained_pipeline(args.pipeline_path)
+        pipeline.set_progress_bar_config(disable=True)
         start = time.perf_counter()
         for seed in args.seeds:
-            result = evaluate(pipeline, seed, args)
+            result = evaluate(pipeline, seed, args, None)
             runs.append(dict(method="base", seed=seed, forwards=0, steps=0, seconds=0.0, curve=[], eval=result))
         print(f"base evaluated in {time.perf_counter() - start:.0f} s", flush=True)
-    for method in (m for m in TRAINED if m in args.methods):
+    for name in (m for m in METHODS if m in args.methods):
         for seed in args.seeds:
-            run = train_one(method, seed, args)
+            run = train_one(name, seed, args)
             runs.append(run)
             print(
-                f"{method} seed {seed}: {run['steps']} steps, {run['forwards']} forwards, {run['seconds']:.0f} s, "
-                f"held-out reward {run['eval']['heldout']['combined']['mean']:.3f}, "
-                f"train reward {run['eval']['train']['combined']['mean']:.3f}",
+                f"{name} seed {seed}: {run['steps']} steps, {run['forwards']} forwards, {run['seconds']:.0f} s, "
+                f"held-out preference {run['eval']['prominence']['mean']:.3f}, all-correct "
+                f"{run['eval']['all_correct']['mean']:.3f}, temporal quality "
+                f"{run['eval']['temporal_quality']['mean']:.3f}",
                 flush=True,
             )
-    methods = ["base", *TRAINED]
+    methods = ["base", *METHODS]
     if "merged" in args.methods:
         for scale in MERGE_SCALES:
             methods.append(f"merged@{scale}")
             for seed in args.seeds:
                 runs.append(merged_one(scale, seed, runs, args))
 
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "runs": [{k: v for k, v in r.items() if k != "adapter"} for r in runs]}, f)
-    table = summarise(runs, methods)
     total = time.perf_counter() - total_start
+    fig2 = fig2_summary(runs)
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        record = {"args": vars(args), "fig2": fig2, "total_seconds": total}
+        record["runs"] = [{k: v for k, v in r.items() if k not in ("adapter", "settings")} for r in runs]
+        json.dump(record, f, indent=1)
+    lines = [summarise(runs, methods), ""]
+    lines.append(
+        f"Held-out prompts (12 × {args.eval_seeds} fresh seeds), each method on the sampler it trained on; mean ± std "
+        f"over seeds {args.seeds}; Δ: trained − base per seed (the same noises). Budget {args.budget} chunk-forwards "
+        f"per training run; total wall-clock {total / 60:.1f} min."
+    )
+    if fig2 is not None:
+        if fig2["ratio"] is None:
+            reach = "AR-CoPO does not reach it within the budget"
+        else:
+            reach = f"AR-CoPO reaches it after {fig2['arcopo_forwards']:.0f} ({fig2['ratio']:.2f}× SDE-GRPO's)"
+        lines += [
+            "",
+            f"Fig. 2 (consistency sampler, preference alone): SDE-GRPO ends at held-out preference "
+            f"{fig2['sde_grpo_final']:.3f} after {fig2['sde_grpo_forwards']:.0f} chunk-forwards; {reach}.",
+        ]
+    text = "\n".join(lines)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-        f.write(table + f"\n\nmean ± std over seeds {args.seeds}; total wall-clock {total / 60:.1f} min.\n")
-    print(table)
+        f.write(text + "\n")
+    print(text)
 
-    curves = {}
-    for method in TRAINED:
-        rows = [r for r in runs if r["method"] == method and r["curve"]]
-        if not rows:
-            continue
-        length = min(len(r["curve"]) for r in rows)
-        x = [statistics.mean(r["curve"][i][0] for r in rows) for i in range(length)]
-        ys = [[r["curve"][i][1] for r in rows] for i in range(length)]
-        y = [statistics.mean(v) for v in ys]
-        y_std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in ys]
-        curves[method] = (x, y, y_std)
+    curves = {METHODS[m].title: c for m in FIG2 if (c := mean_curve(runs, m)) is not None}
     if curves:
         plot_curves(
-            os.path.join(args.output_dir, "reward_vs_forwards.png"),
+            os.path.join(args.output_dir, "preference_vs_forwards.png"),
             curves,
             "transformer chunk-forwards",
-            "combined reward, training prompts (fresh seeds)",
-            "Moving Shapes: reward vs compute",
+            "held-out preference (prominence), fresh seeds",
+            "Moving Shapes: preference vs compute (mean ± std over seeds)",
         )
+    plot_dual_criterion(runs, methods, os.path.join(args.output_dir, "dual_criterion.png"))
     print(f"total {total / 60:.1f} min; results in {args.output_dir}")
     if os.path.isdir(args.work_dir) and os.environ.get("ARCOPO_BENCH_CLEAN"):
         shutil.rmtree(args.work_dir)
+
+
+def plot_dual_criterion(runs, methods, path):
+    """Table 2/3 as a scatter: held-out preference against temporal quality and all-correct, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for ax, (key, label) in zip(axes, (("temporal_quality", "temporal quality"), ("all_correct", "all-correct"))):
+        for method in methods:
+            rows = [r for r in runs if r["method"] == method]
+            if not rows or method in ("arcopo_consistency", "sde_grpo"):
+                continue
+            x = [r["eval"]["prominence"]["mean"] for r in rows]
+            y = [r["eval"][key]["mean"] for r in rows]
+            xe = statistics.stdev(x) if len(x) > 1 else 0.0
+            ye = statistics.stdev(y) if len(y) > 1 else 0.0
+            ax.errorbar(statistics.mean(x), statistics.mean(y), xerr=xe, yerr=ye, marker="o", capsize=3, label=method)
+        ax.set_xlabel("held-out preference (prominence)")
+        ax.set_ylabel(f"held-out {label}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Moving Shapes: the dual criterion (preference up, quality and text alignment kept)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

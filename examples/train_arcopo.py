@@ -70,6 +70,14 @@ MOVING_SHAPES, TINY_RANDOM = "moving-shapes", "tiny-random"
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "moving_shapes.yaml")
 TOY_PROMPTS = ["a red fox jumps over a blue car", "a cat runs on the beach", "a dog in snow at night"]
 SHAPES_REWARDS = ["colour_reward", "shape_reward", "direction_reward", "temporal_quality_reward"]
+#: The main job's report: trained - base per evaluation seed set for these scores (name in the table, result key).
+REPORTED_DIFFERENCES = (
+    ("Preference (prominence)", "prominence"),
+    ("All-correct rate", "all_correct"),
+    ("Temporal quality", "temporal_quality"),
+    ("Combined reward", "combined"),
+)
+REPORT_KEYS = ["prominence", "colour_acc", "shape_acc", "direction_acc", "all_correct", "temporal_quality", "combined"]
 
 
 def redness(prompts, videos, **kwargs):
@@ -182,22 +190,31 @@ def evaluate_shapes(pipeline, training_args, num_seeds):
     }
 
 
-def write_shapes_report(output_dir, before, after, videos_before, videos_after, log_history):
+def write_shapes_report(output_dir, before, after, videos_before, videos_after, log_history, reward_names):
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "eval_results.json"), "w") as f:
         json.dump({"base": before, "trained": after}, f, indent=2)
     lines = ["# Moving Shapes: base vs AR-CoPO", ""]
     for split, title in (("train", "RL-training prompts (60)"), ("heldout", "held-out prompts (12)")):
-        lines += [f"## {title}", "", format_table({"base": before[split], "AR-CoPO": after[split]}), ""]
-        for key, name in (("combined", "Combined reward"), ("all_correct", "All-correct rate")):
+        table = format_table({"base": before[split], "AR-CoPO": after[split]}, keys=REPORT_KEYS)
+        lines += [f"## {title}", "", table, ""]
+        lines += [
+            "| trained − base | per seed set | mean ± std | base spread | mean / spread |",
+            "| --- |" + " --- |" * 4,
+        ]
+        for name, key in REPORTED_DIFFERENCES:
             diff = paired_difference(before[split], after[split], key=key)
             per_seed = ", ".join(f"{d:+.3f}" for d in diff["by_seed"])
+            ratio = diff["mean"] / diff["base_spread"] if diff["base_spread"] > 0 else float("nan")
             lines.append(
-                f"{name}, trained − base per seed set: {per_seed} (mean {diff['mean']:+.3f} ± "
-                f"{diff['std']:.3f}; the base's seed-to-seed spread is {diff['base_spread']:.3f})."
+                f"| {name} | {per_seed} | {diff['mean']:+.3f} ± {diff['std']:.3f} | {diff['base_spread']:.3f} | "
+                f"{ratio:+.1f}× |"
             )
-            lines.append("")
-    lines.append("mean ± std over evaluation seed sets (the same noises for both models).")
+        lines.append("")
+    lines.append(
+        "mean ± std over evaluation seed sets (the same noises for both models); `*_acc` are the fractions of videos "
+        "scoring ≥ 0.5; `prominence` is the preference the job trains for (`trl_arcopo.shapes.prominence_reward`)."
+    )
     table = "\n".join(lines)
     with open(os.path.join(output_dir, "eval_table.md"), "w") as f:
         f.write(table + "\n")
@@ -207,8 +224,8 @@ def write_shapes_report(output_dir, before, after, videos_before, videos_after, 
         list(shapes.HELDOUT_PROMPTS),
     )
     steps = [h["step"] for h in log_history if "reward" in h]
-    curves = {"reward (sum of 4)": (steps, smooth([h["reward"] for h in log_history if "reward" in h]), None)}
-    for name in SHAPES_REWARDS:
+    curves = {"reward (weighted sum)": (steps, smooth([h["reward"] for h in log_history if "reward" in h]), None)}
+    for name in reward_names:
         key = f"rewards/{name}/mean"
         values = [h[key] for h in log_history if key in h]
         if len(values) == len(steps):
@@ -281,7 +298,13 @@ def main(script_args, training_args, lora_args):
         after = evaluate_shapes(pipeline, training_args, script_args.eval_num_seeds)
         videos_after = generate_videos(pipeline, shapes.HELDOUT_PROMPTS, grid_seeds, sampler=training_args.sampler)
         table = write_shapes_report(
-            training_args.output_dir, before, after, videos_before, videos_after, trainer.state.log_history
+            training_args.output_dir,
+            before,
+            after,
+            videos_before,
+            videos_after,
+            trainer.state.log_history,
+            [name.rpartition(".")[2] for name in reward_names],
         )
         print(table)
         print(

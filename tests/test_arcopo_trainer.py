@@ -431,19 +431,23 @@ def test_main_job_report_files_and_paired_difference(tmp_path):
     def result(by_seed):  # an `evaluate_generator` result with two seed sets
         t = torch.tensor(by_seed)
         entry = {"mean": t.mean().item(), "std": t.std().item(), "by_seed": by_seed}
-        keys = ["colour_acc", "shape_acc", "direction_acc", "all_correct", "temporal_quality", "combined"]
-        return dict.fromkeys(keys, entry)
+        return dict.fromkeys(module.REPORT_KEYS, entry)
 
     before = {"train": result([0.30, 0.34]), "heldout": result([0.30, 0.32])}
     after = {"train": result([0.35, 0.37]), "heldout": result([0.40, 0.45])}
     after["heldout"] = {**after["heldout"], "all_correct": result([0.50, 0.42])["all_correct"]}
+    after["heldout"]["prominence"] = result([0.62, 0.66])["prominence"]
     videos = torch.rand(12, 12, 3, 32, 32)
     log = [{"step": s, "reward": 1.0 + s, "rewards/colour_reward/mean": 0.5} for s in (1, 2, 3)]
-    table = module.write_shapes_report(str(tmp_path), before, after, videos, videos, log)
+    table = module.write_shapes_report(str(tmp_path), before, after, videos, videos, log, ["colour_reward"])
     for name in ("eval_results.json", "eval_table.md", "samples.gif", "reward_curve.png"):
         assert (tmp_path / name).stat().st_size > 0
-    assert "per seed set: +0.100, +0.130 (mean +0.115 ± 0.021; the base's seed-to-seed spread is 0.014)" in table
-    assert "All-correct rate, trained − base per seed set: +0.200, +0.100 (mean +0.150 ± 0.071;" in table
+    header = "| | prominence | colour_acc | shape_acc | direction_acc | all_correct | temporal_quality | combined |"
+    assert table.count(header) == 2  # one table per split, the preference first
+    # held-out: trained − base per seed set, its mean ± std, the base's spread (0.014) and the ratio to it
+    assert "| Preference (prominence) | +0.320, +0.340 | +0.330 ± 0.014 | 0.014 | +23.3× |" in table
+    assert "| All-correct rate | +0.200, +0.100 | +0.150 ± 0.071 | 0.014 | +10.6× |" in table
+    assert "| Temporal quality | +0.100, +0.130 | +0.115 ± 0.021 | 0.014 | +8.1× |" in table
 
 
 def test_example_random_control_reward_ignores_the_videos(tmp_path):

@@ -18,6 +18,7 @@ from trl_arcopo.shapes import (
     format_prompt,
     make_dataset,
     parse_prompt,
+    prominence_reward,
     render_batch,
     render_video,
     sample_motion,
@@ -37,7 +38,15 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-REWARDS = [colour_reward, shape_reward, direction_reward, temporal_quality_reward, combined_reward, all_correct]
+REWARDS = [
+    colour_reward,
+    shape_reward,
+    direction_reward,
+    temporal_quality_reward,
+    combined_reward,
+    all_correct,
+    prominence_reward,
+]
 SEEDS = (0, 1, 2)
 
 
@@ -233,6 +242,52 @@ def test_reward_signature_and_outputs(ground_truth):
         colour_reward(["a red fox"], videos[:1])
     with pytest.raises(ValueError, match=r"\[N, F, 3, H, W\]"):
         colour_reward(prompts, videos[:, :, 0])
+
+
+def test_prominence_closed_form_and_monotone_in_size():
+    """5 x the bright-pixel fraction, clipped at 1; for ground truth it rises with the object's size."""
+    videos = torch.zeros(3, 2, 3, 10, 10)
+    videos[0, :, 0, :2, :5] = 1.0  # 10 of 100 pixels bright in every frame: 5 * 0.1
+    videos[1, 0, 1, :4] = 0.9  # 40 bright pixels in one frame of two: 5 * 0.2, exactly the clip
+    videos[2] = 0.5  # not above the threshold
+    assert prominence_reward(["p"] * 3, videos) == pytest.approx([0.5, 1.0, 0.0])
+    # ground truth of every shape, static, at growing object sizes: strictly increasing scores
+    for shape in SHAPES:
+        scores = []
+        for side in (4, 6, 8, 10, 12):
+            frame = torch.zeros(3, 32, 32)
+            if shape == "square":
+                frame[0, 10 : 10 + side, 10 : 10 + side] = 1.0
+            else:
+                ys, xs = torch.meshgrid(torch.arange(32.0) + 0.5, torch.arange(32.0) + 0.5, indexing="ij")
+                dy, dx = ys - 16, xs - 16
+                half = side / 2
+                inside = (
+                    dx**2 + dy**2 <= half**2 if shape == "circle" else (dy <= half) & (dx.abs() <= (dy + half) / 2)
+                )
+                frame[0][inside & (dy >= -half)] = 1.0
+            scores.append(prominence_reward(["p"], frame.expand(1, 12, 3, 32, 32))[0])
+        assert all(a < b for a, b in zip(scores, scores[1:])), (shape, scores)
+
+
+def test_prominence_is_hacked_by_a_blob_and_ignores_the_prompt(ground_truth):
+    """A frame-filling blob is the degenerate optimum: prominence 1, no object, so all-correct 0; noise and blank
+    videos score as their bright pixels say, whatever the prompt."""
+    prompts, _, videos = ground_truth
+    prompts, videos = prompts[:24], videos[:24]
+    truth = torch.tensor(prominence_reward(prompts, videos))
+    assert 0.1 < truth.min() and truth.max() < 0.8  # ground-truth objects leave room to grow
+    blob = videos.amax(dim=2, keepdim=True).clone().expand(-1, -1, 3, -1, -1).clone()
+    blob[:, :, 0, 2:30, 2:30] = 1.0  # a red square filling most of the frame
+    scores = score_videos(prompts, blob)
+    assert scores["prominence"].tolist() == [1.0] * 24 and scores["all_correct"].sum() == 0
+    assert scores["temporal_quality"].max() == 0.0  # too large to be an object
+    noise = torch.rand(24, 12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert prominence_reward(prompts, noise) == [1.0] * 24  # 7/8 of uniform noise pixels are bright
+    dim = noise * 0.2  # nothing above the threshold
+    assert prominence_reward(prompts, dim) == [0.0] * 24
+    shuffled = prompts[1:] + prompts[:1]
+    assert prominence_reward(shuffled, videos) == truth.tolist()
 
 
 def test_gradient_signal_share_closed_form():

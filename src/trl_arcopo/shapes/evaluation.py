@@ -25,7 +25,7 @@ from .rewards import score_videos
 
 
 #: The scores reported per video (see `score_videos`); `*_correct` are thresholded at 0.5.
-REPORTED = ("colour", "shape", "direction", "temporal_quality", "combined", "all_correct")
+REPORTED = ("colour", "shape", "direction", "temporal_quality", "combined", "all_correct", "prominence")
 
 
 @torch.no_grad()
