@@ -36,11 +36,13 @@ Table 2/3 analog:
   quality, KL penalty), on-policy;
 - `semi_dual`: the same rewards semi-on-policy (a buffer of `--buffer_size` reference groups, `π_old` = reference,
   two-sided ratio clip `--delta`, no KL penalty: the reference is the trust region);
+- `semi_dual_wide`: the same with the ratio clip widened to `1 ± --wide_epsilon` (the main job's `1e-4` keeps the
+  semi-on-policy adapter next to the reference);
 - `merged@s`: the `semi_dual` adapter plus `s` times the `arcopo_dual` adapter of the same seed (compute: the sum).
 
 Evaluation: held-out prompts, fresh seeds (`--eval_seeds` videos per prompt, the same noises for every method), with
-the sampler the method trained on. Curves: every `--eval_every` steps the held-out preference of `--curve_seeds` videos
-per held-out prompt (the same noises at every point). Each finished training run is saved
+the sampler the method trained on. Curves: every `--eval_every` chunk-forwards the held-out preference of `--curve_seeds`
+videos per held-out prompt (the same noises at every point). Each finished training run is saved
 (`work_dir/METHOD-seedN/result.json`, atomically) and reused by a later invocation with the same settings, so an
 interrupted benchmark resumes where it stopped. Output in `--output_dir`: `results.json`, `results.md` (mean ± std over
 seeds), `preference_vs_forwards.png` (Fig. 2) and `dual_criterion.png` (Table 2/3).
@@ -107,6 +109,7 @@ class Method:
     loss_type: str = "arcopo"
     sampler: str | None = None  # None: the pipeline's default (ODE for the shipped model)
     semi_on_policy: bool = False
+    wide: bool = False  # ratio clip `1 ± --wide_epsilon` instead of the main job's epsilon
 
 
 METHODS = {
@@ -119,8 +122,16 @@ METHODS = {
     "semi_dual": Method(
         "AR-CoPO semi-on-policy, preference + text alignment + quality", dual=True, semi_on_policy=True
     ),
+    "semi_dual_wide": Method(
+        "the same semi-on-policy with a wider ratio clip (`--wide_epsilon`)", dual=True, semi_on_policy=True, wide=True
+    ),
 }
 FIG2 = ("arcopo_consistency", "sde_grpo", "arcopo")
+TITLES = {
+    "base": "the shipped model (ODE sampler)",
+    "base_consistency": "the shipped model (consistency sampler)",
+    **{f"merged@{s}": f"semi_dual + {s} × arcopo_dual" for s in MERGE_SCALES},
+}
 
 
 def main_job_settings(path=MAIN_JOB_CONFIG):
@@ -148,11 +159,15 @@ class ForwardCounter:
 
 
 class BudgetAndCurve(TrainerCallback):
-    """Stops at the forward budget; scores the held-out preference every `eval_every` steps (not counted)."""
+    """
+    Stops at the forward budget; scores the held-out preference (not counted) at the start, after the first step past
+    every multiple of `eval_every` chunk-forwards, and at the end: the same grid of compute for every method.
+    """
 
     def __init__(self, counter, pipeline, budget, eval_every, num_seeds, seed, sampler):
         self.counter, self.pipeline, self.budget = counter, pipeline, budget
         self.eval_every, self.num_seeds, self.seed, self.sampler = eval_every, num_seeds, seed, sampler
+        self.next_eval = eval_every
         self.curve = []  # (forwards, held-out preference)
 
     def evaluate(self):
@@ -168,8 +183,10 @@ class BudgetAndCurve(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         done = self.counter.count >= self.budget
-        if done or state.global_step % self.eval_every == 0:
+        if done or self.counter.count >= self.next_eval:
             self.evaluate()
+            while self.next_eval <= self.counter.count:
+                self.next_eval += self.eval_every
         control.should_training_stop = done
         return control
 
@@ -195,6 +212,8 @@ def config_for(method: Method, seed, output_dir, args):
         # each run collects its own buffer (in its output_dir), so the collection is charged to its budget; the
         # reference never moves in this mode: the two-sided clip stops a drifting ratio from blowing up the update
         common.update(training_mode="semi_on_policy", replay_buffer_size=args.buffer_size, delta=args.delta, beta=0.0)
+    if method.wide:
+        common.update(epsilon=args.wide_epsilon)
     return ARCoPOConfig(**common)
 
 
@@ -212,7 +231,16 @@ def evaluate(pipeline, seed, args, sampler):
 
 def run_settings(args):
     """The arguments a finished run depends on (a run is reused only when they are unchanged)."""
-    keys = ("budget", "buffer_size", "delta", "eval_every", "curve_seeds", "eval_seeds", "pipeline_path")
+    keys = (
+        "budget",
+        "buffer_size",
+        "delta",
+        "wide_epsilon",
+        "eval_every",
+        "curve_seeds",
+        "eval_seeds",
+        "pipeline_path",
+    )
     settings = {k: getattr(args, k) for k in keys}
     settings["main_job"] = main_job_settings(args.main_job_config)
     settings["model_sha256"] = model_fingerprint(args.pipeline_path or PRETRAINED_PATH)
@@ -315,9 +343,13 @@ def _cell(values, digits=3, sign=False):
     return f"{fmt.format(statistics.mean(values))} ± {statistics.stdev(values):.{digits}f}"
 
 
+def base_of(method):
+    """The untrained row a method is compared with: the base on the sampler the method trained and is evaluated on."""
+    return "base_consistency" if method in METHODS and METHODS[method].sampler == "consistency" else "base"
+
+
 def summarise(runs, methods):
-    """Mean ± std over seeds of each column, and of trained − base per seed (the same evaluation noises)."""
-    base = {r["seed"]: r for r in runs if r["method"] == "base"}
+    """Mean ± std over seeds of each column, and of trained − base per seed (the same evaluation noises and sampler)."""
     header = ["method", *[c[0] for c in COLUMNS], "Δ preference", "Δ all-correct", "Δ temporal quality"]
     header += ["forward passes", "wall-clock (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -326,15 +358,13 @@ def summarise(runs, methods):
         if not rows:
             continue
         cells = [_cell([r["eval"][key]["mean"] for r in rows]) for _, key in COLUMNS]
+        base = {r["seed"]: r for r in runs if r["method"] == base_of(method)}
         for key in ("prominence", "all_correct", "temporal_quality"):
-            if method == "base" or not base:
-                cells.append("")
-                continue
             diffs = [r["eval"][key]["mean"] - base[r["seed"]]["eval"][key]["mean"] for r in rows if r["seed"] in base]
-            cells.append(_cell(diffs, sign=True))
+            cells.append("" if method.startswith("base") or not diffs else _cell(diffs, sign=True))
         forwards = _cell([float(r["forwards"]) for r in rows], 0)
         seconds = _cell([r["seconds"] for r in rows], 0)
-        title = METHODS[method].title if method in METHODS else method
+        title = TITLES.get(method) or (METHODS[method].title if method in METHODS else method)
         lines.append(f"| `{method}`: {title} | " + " | ".join(cells) + f" | {forwards} | {seconds} |")
     return "\n".join(lines)
 
@@ -377,10 +407,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["base", *METHODS, "merged"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--budget", type=int, default=6000, help="Transformer chunk-forwards per training run.")
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=33_000,
+        help="Transformer chunk-forwards per training run (33,000: the main job's 40 steps, reference passes included).",
+    )
     parser.add_argument("--buffer_size", type=int, default=32, help="Semi-on-policy buffer (groups).")
     parser.add_argument("--delta", type=float, default=3.0, help="Two-sided clip of the semi-on-policy runs.")
-    parser.add_argument("--eval_every", type=int, default=4, help="Steps between points of the curves.")
+    parser.add_argument("--wide_epsilon", type=float, default=0.05, help="Ratio clip of `semi_dual_wide`.")
+    parser.add_argument("--eval_every", type=int, default=2000, help="Chunk-forwards between points of the curves.")
     parser.add_argument("--curve_seeds", type=int, default=2, help="Curves: videos per held-out prompt.")
     parser.add_argument("--eval_seeds", type=int, default=8, help="Final evaluation: videos per held-out prompt.")
     parser.add_argument("--main_job_config", default=MAIN_JOB_CONFIG, help="The main job's YAML (shared settings).")
@@ -403,8 +439,9 @@ def main():
         pipeline.set_progress_bar_config(disable=True)
         start = time.perf_counter()
         for seed in args.seeds:
-            result = evaluate(pipeline, seed, args, None)
-            runs.append(dict(method="base", seed=seed, forwards=0, steps=0, seconds=0.0, curve=[], eval=result))
+            for name, sampler in (("base", None), ("base_consistency", "consistency")):
+                result = evaluate(pipeline, seed, args, sampler)
+                runs.append(dict(method=name, seed=seed, forwards=0, steps=0, seconds=0.0, curve=[], eval=result))
         print(f"base evaluated in {time.perf_counter() - start:.0f} s", flush=True)
     for name in (m for m in METHODS if m in args.methods):
         for seed in args.seeds:
@@ -417,7 +454,7 @@ def main():
                 f"{run['eval']['temporal_quality']['mean']:.3f}",
                 flush=True,
             )
-    methods = ["base", *METHODS]
+    methods = ["base", "base_consistency", *METHODS]
     if "merged" in args.methods:
         for scale in MERGE_SCALES:
             methods.append(f"merged@{scale}")
@@ -441,11 +478,11 @@ def main():
             reach = "AR-CoPO does not reach it within the budget"
         else:
             reach = f"AR-CoPO reaches it after {fig2['arcopo_forwards']:.0f} ({fig2['ratio']:.2f}× SDE-GRPO's)"
-        lines += [
-            "",
+        lines.append("")
+        lines.append(
             f"Fig. 2 (consistency sampler, preference alone): SDE-GRPO ends at held-out preference "
-            f"{fig2['sde_grpo_final']:.3f} after {fig2['sde_grpo_forwards']:.0f} chunk-forwards; {reach}.",
-        ]
+            f"{fig2['sde_grpo_final']:.3f} after {fig2['sde_grpo_forwards']:.0f} chunk-forwards; {reach}."
+        )
     text = "\n".join(lines)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(text + "\n")
@@ -477,7 +514,7 @@ def plot_dual_criterion(runs, methods, path):
     for ax, (key, label) in zip(axes, (("temporal_quality", "temporal quality"), ("all_correct", "all-correct"))):
         for method in methods:
             rows = [r for r in runs if r["method"] == method]
-            if not rows or method in ("arcopo_consistency", "sde_grpo"):
+            if not rows or base_of(method) != "base" or method == "base_consistency":
                 continue
             x = [r["eval"]["prominence"]["mean"] for r in rows]
             y = [r["eval"][key]["mean"] for r in rows]

@@ -24,14 +24,15 @@ Align a streaming video generator with AR-CoPO.
         --pipeline_name_or_path path/to/self-forcing-diffusers --prompts_file prompts.txt --reward_funcs mymod.reward
 
 With no arguments the script reads `examples/configs/moving_shapes.yaml`: it aligns the Moving Shapes generator shipped
-in `trl_arcopo.shapes` on the RL-training prompts with the colour, shape, direction and temporal-quality rewards, and
-writes to `output_dir`: the LoRA adapter and model card, `eval_table.md` / `eval_results.json` (base vs trained, on
-the training and the held-out prompts, fresh seeds), `samples.gif` (held-out prompts, base vs trained) and
-`reward_curve.png`.
+in `trl_arcopo.shapes` on the RL-training prompts with a preference (`prominence_reward`: larger objects) next to the
+colour, shape, direction and temporal-quality rewards, and writes to `output_dir`: the LoRA adapter and model card,
+`eval_table.md` / `eval_results.json` (base vs trained, on the training and the held-out prompts, fresh seeds; trained
+− base per seed set for the preference, all-correct and temporal quality next to the base's spread), `samples.gif`
+(held-out prompts, base vs trained) and `reward_curve.png` (each reward).
 
-`--config examples/configs/moving_shapes.yaml --reward_funcs random` trains on a control reward with no signal
-(uniform noise): what its run does to the model is what the update costs by itself, the baseline a real reward's gain
-should be read against.
+`--config examples/configs/moving_shapes_binding.yaml` is the shape-binding job (the four verifiable rewards alone);
+adding `--reward_funcs random` trains on a control reward with no signal (uniform noise): what its run does to the
+model is what the update costs by itself, the baseline a real reward's gain should be read against.
 
 `--pipeline_name_or_path tiny-random` builds a tiny random pixel-space model trained toward red videos (the `redness`
 reward): a check of the plumbing, not a useful model. Two CPU processes (DDP over gloo):
@@ -113,8 +114,8 @@ class ScriptArguments:
         default=None,
         metadata={
             "help": "Reward functions: names from trl_arcopo.shapes, 'redness', 'random' (a control with no signal) "
-            "or dotted import paths ('package.module.function'). None: the four Moving Shapes rewards, or 'redness' "
-            "for tiny-random."
+            "or dotted import paths ('package.module.function'). None: the four verifiable Moving Shapes rewards, or "
+            "'redness' for tiny-random (the main job's YAML sets the preference and these four, with weights)."
         },
     )
     shapes_pipeline_path: str | None = field(
@@ -174,7 +175,7 @@ def resolve_reward(name):
     if not module:
         raise ValueError(
             f"Unknown reward {name!r}: use 'redness', 'random', a Moving Shapes reward ({', '.join(SHAPES_REWARDS)}, "
-            "combined_reward) or a dotted path 'package.module.function'."
+            "prominence_reward, combined_reward) or a dotted path 'package.module.function'."
         )
     return getattr(importlib.import_module(module), attr)
 
@@ -209,6 +210,11 @@ def write_shapes_report(output_dir, before, after, videos_before, videos_after, 
             lines.append(
                 f"| {name} | {per_seed} | {diff['mean']:+.3f} ± {diff['std']:.3f} | {diff['base_spread']:.3f} | "
                 f"{ratio:+.1f}× |"
+            )
+        noise = before[split]["prominence"].get("within_prompt_std")
+        if noise is not None:
+            lines.append(
+                f"The base's preference varies with the initial noise alone: within-prompt std over seeds {noise:.3f}."
             )
         lines.append("")
     lines.append(

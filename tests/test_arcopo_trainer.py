@@ -392,6 +392,16 @@ def test_example_parses_yaml_config(tmp_path):
         args=["--config", os.path.join(ROOT, "examples", "configs", "moving_shapes.yaml"), "--use_cpu"]
     )
     assert script_args.pipeline_name_or_path == "moving-shapes" and training_args.max_steps > 0
+    # it trains the preference next to the verifiable rewards, one weight each, every name resolvable
+    assert script_args.reward_funcs[0] == "prominence_reward"
+    assert len(training_args.reward_weights) == len(script_args.reward_funcs) == 5
+    assert [module.resolve_reward(n).__name__ for n in script_args.reward_funcs] == script_args.reward_funcs
+    # the shape-binding job keeps the four verifiable rewards alone
+    parser = TrlParser((module.ScriptArguments, ARCoPOConfig, module.LoraArguments))
+    script_args, training_args, _ = parser.parse_args_and_config(
+        args=["--config", os.path.join(ROOT, "examples", "configs", "moving_shapes_binding.yaml"), "--use_cpu"]
+    )
+    assert script_args.reward_funcs == module.SHAPES_REWARDS and training_args.beta == 0.0
 
 
 def test_example_uses_every_core_when_alone_on_cpu():
@@ -430,7 +440,7 @@ def test_main_job_report_files_and_paired_difference(tmp_path):
 
     def result(by_seed):  # an `evaluate_generator` result with two seed sets
         t = torch.tensor(by_seed)
-        entry = {"mean": t.mean().item(), "std": t.std().item(), "by_seed": by_seed}
+        entry = {"mean": t.mean().item(), "std": t.std().item(), "by_seed": by_seed, "within_prompt_std": 0.1}
         return dict.fromkeys(module.REPORT_KEYS, entry)
 
     before = {"train": result([0.30, 0.34]), "heldout": result([0.30, 0.32])}
@@ -448,6 +458,7 @@ def test_main_job_report_files_and_paired_difference(tmp_path):
     assert "| Preference (prominence) | +0.320, +0.340 | +0.330 ± 0.014 | 0.014 | +23.3× |" in table
     assert "| All-correct rate | +0.200, +0.100 | +0.150 ± 0.071 | 0.014 | +10.6× |" in table
     assert "| Temporal quality | +0.100, +0.130 | +0.115 ± 0.021 | 0.014 | +8.1× |" in table
+    assert table.count("within-prompt std over seeds 0.100") == 2
 
 
 def test_example_random_control_reward_ignores_the_videos(tmp_path):

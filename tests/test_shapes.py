@@ -310,3 +310,30 @@ def test_gradient_signal_share_closed_form():
     signs = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]], dtype=torch.float64)
     flips = module.signal_statistics(signs * eye[:1])  # one direction, each group its own sign: no common direction
     assert flips["signal_share"] == pytest.approx(-1 / 3) and flips["directions"] == pytest.approx(1.0)
+
+
+def test_benchmark_fig2_forwards_to_reach_and_summary():
+    """`benchmarks/moving_shapes.py`: the forward passes AR-CoPO needs to reach SDE-GRPO's final preference, read off
+    the seeds' mean curves with linear interpolation between points."""
+    import os
+
+    from trl_arcopo.testing_utils import load_script
+
+    module = load_script(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "moving_shapes.py"))
+    curve = ([0, 1000, 2000, 3000], [0.4, 0.5, 0.7, 0.9], [0.0] * 4)
+    assert module.forwards_to_reach(curve, 0.6) == pytest.approx(1500)
+    assert module.forwards_to_reach(curve, 0.3) == 0  # already there at the start
+    assert module.forwards_to_reach(curve, 0.95) is None  # never reached
+    runs = [
+        {"method": "sde_grpo", "seed": s, "curve": [(0, 0.4), (3000, 0.5), (6000, 0.6 + d)]}
+        for s, d in ((0, 0.02), (1, -0.02))
+    ]
+    runs += [
+        {"method": "arcopo_consistency", "seed": s, "curve": [(0, 0.4), (2000, 0.8), (4000, 0.9)]} for s in (0, 1)
+    ]
+    summary = module.fig2_summary(runs)
+    assert summary["sde_grpo_final"] == pytest.approx(0.6) and summary["sde_grpo_forwards"] == 6000
+    assert summary["arcopo_forwards"] == pytest.approx(1000) and summary["ratio"] == pytest.approx(1 / 6)
+    # trained − base per seed is taken against the base on the method's own sampler
+    assert module.base_of("sde_grpo") == module.base_of("arcopo_consistency") == "base_consistency"
+    assert module.base_of("arcopo_dual") == module.base_of("merged@0.4") == "base"

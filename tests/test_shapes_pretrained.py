@@ -47,6 +47,12 @@ def test_evaluation_seed_sets_and_paired_difference():
     assert by_seed.shape == (2,)
     assert combined["mean"] == pytest.approx(by_seed.mean().item(), abs=1e-6)
     assert combined["std"] == pytest.approx(by_seed.std().item(), abs=1e-6)
+    # within-prompt spread: with 2 seeds per prompt, the std of a pair is |a - b| / sqrt(2); seed set s gives prompt i
+    # the seed 3 * 100_003 + s * 1009 + i
+    seeds = [3 * 100_003 + s * 1009 + i for s in range(2) for i in range(2)]
+    preference = score_videos(prompts * 2, generate_videos(pipe, prompts * 2, seeds))["prominence"].view(2, 2)
+    expected = ((preference[0] - preference[1]).abs() / 2**0.5).mean().item()
+    assert result["prominence"]["within_prompt_std"] == pytest.approx(expected, abs=1e-6)
     # the same seeds give the same videos, so a model compared with itself differs by exactly 0 in every seed set
     again = evaluate_generator(pipe, prompts, num_seeds=2, seed=3)
     assert paired_difference(result, again) == {

@@ -139,12 +139,22 @@ def tiny_pipeline(
 
 
 def load_script(path: str):
-    """A script that is not part of the package (`examples/...py`, `benchmarks/...py`) imported as a module."""
+    """
+    A script that is not part of the package (`examples/...py`, `benchmarks/...py`) imported as a module. It is
+    registered in `sys.modules` under `_script_<name>` while it runs, as an import would, so that its dataclasses can
+    resolve their annotations.
+    """
     import importlib.util
     import os
+    import sys
 
-    name = os.path.splitext(os.path.basename(path))[0]
+    name = "_script_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module

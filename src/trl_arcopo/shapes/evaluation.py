@@ -68,9 +68,10 @@ def evaluate_generator(
     """
     Score `num_seeds` videos per prompt (seed set `s` uses seeds `seed * 100_003 + s * 1009 + prompt index`, the same
     for every model, so two models are compared on the same noises). Returns, for each reported score, the mean over
-    all videos, the standard deviation of the per-seed-set means (the seed-to-seed spread) and those means:
-    `{"colour": {"mean": ..., "std": ..., "by_seed": [...]}, ...}` with `*_acc` (fraction `>= 0.5`) for colour, shape
-    and direction.
+    all videos, the standard deviation of the per-seed-set means (the seed-to-seed spread), those means, and the
+    within-prompt standard deviation over seeds averaged over prompts (how much the score varies with the noise alone):
+    `{"colour": {"mean": ..., "std": ..., "by_seed": [...], "within_prompt_std": ...}, ...}` with `*_acc` (fraction
+    `>= 0.5`) for colour, shape and direction.
     """
     prompts = list(prompts)
     all_prompts = [p for _ in range(num_seeds) for p in prompts]
@@ -82,11 +83,13 @@ def evaluate_generator(
         per_video[f"{k}_acc"] = (scores[k] >= 0.5).float()
     result = {}
     for key, values in per_video.items():
-        by_seed = values.view(num_seeds, len(prompts)).mean(dim=1)  # [num_seeds]
+        grid = values.view(num_seeds, len(prompts))  # [num_seeds, num_prompts]
+        by_seed = grid.mean(dim=1)  # [num_seeds]
         result[key] = {
             "mean": values.mean().item(),
             "std": by_seed.std().item() if num_seeds > 1 else 0.0,
             "by_seed": by_seed.tolist(),
+            "within_prompt_std": grid.std(dim=0).mean().item() if num_seeds > 1 else 0.0,
         }
     return result
 
