@@ -400,7 +400,20 @@ def fig2_summary(runs):
     target, sde_forwards = sde[1][-1], sde[0][-1]
     reached = forwards_to_reach(arcopo, target)
     ratio = None if reached is None else reached / sde_forwards
-    return {"sde_grpo_final": target, "sde_grpo_forwards": sde_forwards, "arcopo_forwards": reached, "ratio": ratio}
+    # the same question at every point of SDE-GRPO's curve: what a smaller budget would have measured
+    along = []
+    for x, y in zip(sde[0][1:], sde[1][1:]):
+        at = forwards_to_reach(arcopo, y)
+        along.append(
+            {"sde_grpo_forwards": x, "sde_grpo": y, "arcopo_forwards": at, "ratio": None if at is None else at / x}
+        )
+    return {
+        "sde_grpo_final": target,
+        "sde_grpo_forwards": sde_forwards,
+        "arcopo_forwards": reached,
+        "ratio": ratio,
+        "along_the_curve": along,
+    }
 
 
 def main():
@@ -468,10 +481,12 @@ def main():
         record["runs"] = [{k: v for k, v in r.items() if k not in ("adapter", "settings")} for r in runs]
         json.dump(record, f, indent=1)
     lines = [summarise(runs, methods), ""]
+    training = sum(r["seconds"] for r in runs if r["method"] in METHODS)
     lines.append(
         f"Held-out prompts (12 × {args.eval_seeds} fresh seeds), each method on the sampler it trained on; mean ± std "
         f"over seeds {args.seeds}; Δ: trained − base per seed (the same noises). Budget {args.budget} chunk-forwards "
-        f"per training run; total wall-clock {total / 60:.1f} min."
+        f"per training run. Wall-clock: {training / 60:.1f} min of training runs (reused ones included), "
+        f"{total / 60:.1f} min for this invocation."
     )
     if fig2 is not None:
         if fig2["ratio"] is None:
@@ -483,6 +498,12 @@ def main():
             f"Fig. 2 (consistency sampler, preference alone): SDE-GRPO ends at held-out preference "
             f"{fig2['sde_grpo_final']:.3f} after {fig2['sde_grpo_forwards']:.0f} chunk-forwards; {reach}."
         )
+        lines += ["", "| SDE-GRPO: chunk-forwards | its held-out preference | AR-CoPO reaches it after | ratio |"]
+        lines.append("| --- | --- | --- | --- |")
+        for point in fig2["along_the_curve"]:
+            at = "never" if point["arcopo_forwards"] is None else f"{point['arcopo_forwards']:.0f}"
+            ratio = "" if point["ratio"] is None else f"{point['ratio']:.2f}"
+            lines.append(f"| {point['sde_grpo_forwards']:.0f} | {point['sde_grpo']:.3f} | {at} | {ratio} |")
     text = "\n".join(lines)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(text + "\n")

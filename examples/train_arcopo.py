@@ -230,12 +230,14 @@ def write_shapes_report(output_dir, before, after, videos_before, videos_after, 
         list(shapes.HELDOUT_PROMPTS),
     )
     steps = [h["step"] for h in log_history if "reward" in h]
-    curves = {"reward (weighted sum)": (steps, smooth([h["reward"] for h in log_history if "reward" in h]), None)}
+    curves = {}  # each reward on its own scale ([0, 1] for the Moving Shapes rewards), not their weighted sum
     for name in reward_names:
         key = f"rewards/{name}/mean"
         values = [h[key] for h in log_history if key in h]
         if len(values) == len(steps):
             curves[name.replace("_reward", "")] = (steps, smooth(values), None)
+    if not curves:
+        curves["reward"] = (steps, smooth([h["reward"] for h in log_history if "reward" in h]), None)
     plot_curves(
         os.path.join(output_dir, "reward_curve.png"),
         curves,

@@ -334,6 +334,9 @@ def test_benchmark_fig2_forwards_to_reach_and_summary():
     summary = module.fig2_summary(runs)
     assert summary["sde_grpo_final"] == pytest.approx(0.6) and summary["sde_grpo_forwards"] == 6000
     assert summary["arcopo_forwards"] == pytest.approx(1000) and summary["ratio"] == pytest.approx(1 / 6)
+    halfway = summary["along_the_curve"][0]  # SDE-GRPO's 0.5 after 3000: AR-CoPO is there after 500
+    assert halfway["sde_grpo_forwards"] == 3000 and halfway["arcopo_forwards"] == pytest.approx(500)
+    assert len(summary["along_the_curve"]) == 2
     # trained − base per seed is taken against the base on the method's own sampler
     assert module.base_of("sde_grpo") == module.base_of("arcopo_consistency") == "base_consistency"
     assert module.base_of("arcopo_dual") == module.base_of("merged@0.4") == "base"
