@@ -23,7 +23,8 @@ Align a streaming video generator with AR-CoPO.
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/train_arcopo.py \\
         --pipeline_name_or_path path/to/self-forcing-diffusers --prompts_file prompts.txt --reward_funcs mymod.reward
 
-With no arguments the script reads `examples/configs/moving_shapes.yaml`: it aligns the Moving Shapes generator shipped
+Without `--config` (and without another `--pipeline_name_or_path`) the script reads
+`examples/configs/moving_shapes.yaml`, and arguments on the command line override it: it aligns the Moving Shapes generator shipped
 in `trl_arcopo.shapes` on the RL-training prompts with a preference (`prominence_reward`: larger objects) next to the
 colour, shape, direction and temporal-quality rewards, and writes to `output_dir`: the LoRA adapter and model card,
 `eval_table.md` / `eval_results.json` (base vs trained, on the training and the held-out prompts, fresh seeds; trained
@@ -213,9 +214,10 @@ def write_shapes_report(output_dir, before, after, videos_before, videos_after, 
             )
         noise = before[split]["prominence"].get("within_prompt_std")
         if noise is not None:
-            lines.append(
-                f"The base's preference varies with the initial noise alone: within-prompt std over seeds {noise:.3f}."
-            )
+            lines += [
+                "",
+                f"The base's preference varies with the initial noise alone: within-prompt std over seeds {noise:.3f}.",
+            ]
         lines.append("")
     lines.append(
         "mean ± std over evaluation seed sets (the same noises for both models); `*_acc` are the fractions of videos "
@@ -322,9 +324,27 @@ def main(script_args, training_args, lora_args):
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
 
 
+def with_default_config(argv):
+    """
+    The command line with the main job's file added when it names none: `--config examples/configs/moving_shapes.yaml`
+    unless a `--config` or another model (`--pipeline_name_or_path` other than 'moving-shapes') is given, so that
+    `train_arcopo.py --seed 1` is the main job with another seed (the command line overrides the file).
+    """
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        name, _, value = arg.partition("=")
+        if name == "--config":
+            return argv
+        if name == "--pipeline_name_or_path":
+            value = value or (argv[i + 1] if i + 1 < len(argv) else "")
+            if value != MOVING_SHAPES:
+                return argv
+    return argv + ["--config", DEFAULT_CONFIG]
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 1:  # no arguments: the Moving Shapes main job
-        sys.argv += ["--config", DEFAULT_CONFIG]
     parser = TrlParser((ScriptArguments, ARCoPOConfig, LoraArguments))
-    script_args, training_args, lora_args = parser.parse_args_and_config(args=None, return_remaining_strings=False)
+    script_args, training_args, lora_args = parser.parse_args_and_config(
+        args=with_default_config(sys.argv[1:]), return_remaining_strings=False
+    )
     main(script_args, training_args, lora_args)

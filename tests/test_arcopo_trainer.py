@@ -404,6 +404,25 @@ def test_example_parses_yaml_config(tmp_path):
     assert script_args.reward_funcs == module.SHAPES_REWARDS and training_args.beta == 0.0
 
 
+def test_example_reads_the_main_job_file_unless_told_otherwise():
+    """`train_arcopo.py --seed 1` is the main job with another seed, not the library's defaults."""
+    from trl import TrlParser
+
+    module = _example_module()
+    default = ["--config", module.DEFAULT_CONFIG]
+    assert module.with_default_config([]) == default
+    assert module.with_default_config(["--seed", "1"]) == ["--seed", "1", *default]
+    assert module.with_default_config(["--pipeline_name_or_path=moving-shapes"])[-2:] == default
+    for argv in (["--config", "x.yaml"], ["--config=x.yaml"], ["--pipeline_name_or_path", "tiny-random"]):
+        assert module.with_default_config(argv) == argv
+    parser = TrlParser((module.ScriptArguments, ARCoPOConfig, module.LoraArguments))
+    script_args, training_args, lora_args = parser.parse_args_and_config(
+        args=module.with_default_config(["--seed", "1", "--use_cpu"])
+    )
+    assert training_args.seed == 1 and training_args.max_steps == 40 and training_args.beta == 5.0
+    assert script_args.reward_funcs[0] == "prominence_reward" and lora_args.lora_r == 16
+
+
 def test_example_uses_every_core_when_alone_on_cpu():
     """`accelerate launch` pins OMP_NUM_THREADS=1; the example takes the cores back only where that is safe."""
     cpu_threads = _example_module().cpu_threads
