@@ -51,6 +51,32 @@ def test_add_overflow_sample_and_state_dict(tmp_path):
         buffer.add(bad)
 
 
+class _Touch:
+    """Unpickling this runs `Path.touch(marker)`: a stand-in for a crafted file that executes code when loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.touch, (Path(self.marker),)
+
+
+def test_load_refuses_a_crafted_pickle_without_running_it(tmp_path):
+    """A genuine buffer loads with `weights_only=True`; a file whose unpickling would run code is refused unrun."""
+    marker = tmp_path / "code-ran"
+    state = ReplayBuffer(capacity=2).state_dict()
+    state["entries"] = [_Touch(str(marker))]
+    torch.save(state, tmp_path / "replay_buffer.pt")
+    with pytest.raises(ValueError, match="not a replay buffer written by `ReplayBuffer.save`.*replay_buffer_path"):
+        ReplayBuffer.load(str(tmp_path / "replay_buffer.pt"))
+    assert not marker.exists()
+    # the same payload through plain pickle does run, so the test would notice a loader that unpickled it
+    torch.load(tmp_path / "replay_buffer.pt", weights_only=False)
+    assert marker.exists()
+
+
 def test_informative_sampling_skips_groups_with_equal_rewards():
     buffer = ReplayBuffer(capacity=6)
     for i in range(6):

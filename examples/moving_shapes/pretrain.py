@@ -278,7 +278,7 @@ def main():
     elapsed_before = 0.0
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     if args.init_from and not os.path.exists(ckpt_path):
-        init = torch.load(args.init_from, weights_only=False)
+        init = torch.load(args.init_from, weights_only=True)  # tensors and plain containers only
         for module in (model, ema):
             # a run without `--pooled_text` can be continued with it: the new pooler starts at zero (no change)
             missing, unexpected = module.load_state_dict(init["ema"], strict=False)
@@ -289,7 +289,7 @@ def main():
                 )
         print(f"initialised from the EMA weights of {args.init_from} (step {init['step']})")
     if os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=True)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -143,7 +144,18 @@ class ReplayBuffer:
 
     @classmethod
     def load(cls, path: str) -> ReplayBuffer:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        """
+        Read a buffer written by [`~ReplayBuffer.save`]. The file is unpickled with `weights_only=True`: tensors,
+        numbers, strings and plain containers only, so a crafted file cannot run code; anything else is refused.
+        """
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"{path} is not a replay buffer written by `ReplayBuffer.save`: it holds objects other than tensors and "
+                "plain containers, which are not loaded (that could run code). Delete it, or point `replay_buffer_path` "
+                f"elsewhere, to collect a new buffer. ({str(error).splitlines()[0]})"
+            ) from None
         buffer = cls(state["capacity"])
         buffer.load_state_dict(state)
         return buffer
