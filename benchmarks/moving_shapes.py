@@ -21,7 +21,9 @@ prominence, `trl_arcopo.shapes.prominence_reward`).
 Every method starts from the shipped generator with a fresh LoRA and takes the main job's configuration
 (`examples/configs/moving_shapes.yaml`: prompts per step, G, anchors, inner updates, learning rate, pivot, LoRA rank)
 with the changes listed below. It trains until it has spent `--budget` transformer chunk-forwards (a forward on a batch
-of n chunks counts n; rollouts, buffer collection, updates and reference passes all count; evaluation does not).
+of n chunks counts n; rollouts, buffer collection, updates and reference passes all count; evaluation does not). The
+budget, not a step count, ends training, so the learning rate's linear decay (over `max_steps=10000`) leaves it within
+1 % of its start.
 
 Fig. 2 analog, the preference alone, no KL penalty, reward versus forward passes:
 - `arcopo_consistency`: AR-CoPO on Self-Forcing's consistency sampler (the sampler SDE-GRPO needs);
