@@ -318,14 +318,41 @@ def test_saved_adapter_reproduces_outputs_and_card(tmp_path):
     assert card.data.base_model == "trl-arcopo/tiny-self-forcing"
     assert "load_lora_weights" in card.text and "2603.17461" in card.text
 
-    with mock.patch("transformers.trainer.hf_api") as api:
-        api.return_value.create_repo.return_value = mock.Mock(repo_id="user/tiny-arcopo")
+    # what a push uploads: the adapter and the card, nothing else of output_dir
+    from huggingface_hub.utils import filter_repo_objects
+
+    for name in ("replay_buffer.pt", "completions/step_000001.gif", "runs/events.out", "checkpoint-1/optimizer.pt"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"x")
+    trainer.args.hub_token = "hf_not_a_real_token"
+    with (
+        mock.patch("transformers.trainer.hf_api") as transformers_api,
+        mock.patch("trl_arcopo.arcopo_trainer.HfApi") as api,
+    ):
+        transformers_api.return_value.create_repo.return_value = mock.Mock(repo_id="user/tiny-arcopo")
         trainer.args.hub_model_id = "user/tiny-arcopo"
-        trainer.push_to_hub()
+        trainer.push_to_hub(dataset_name="trl-arcopo/prompts")
         kwargs = api.return_value.upload_folder.call_args.kwargs
-    assert kwargs["repo_id"] == "user/tiny-arcopo"
-    pushed = os.listdir(kwargs["folder_path"])
-    assert "pytorch_lora_weights.safetensors" in pushed and "README.md" in pushed
+    assert kwargs["repo_id"] == "user/tiny-arcopo" and kwargs["token"] == "hf_not_a_real_token"
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    uploaded = sorted(filter_repo_objects(files, allow_patterns=kwargs["allow_patterns"]))
+    assert uploaded == ["README.md", "pytorch_lora_weights.safetensors"]
+    assert "training_args.bin" in files  # written, kept local, and without the token:
+    saved = torch.load(out / "training_args.bin", weights_only=False)  # the trainer's own file
+    assert saved.hub_token is None and trainer.args.hub_token == "hf_not_a_real_token"
+    # pushes during training (`hub_strategy="every_save"`) upload the same two files, the checkpoint's adapter first
+    checkpoint = out / "checkpoint-2"
+    trainer._save(str(checkpoint))
+    (out / "pytorch_lora_weights.safetensors").unlink()
+    trainer.args.hub_strategy, trainer.push_in_progress = "every_save", None
+    with mock.patch("trl_arcopo.arcopo_trainer.HfApi") as api:
+        trainer._push_from_checkpoint(str(checkpoint))
+        kwargs = api.return_value.upload_folder.call_args.kwargs
+    assert kwargs["allow_patterns"] == ["pytorch_lora_weights.safetensors", "README.md"]
+    assert kwargs["folder_path"] == trainer.args.output_dir and kwargs["run_as_future"] is True
+    assert (out / "pytorch_lora_weights.safetensors").read_bytes() == (
+        checkpoint / "pytorch_lora_weights.safetensors"
+    ).read_bytes()
 
 
 def test_sde_grpo_baseline_runs_with_exact_first_ratio(tmp_path):

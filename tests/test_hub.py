@@ -294,7 +294,7 @@ def test_push_adapter_to_hub(tmp_path):
     kwargs = upload_folder.call_args.kwargs
     assert kwargs["repo_id"] == "me/repo" and kwargs["folder_path"] == str(tmp_path)
     assert kwargs["commit_message"] == "hello"
-    assert kwargs["ignore_patterns"] == ["_*", "checkpoint-*"]
+    assert kwargs["allow_patterns"] == [LORA_WEIGHT_NAME, "README.md"] and "ignore_patterns" not in kwargs
 
     with pytest.raises(FileNotFoundError):
         push_adapter_to_hub(tmp_path / "missing", "me/repo")

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -27,15 +28,17 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset
 from diffusers.training_utils import cast_training_params
+from huggingface_hub import HfApi
 from peft import LoraConfig, PeftConfig
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
+from transformers.utils.hub import PushInProgress
 from trl.trainer.utils import RepeatSampler
 
 from .arcopo_config import ARCoPOConfig
-from .hub import create_model_card, load_lora_adapter_weights, save_lora_adapter
+from .hub import PUSH_ALLOW_PATTERNS, create_model_card, load_lora_adapter_weights, save_lora_adapter
 from .kv_cache import KVCache
 from .loss import LossStats, arcopo_loss, group_advantages, sde_grpo_loss, sde_transition_log_prob
 from .pipelines import SelfForcingPipeline
@@ -828,7 +831,66 @@ class ARCoPOTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         transformer = self.accelerator.unwrap_model(self.model)
         save_lora_adapter(transformer, output_dir, adapter_name=self.adapter_name)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        torch.save(args_without_token(self.args), os.path.join(output_dir, "training_args.bin"))
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
+        """
+        Save the adapter and its model card, then upload those two files (`PUSH_ALLOW_PATTERNS`) to
+        `args.hub_model_id`, and nothing else of `output_dir`: not the checkpoints, the replay buffer, completions,
+        logs or `training_args.bin`. `kwargs` go to [`~ARCoPOTrainer.create_model_card`] (e.g. `dataset_name`).
+        """
+        model_name = kwargs.pop("model_name", None)
+        if model_name is None:
+            model_name = (self.args.hub_model_id or self.args.output_dir.rstrip("/")).split("/")[-1]
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(model_name=model_name, **kwargs)
+        self._finish_current_push()
+        return HfApi().upload_folder(
+            repo_id=self.hub_model_id,
+            folder_path=self.args.output_dir,
+            commit_message=commit_message,
+            token=token,
+            run_as_future=not blocking,
+            revision=revision if revision is not None else self.args.hub_revision,
+            allow_patterns=PUSH_ALLOW_PATTERNS,
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """`hub_strategy` pushes during training upload the same two files as [`~ARCoPOTrainer.push_to_hub`]."""
+        if not self.is_world_process_zero() or self.args.hub_strategy == "end":
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        for name in PUSH_ALLOW_PATTERNS:  # the checkpoint's adapter (and card) become output_dir's
+            source = os.path.join(checkpoint_folder, name)
+            if os.path.isfile(source):
+                shutil.copy(source, os.path.join(self.args.output_dir, name))
+        job = HfApi().upload_folder(
+            repo_id=self.hub_model_id,
+            folder_path=self.args.output_dir,
+            commit_message=f"Training in progress, step {self.state.global_step}",
+            token=self.args.hub_token,
+            run_as_future=True,
+            revision=self.args.hub_revision,
+            allow_patterns=PUSH_ALLOW_PATTERNS,
+        )
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress([job])
+        else:
+            self.push_in_progress.jobs.append(job)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         transformer = self.accelerator.unwrap_model(model if model is not None else self.model)
@@ -892,6 +954,13 @@ class ARCoPOTrainer(Trainer):
             dataset_name=dataset_name,
             adapter_names=[self.adapter_name],
         )
+
+
+def args_without_token(args: ARCoPOConfig) -> ARCoPOConfig:
+    """A copy of `args` with `hub_token` cleared: what `training_args.bin` holds, so the file never carries it."""
+    safe = copy.copy(args)
+    safe.hub_token = None
+    return safe
 
 
 ARCOPO_CARD_FIELDS = (

@@ -52,8 +52,9 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TRANSFORMER_PREFIX = f"{SelfForcingPipeline.transformer_name}."
 PAPER_URL = "https://huggingface.co/papers/2603.17461"
 REQUIRED_TAGS = ["trl", "arcopo", "diffusers", "lora", "text-to-video"]
-# Files and folders that `push_adapter_to_hub` never uploads: temporary/private files and training checkpoints.
-PUSH_IGNORE_PATTERNS = ["_*", "checkpoint-*"]
+#: What a push uploads from a training folder: the diffusers-format adapter and its model card, nothing else (not the
+#: checkpoints, the replay buffer, completions, logs or `training_args.bin`).
+PUSH_ALLOW_PATTERNS = [LORA_WEIGHT_NAME, "README.md"]
 # Adapter hyper-parameters that change the forward pass without changing any tensor shape: a resumed adapter must match.
 _SCALING_KEYS = ("lora_alpha", "use_rslora", "use_dora")
 # Training-config keys that may hold credentials: never written into a (possibly public) model card.
@@ -483,9 +484,10 @@ def push_adapter_to_hub(
     token: str | None = None,
 ) -> str:
     r"""
-    Upload a folder (adapter file, model card...) to a Hub model repo, creating the repo if needed.
+    Upload the adapter and the model card of a folder to a Hub model repo, creating the repo if needed.
 
-    Files and folders starting with `_` (temporary files) and `checkpoint-*` folders (training state) are not uploaded.
+    Only `PUSH_ALLOW_PATTERNS` are uploaded (`pytorch_lora_weights.safetensors` and `README.md`): checkpoints, the
+    replay buffer, completions, logs and `training_args.bin` stay local.
 
     Args:
         folder (`str` or `os.PathLike`):
@@ -512,6 +514,6 @@ def push_adapter_to_hub(
         folder_path=folder,
         repo_type="model",
         commit_message=commit_message,
-        ignore_patterns=PUSH_IGNORE_PATTERNS,
+        allow_patterns=PUSH_ALLOW_PATTERNS,
     )
     return str(getattr(commit, "commit_url", None) or commit)
