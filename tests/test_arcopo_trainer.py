@@ -81,6 +81,22 @@ def test_config_errors_name_value_and_fix():
         ARCoPOConfig("out", train_denoising_steps=[1, 1], use_cpu=True)
     with pytest.raises(ValueError, match=r"train_denoising_steps=\[\]"):
         ARCoPOConfig("out", train_denoising_steps=[], use_cpu=True)
+    # values that used to be replaced by defaults or accepted silently (NaN passes every `<` check)
+    nan = float("nan")
+    for kwargs, match in (
+        (dict(height=0), "height=0.*positive size"),
+        (dict(width=-32), "width=-32.*positive size"),
+        (dict(num_frames=0), "num_frames=0.*positive size"),
+        (dict(per_device_train_batch_size=0), "per_device_train_batch_size=0.*at least 1"),
+        (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps=0.*at least 1"),
+        (dict(max_steps=0), "max_steps=0.*at least 1"),
+        (dict(epsilon=nan), "epsilon=nan.*positive"),
+        (dict(temperature=nan), "temperature=nan.*positive and finite"),
+        (dict(beta=nan), "beta=nan.*non-negative and finite"),
+        (dict(reward_weights=[1.0, nan]), r"reward_weights=\[1.0, nan\].*finite"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ARCoPOConfig("out", use_cpu=True, **kwargs)
     config = ARCoPOConfig("out")  # the defaults run on a machine without a GPU
     assert config.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     assert config.gradient_checkpointing is False and config.remove_unused_columns is False
@@ -94,6 +110,8 @@ def test_trainer_input_errors(tmp_path):
         _trainer(tmp_path, dataset=Dataset.from_dict({"text": PROMPTS}))
     with pytest.raises(ValueError, match="no rows"):
         _trainer(tmp_path, dataset=Dataset.from_dict({"prompt": []}))
+    with pytest.raises(ValueError, match="'prompt' column of `train_dataset` holds Value\\('int64'\\).*one string"):
+        _trainer(tmp_path, dataset=Dataset.from_dict({"prompt": [1, 2, 3, 4]}))
     with pytest.raises(ValueError, match="`reward_weights` has 2 values but there are 1 reward functions"):
         _trainer(tmp_path, reward_weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="has 4 prompts but one step takes 8"):
@@ -114,6 +132,7 @@ def test_trainer_input_errors(tmp_path):
         (lambda prompts, videos, **kw: [0.0] * (len(prompts) - 1), "`bad` returned 2 values for 3 videos"),
         (lambda prompts, videos, **kw: [0.0, float("nan"), 1.0], "`bad` returned nan for video 1 of prompt"),
         (lambda prompts, videos, **kw: [0.0, 1.0, float("inf")], "`bad` returned inf for video 2"),
+        (lambda prompts, videos, **kw: [0.0, "0.5", 1.0], r"`bad` returned '0.5' \(str\) for video 1 .*one float"),
     ],
 )
 def test_bad_rewards_name_the_function_and_prompt(tmp_path, reward, match):

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -285,19 +286,36 @@ class ARCoPOConfig(TrainingArguments):
             )
         if self.num_iterations < 1:
             raise ValueError(f"`num_iterations={self.num_iterations}` must be at least 1.")
-        if self.epsilon <= 0:
+        for name in ("height", "width", "num_frames"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}={value}` must be a positive size, or None for the pipeline's default.")
+        if self.per_device_train_batch_size < 1:
+            raise ValueError(
+                f"`per_device_train_batch_size={self.per_device_train_batch_size}` is the number of prompts per step "
+                "and process: set it to at least 1."
+            )
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"`gradient_accumulation_steps={self.gradient_accumulation_steps}` must be at least 1.")
+        if self.max_steps == 0:
+            raise ValueError("`max_steps=0` would still roll out and update: set it to at least 1, or -1 for epochs.")
+        if not self.epsilon > 0:  # also refuses NaN
             raise ValueError(f"`epsilon={self.epsilon}` must be positive (paper: 1e-4).")
         check_delta(self.delta, self.epsilon)
-        if self.temperature is not None and self.temperature <= 0:
-            raise ValueError(f"`temperature={self.temperature}` must be positive, or None for the automatic choice.")
+        if self.temperature is not None and not 0 < self.temperature < math.inf:
+            raise ValueError(
+                f"`temperature={self.temperature}` must be positive and finite, or None for the automatic choice."
+            )
+        if self.reward_weights is not None and not all(math.isfinite(w) for w in self.reward_weights):
+            raise ValueError(f"`reward_weights={list(self.reward_weights)}` must be finite numbers.")
         if self.distance_reduction not in ("mean", "sum"):
             raise ValueError(f"`distance_reduction={self.distance_reduction!r}` must be 'mean' or 'sum'.")
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"`scale_rewards={self.scale_rewards!r}` is not one of {SCALE_REWARDS}.")
         if self.quasi_norm_p is not None and not 0 < self.quasi_norm_p <= 2:
             raise ValueError(f"`quasi_norm_p={self.quasi_norm_p}` must be in (0, 2] (Neighbor GRPO: 0.8).")
-        if self.beta < 0:
-            raise ValueError(f"`beta={self.beta}` must be non-negative.")
+        if not 0 <= self.beta < math.inf:
+            raise ValueError(f"`beta={self.beta}` must be non-negative and finite (0: no penalty).")
         if self.train_denoising_steps is not None:
             steps = list(self.train_denoising_steps)
             if not steps or any(j < 0 for j in steps) or len(set(steps)) != len(steps):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import shutil
 import time
@@ -211,6 +212,12 @@ class ARCoPOTrainer(Trainer):
                 )
             if isinstance(dataset, Dataset) and len(dataset) == 0:
                 raise ValueError(f"`{name}` has no rows: give at least one prompt.")
+            feature = (dataset.features or {}).get("prompt")
+            if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+                raise ValueError(
+                    f"The 'prompt' column of `{name}` holds {feature} values, not text: give one string per row "
+                    "(e.g. `dataset.cast_column('prompt', Value('string'))`)."
+                )
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: a datasets.Dataset with a 'prompt' column.")
         prompts_per_step = args.per_device_train_batch_size * args.world_size
@@ -475,6 +482,11 @@ class ARCoPOTrainer(Trainer):
             for j, value in enumerate(values):
                 if value is None:
                     continue
+                if not (isinstance(value, numbers.Real) or (torch.is_tensor(value) and value.numel() == 1)):
+                    raise ValueError(
+                        f"Reward function `{name}` returned {value!r} ({type(value).__name__}) for video {j} of prompt "
+                        f"{prompts_rep[j]!r}: return one float (or None) per video."
+                    )
                 value = float(value)
                 if not math.isfinite(value):
                     raise ValueError(
