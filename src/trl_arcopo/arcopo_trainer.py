@@ -859,6 +859,7 @@ class ARCoPOTrainer(Trainer):
         `args.hub_model_id`, and nothing else of `output_dir`: not the checkpoints, the replay buffer, completions,
         logs or `training_args.bin`. `kwargs` go to [`~ARCoPOTrainer.create_model_card`] (e.g. `dataset_name`).
         """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
         model_name = kwargs.pop("model_name", None)
         if model_name is None:
             model_name = (self.args.hub_model_id or self.args.output_dir.rstrip("/")).split("/")[-1]
@@ -886,6 +887,7 @@ class ARCoPOTrainer(Trainer):
             return
         if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
             return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
         for name in PUSH_ALLOW_PATTERNS:  # the checkpoint's adapter (and card) become output_dir's
             source = os.path.join(checkpoint_folder, name)
             if os.path.isfile(source):
