@@ -136,10 +136,15 @@ TITLES = {
 }
 
 
+@functools.cache
+def _read_yaml(path: str) -> dict:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
 def main_job_settings(path=MAIN_JOB_CONFIG):
     """The main job's YAML: the shared settings, and its reward names, weights and KL penalty for the dual runs."""
-    with open(path) as f:
-        config = yaml.safe_load(f)
+    config = _read_yaml(path)  # read once per invocation; the dicts below are fresh copies
     shared = {k: config[k] for k in MAIN_JOB_KEYS if k in config}
     names = config.get("reward_funcs") or ["prominence_reward"]
     dual = {"reward_funcs": names, "reward_weights": config.get("reward_weights"), "beta": config.get("beta", 0.0)}
@@ -399,21 +404,21 @@ def fig2_summary(runs):
     sde, arcopo = mean_curve(runs, "sde_grpo"), mean_curve(runs, "arcopo_consistency")
     if sde is None or arcopo is None:
         return None
-    target, sde_forwards = sde[1][-1], sde[0][-1]
-    reached = forwards_to_reach(arcopo, target)
-    ratio = None if reached is None else reached / sde_forwards
-    # the same question at every point of SDE-GRPO's curve: what a smaller budget would have measured
+    # the question at every point of SDE-GRPO's curve (what a smaller budget would have measured); the last is the answer
     along = []
     for x, y in zip(sde[0][1:], sde[1][1:]):
         at = forwards_to_reach(arcopo, y)
         along.append(
             {"sde_grpo_forwards": x, "sde_grpo": y, "arcopo_forwards": at, "ratio": None if at is None else at / x}
         )
+    if not along:
+        return None
+    final = along[-1]
     return {
-        "sde_grpo_final": target,
-        "sde_grpo_forwards": sde_forwards,
-        "arcopo_forwards": reached,
-        "ratio": ratio,
+        "sde_grpo_final": final["sde_grpo"],
+        "sde_grpo_forwards": final["sde_grpo_forwards"],
+        "arcopo_forwards": final["arcopo_forwards"],
+        "ratio": final["ratio"],
         "along_the_curve": along,
     }
 
