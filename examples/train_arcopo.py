@@ -314,7 +314,7 @@ def main(script_args, training_args, lora_args):
             videos_before,
             videos_after,
             trainer.state.log_history,
-            [name.rpartition(".")[2] for name in reward_names],
+            trainer.reward_func_names,  # the names the trainer logs each reward under
         )
         print(table)
         print(
