@@ -147,6 +147,14 @@ class ARCoPOConfig(TrainingArguments):
             `peft_config` is given, otherwise `"on_policy"` or `"semi"` according to `training_mode`, so that the two
             adapters can be loaded side by side and merged.
 
+        > Parameters that control failure handling
+
+        max_nonfinite_steps (`int`, *optional*, defaults to `3`):
+            An optimizer step whose rollout, rewards, advantages, temperature, loss or gradient holds a NaN or an
+            infinity is skipped (the weights and the optimizer state are left as they were; the learning-rate schedule
+            advances) and logged (`skipped_steps`, with a warning naming the quantity and the step). After this many
+            consecutive skipped steps, training stops with an error naming the cause.
+
         > Parameters that control logging
 
         log_completions (`bool`, *optional*, defaults to `False`):
@@ -251,6 +259,15 @@ class ARCoPOConfig(TrainingArguments):
         default=None, metadata={"help": "Name of the trained adapter; None: 'on_policy' or 'semi' by training_mode."}
     )
 
+    # Failure handling
+    max_nonfinite_steps: int = field(
+        default=3,
+        metadata={
+            "help": "Consecutive optimizer steps skipped for a non-finite reward, advantage, temperature, rollout, "
+            "loss or gradient after which training stops with an error naming the cause."
+        },
+    )
+
     # Logging
     log_completions: bool = field(
         default=False, metadata={"help": "Save a video grid of the first group of each logged rollout."}
@@ -339,6 +356,11 @@ class ARCoPOConfig(TrainingArguments):
                 "`ratio_clip=False` removes the trust region: the policy can move arbitrarily far from the policy "
                 "that produced the samples. Use it only for the off-policy ablation.",
                 stacklevel=2,
+            )
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(
+                f"`max_nonfinite_steps={self.max_nonfinite_steps}` must be at least 1 (consecutive skipped steps "
+                "tolerated before training stops)."
             )
         if self.auto_find_batch_size:
             raise ValueError("`auto_find_batch_size` is not supported: set `per_device_train_batch_size` (prompts).")

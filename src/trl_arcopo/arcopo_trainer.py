@@ -15,9 +15,11 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import numbers
 import os
+import re
 import shutil
 import time
 from collections import defaultdict
@@ -31,15 +33,24 @@ from datasets import Dataset, IterableDataset
 from diffusers.training_utils import cast_training_params
 from huggingface_hub import HfApi
 from peft import LoraConfig, PeftConfig
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import Trainer, TrainerCallback, TrainerState, set_seed
+from transformers.trainer import OPTIMIZER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 from transformers.utils.hub import PushInProgress
 from trl.trainer.utils import RepeatSampler
 
 from .arcopo_config import ARCoPOConfig
-from .hub import PUSH_ALLOW_PATTERNS, create_model_card, load_lora_adapter_weights, save_lora_adapter
+from .hub import (
+    LORA_WEIGHT_NAME,
+    PUSH_ALLOW_PATTERNS,
+    create_model_card,
+    load_lora_adapter_weights,
+    save_lora_adapter,
+)
 from .kv_cache import KVCache
 from .loss import LossStats, arcopo_loss, group_advantages, sde_grpo_loss, sde_transition_log_prob
 from .pipelines import SelfForcingPipeline
@@ -76,6 +87,8 @@ class RolloutBatch:
         timesteps (`torch.Tensor` of shape `[T]`), sigmas (`torch.Tensor` of shape `[T + 1]`).
         prefix_latents (`torch.Tensor` of shape `[N, C, pivot * Fc, H, W]`, *optional*): the clean chunks before the
             pivot (what the replay buffer stores to rebuild `prefix_cache`).
+        nonfinite (`str`, *optional*): why this rollout cannot train (a NaN or infinite latent, reward, advantage or
+            temperature); every update on it is skipped. `None` when everything is finite.
     """
 
     prompts: list[str]
@@ -91,6 +104,70 @@ class RolloutBatch:
     timesteps: torch.Tensor
     sigmas: torch.Tensor
     prefix_latents: torch.Tensor | None = None
+    nonfinite: str | None = None
+
+    def save(self, path: str) -> None:
+        """
+        Write the rollout, prefix KV cache included, to one safetensors file (atomically): what a checkpoint taken
+        between two inner iterations needs to resume exactly.
+        """
+        tensors = {
+            "prompt_embeds": self.prompt_embeds,
+            "states": self.states,
+            "x0_preds": self.x0_preds,
+            "rewards": self.rewards,
+            "advantages": self.advantages,
+            "temperature": self.temperature,
+            "timesteps": self.timesteps,
+            "sigmas": self.sigmas,
+        }
+        for i, (key, value) in enumerate(zip(self.prefix_cache.keys, self.prefix_cache.values)):
+            tensors[f"prefix_cache.keys.{i}"], tensors[f"prefix_cache.values.{i}"] = key, value
+        tensors = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
+        metadata = {
+            "prompts": json.dumps(self.prompts),
+            "pivot": str(self.pivot),
+            "frame_offset": str(self.frame_offset),
+            "nonfinite": json.dumps(self.nonfinite),
+            "prefix_cache": json.dumps(
+                {
+                    "num_layers": self.prefix_cache.num_layers,
+                    "tokens_per_frame": self.prefix_cache.tokens_per_frame,
+                    "end": self.prefix_cache.end,
+                    "local_attn_frames": self.prefix_cache.local_attn_frames,
+                    "sink_frames": self.prefix_cache.sink_frames,
+                }
+            ),
+        }
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str, device: torch.device | str = "cpu") -> RolloutBatch:
+        """Read a rollout written by [`~RolloutBatch.save`] (safetensors: no code runs while loading)."""
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            metadata = f.metadata()
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        cache = json.loads(metadata["prefix_cache"])
+        layers = range(cache.pop("num_layers"))
+        prefix_cache = KVCache(
+            keys=[tensors.pop(f"prefix_cache.keys.{i}") for i in layers],
+            values=[tensors.pop(f"prefix_cache.values.{i}") for i in layers],
+            **cache,
+        )
+        return cls(
+            prompts=json.loads(metadata["prompts"]),
+            pivot=int(metadata["pivot"]),
+            frame_offset=int(metadata["frame_offset"]),
+            prefix_cache=prefix_cache,
+            nonfinite=json.loads(metadata["nonfinite"]),
+            **tensors,
+        )
 
     def to_buffer_entries(self) -> list[BufferEntry]:
         """One compact [`BufferEntry`] per group (no KV cache: `prefix_latents` rebuilds it)."""
@@ -108,6 +185,17 @@ class RolloutBatch:
             )
             for i, prompt in enumerate(self.prompts)
         ]
+
+
+class EpochRepeatSampler(RepeatSampler):
+    """
+    TRL's `RepeatSampler` whose shuffle depends only on `(seed, epoch)`: a run resumed in a later epoch draws the
+    prompts the uninterrupted run drew (the base class advances one generator per pass, from the start of a process).
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.shuffle:
+            self.generator.manual_seed((self.seed or 0) + epoch)
 
 
 @contextmanager
@@ -289,8 +377,16 @@ class ARCoPOTrainer(Trainer):
             )
         transformer.set_adapter(adapter_name)  # only the trained adapter is active; others stay loaded, unused
         self.adapter_name = adapter_name
+        check_trainable_peft_config(transformer.peft_config[adapter_name], adapter_name)
+        if transformer.peft_config[adapter_name].modules_to_save:
+            logger.warning(
+                f"The adapter trains full copies of {transformer.peft_config[adapter_name].modules_to_save} "
+                "(`modules_to_save`). diffusers' `load_lora_weights` refuses such files: load the saved adapter with "
+                "`trl_arcopo.hub.load_lora_adapter_weights` after `transformer.add_adapter(the same LoraConfig)`."
+            )
         for name, param in transformer.named_parameters():
-            param.requires_grad_("lora_" in name and f".{adapter_name}." in name)
+            # LoRA factors (and DoRA magnitudes) and `modules_to_save` copies of this adapter; nothing of the base
+            param.requires_grad_(f".{adapter_name}." in name and ("lora_" in name or ".modules_to_save." in name))
         if args.disable_dropout:
             for module in transformer.modules():
                 if isinstance(module, torch.nn.Dropout):
@@ -334,13 +430,21 @@ class ARCoPOTrainer(Trainer):
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
+        # Failure handling: non-finite steps are skipped (see `_skip_nonfinite_step`)
+        #: Every skipped optimizer step of this process's run: `{"step": int, "reason": str}`.
+        self.skipped_steps: list[dict[str, Any]] = []
+        self._pending_skip: str | None = None  # why the optimizer step being accumulated must be skipped
+        self._consecutive_skips = 0
+        self._resume_checkpoint: str | None = None
+        self.add_callback(_NonFiniteGuard(self))
+
     # ------------------------------------------------------------------ data
     def _set_signature_columns_if_needed(self):
         self._signature_columns = ["prompt"]
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return RepeatSampler(
+        return EpochRepeatSampler(
             data_source=dataset,
             mini_repeat_count=1,
             batch_size=self.args.per_device_train_batch_size * self.accelerator.num_processes,
@@ -412,19 +516,47 @@ class ARCoPOTrainer(Trainer):
         transformer.train(was_training)
         videos = pipe.decode_latents(group.latents, output_type="pt")  # [N * G, F, C, H, W]
         rollout_seconds = time.perf_counter() - start
+        nonfinite = None
+        if not torch.isfinite(group.latents).all():
+            nonfinite = (
+                f"the rollout's latents are not finite (pivot chunk {pivot}): the policy's predictions overflowed"
+            )
 
         start = time.perf_counter()
-        rewards_per_func = self._calculate_rewards(inputs, prompts, videos)  # [N * G, n_funcs]
-        rewards = self._combine_rewards(rewards_per_func).view(n, g)  # [N, G]
+        if nonfinite is None:
+            rewards_per_func, nonfinite = self._calculate_rewards(inputs, prompts, videos)  # [N * G, n_funcs]
+        else:  # rewards are not asked to judge non-finite videos
+            rewards_per_func = torch.full(
+                (n * g, len(self.reward_funcs)), math.nan, dtype=torch.float64, device=device
+            )
+        rewards = self._combine_rewards(rewards_per_func).view(n, g)  # [N, G] float64
         reward_seconds = time.perf_counter() - start
+        if nonfinite is None and not torch.isfinite(rewards).all():
+            largest = rewards_per_func.abs().nan_to_num(0.0).amax(dim=0)  # [n_funcs]
+            nonfinite = (
+                "the weighted sum of the rewards overflowed (largest |value| per function: "
+                + ", ".join(f"{name}={v:.3g}" for name, v in zip(self.reward_func_names, largest.tolist()))
+                + ")"
+            )
 
-        advantages = group_advantages(rewards, args.scale_rewards, args.quasi_norm_p)  # [N, G]
+        if torch.isfinite(rewards).all():
+            advantages = group_advantages(rewards, args.scale_rewards, args.quasi_norm_p)  # [N, G] float64
+        else:  # the step is skipped; zero advantages keep the (discarded) update finite
+            advantages = torch.zeros_like(rewards)
+        if nonfinite is None and not torch.isfinite(advantages).all():
+            nonfinite = "the advantages are not finite"
+        advantages = advantages.float()
         states = group.states.unflatten(0, (n, g))  # [N, G, T, C, Fc, H, W]
         x0_preds = group.x0_preds.unflatten(0, (n, g))  # [N, G, T, C, Fc, H, W]
-        if args.temperature is None:
-            temperature = median_pairwise_distance(x0_preds, args.distance_reduction)  # [N, T]
-        else:
-            temperature = torch.full((n, steps), args.temperature, device=device)  # [N, T]
+        temperature = self._temperature(x0_preds)  # [N, T]
+        if nonfinite is None and not (torch.isfinite(temperature).all() and (temperature > 0).all()):
+            nonfinite = f"the temperature is not a positive finite number (got {temperature.flatten()[0].item()})"
+        if nonfinite is not None:
+            if mode == "collect":
+                raise ValueError(
+                    f"A reference rollout for the replay buffer (prompt {prompts[0]!r}, ...) cannot be used: {nonfinite}."
+                )
+            logger.warning(f"Rollout at step {self.state.global_step} ({mode}): {nonfinite}.")
 
         # Metrics (TRL names)
         metrics = self._metrics[mode]
@@ -433,7 +565,8 @@ class ARCoPOTrainer(Trainer):
         for i, name in enumerate(self.reward_func_names):
             column = rewards_per_func[:, i]
             metrics[f"rewards/{name}/mean"].append(torch.nanmean(column).item())
-            metrics[f"rewards/{name}/std"].append(column[~column.isnan()].std().item() if column.numel() > 1 else 0.0)
+            opinions = column[~column.isnan()]
+            metrics[f"rewards/{name}/std"].append(opinions.std().item() if opinions.numel() > 1 else math.nan)
         metrics["frac_reward_zero_std"].append((rewards.std(dim=1) < 1e-8).float().mean().item())
         metrics["advantages/abs_mean"].append(advantages.abs().mean().item())
         metrics["advantages/max"].append(advantages.max().item())
@@ -462,15 +595,29 @@ class ARCoPOTrainer(Trainer):
             prefix_latents=group.latents.unflatten(0, (n, g))[:, 0, :, :frame_offset].clone()
             if mode == "collect"
             else None,
+            nonfinite=nonfinite,
         )
 
-    def _calculate_rewards(self, inputs: list[dict[str, Any]], prompts: list[str], videos: torch.Tensor):
-        """Call every reward function once on all videos. Returns `[N * G, n_funcs]`; `None` becomes NaN."""
+    def _temperature(self, x0_preds: torch.Tensor) -> torch.Tensor:
+        """`τ` `[N, T]` of groups with predictions `x0_preds` `[N, G, T, *]`: fixed, or their median distance."""
+        n, steps = x0_preds.shape[0], x0_preds.shape[2]
+        if self.args.temperature is None:
+            return median_pairwise_distance(x0_preds, self.args.distance_reduction)
+        return torch.full((n, steps), self.args.temperature, device=x0_preds.device)
+
+    def _calculate_rewards(
+        self, inputs: list[dict[str, Any]], prompts: list[str], videos: torch.Tensor
+    ) -> tuple[torch.Tensor, str | None]:
+        """
+        Call every reward function once on all videos. Returns the rewards `[N * G, n_funcs]` in float64 (`None`
+        becomes NaN) and, if a function returned NaN or an infinity, which one and where (else `None`).
+        """
         g = self.args.num_generations
         prompts_rep = [p for p in prompts for _ in range(g)]
         keys = [k for k in inputs[0] if k != "prompt"]
         kwargs = {k: [row[k] for row in inputs for _ in range(g)] for k in keys}
-        out = torch.full((len(prompts_rep), len(self.reward_funcs)), float("nan"))
+        out = torch.full((len(prompts_rep), len(self.reward_funcs)), math.nan, dtype=torch.float64)
+        nonfinite = None
         for i, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names)):
             values = func(prompts=prompts_rep, videos=videos, trainer_state=self.state, **kwargs)
             if values is None or len(values) != len(prompts_rep):
@@ -489,16 +636,18 @@ class ARCoPOTrainer(Trainer):
                     )
                 value = float(value)
                 if not math.isfinite(value):
-                    raise ValueError(
-                        f"Reward function `{name}` returned {value} for video {j} of prompt {prompts_rep[j]!r}: "
-                        "rewards must be finite (return None for 'no opinion')."
-                    )
+                    if nonfinite is None:
+                        nonfinite = (
+                            f"reward function `{name}` returned {value} for video {j} of prompt {prompts_rep[j]!r} "
+                            "(rewards must be finite; return None for 'no opinion')"
+                        )
+                    continue
                 out[j, i] = value
-        return out.to(self.accelerator.device)
+        return out.to(self.accelerator.device), nonfinite
 
     def _combine_rewards(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
         """Weighted sum over the functions that gave an opinion; a video without any opinion gets its group's mean."""
-        weights = self.reward_weights.to(rewards_per_func.device)
+        weights = self.reward_weights.to(rewards_per_func.device, rewards_per_func.dtype)
         weighted = rewards_per_func * weights  # [N * G, n_funcs]
         combined = torch.nansum(weighted, dim=1)  # [N * G]
         no_opinion = rewards_per_func.isnan().all(dim=1)  # [N * G]
@@ -626,11 +775,13 @@ class ARCoPOTrainer(Trainer):
         states = torch.stack([e.states for e in entries]).to(device)  # [N, G, T, C, Fc, H, W]
         x0_preds = torch.stack([e.x0_preds for e in entries]).to(device)  # [N, G, T, C, Fc, H, W]
         rewards = torch.stack([e.rewards for e in entries]).to(device)  # [N, G]
-        n, steps = len(entries), states.shape[2]
-        if args.temperature is None:
-            temperature = median_pairwise_distance(x0_preds, args.distance_reduction)  # [N, T]
-        else:
-            temperature = torch.full((n, steps), args.temperature, device=device)  # [N, T]
+        temperature = self._temperature(x0_preds)  # [N, T]
+        advantages = group_advantages(rewards.double(), args.scale_rewards, args.quasi_norm_p)  # [N, G] float64
+        nonfinite = None
+        if not torch.isfinite(advantages).all():
+            nonfinite = "the advantages of replay-buffer groups are not finite"
+        elif not (torch.isfinite(temperature).all() and (temperature > 0).all()):
+            nonfinite = f"the temperature is not a positive finite number (got {temperature.flatten()[0].item()})"
         return RolloutBatch(
             prompts=[e.prompt for e in entries],
             prompt_embeds=torch.stack([e.prompt_embeds for e in entries]).to(device),
@@ -640,10 +791,11 @@ class ARCoPOTrainer(Trainer):
             states=states,
             x0_preds=x0_preds,
             rewards=rewards,
-            advantages=group_advantages(rewards, args.scale_rewards, args.quasi_norm_p),
+            advantages=advantages.float(),
             temperature=temperature,
             timesteps=self.timesteps,
             sigmas=self.sigmas,
+            nonfinite=nonfinite,
         )
 
     def _sample_from_buffer(self) -> list[RolloutBatch]:
@@ -668,11 +820,17 @@ class ARCoPOTrainer(Trainer):
     def training_step(self, model: torch.nn.Module, inputs, num_items_in_batch=None) -> torch.Tensor:
         if self._step == 0 and self.state.global_step > 0:  # resumed: continue the micro-step count
             self._step = self.state.global_step * self.args.gradient_accumulation_steps
+            if self._between_iterations():  # the checkpoint was taken between two updates on one rollout
+                path = self._rollout_file(self._resume_checkpoint)
+                self._buffered_rollout = RolloutBatch.load(path, device=self.accelerator.device)
         model.train()
         if self.args.training_mode == "semi_on_policy":
             # exploitation: groups of the reference policy from the buffer; the current policy is never rolled out
             self._ensure_replay_buffer()
             batches = self._sample_from_buffer()
+            for batch in batches:
+                if batch.nonfinite is not None:
+                    self._flag_nonfinite(batch.nonfinite)
             total_groups = sum(len(b.prompts) for b in batches)
             start = time.perf_counter()
             loss = sum(
@@ -683,12 +841,65 @@ class ARCoPOTrainer(Trainer):
             )
         else:
             rollout = self._prepare_inputs(inputs)
+            if rollout.nonfinite is not None:
+                self._flag_nonfinite(rollout.nonfinite)
             iteration = self._step % self.args.num_iterations
             start = time.perf_counter()
             loss = self._compute_loss(model, rollout, iteration)
         self._metrics["train"]["timing/update_seconds"].append(time.perf_counter() - start)
         self._step += 1
+        if self._pending_skip is not None:  # this step is skipped: its loss is not a loss of the run
+            loss = torch.full_like(loss, math.nan)
         return loss
+
+    # ------------------------------------------------------------------ failure handling
+    def _flag_nonfinite(self, reason: str) -> None:
+        """Mark the optimizer step being accumulated as skipped; the first cause is the one reported."""
+        if self._pending_skip is None:
+            self._pending_skip = reason
+
+    def _skip_nonfinite_step(self) -> None:
+        """
+        Called right before each optimizer step. If a quantity of this step was not finite, or the gradient is not,
+        drop the gradients so that the optimizer leaves the weights and its state untouched, log the step, and stop
+        after `max_nonfinite_steps` consecutive skips. Processes agree: one process's reason skips the step on all.
+        """
+        params = [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
+        reason, self._pending_skip = self._pending_skip, None
+        if reason is None:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
+                reason = "the gradient is not finite"
+        skip = torch.tensor(float(reason is not None), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            skip = self.accelerator.reduce(skip, reduction="sum")
+        self._metrics["train"]["step_skipped"].append(float(skip.item() > 0))
+        if skip.item() == 0:
+            self._consecutive_skips = 0
+            return
+        reason = reason or "another process found a non-finite value"
+        for param in params:
+            param.grad = None  # an optimizer skips parameters without a gradient: no update, no state change
+        step = self.state.global_step + 1
+        self.skipped_steps.append({"step": step, "reason": reason})
+        self._consecutive_skips += 1
+        logger.warning(f"Skipped optimizer step {step}: {reason}.")
+        limit = self.args.max_nonfinite_steps
+        if self._consecutive_skips >= limit:
+            recent = "; ".join(f"step {s['step']}: {s['reason']}" for s in self.skipped_steps[-limit:])
+            raise RuntimeError(
+                f"Training stopped: {limit} consecutive optimizer steps (`max_nonfinite_steps={limit}`) were skipped "
+                f"because a value was NaN or infinite ({recent}). The weights and checkpoints hold the last finite "
+                f"state. {_nonfinite_fix(reason)}"
+            )
+
+    def _check_adapter_finite(self, when: str) -> None:
+        for name, param in self.adapter_state_dict().items():
+            if not torch.isfinite(param).all():
+                raise RuntimeError(
+                    f"The adapter parameter {name} is not finite {when} (step {self.state.global_step}); nothing was "
+                    "saved. Lower `learning_rate` or set `max_grad_norm`, and resume from the last checkpoint."
+                )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         raise NotImplementedError("ARCoPOTrainer computes its loss in `training_step` (one backward per step).")
@@ -784,6 +995,9 @@ class ARCoPOTrainer(Trainer):
                     penalty = (x0_theta.float() - x0_ref.unflatten(0, (n, k)).float()).pow(2).mean()
                     penalties.append(penalty.item())
                     loss = loss + args.beta * penalty
+                if not torch.isfinite(loss):
+                    self._flag_nonfinite(f"the loss is {loss.item()} at denoising step {j} (pivot {rollout.pivot})")
+                # backward even then: every process runs the same collectives; the step's gradients are dropped
                 self.accelerator.backward(loss * scale)
             total += loss.detach() * scale
             stats.append(step_stats)
@@ -833,6 +1047,11 @@ class ARCoPOTrainer(Trainer):
                 metrics[key] = sum(values) / len(values)
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        else:
+            metrics["skipped_steps"] = float(len(self.skipped_steps))
+            skipped = metrics.pop("step_skipped", None)
+            if skipped == 1.0 and "loss" in logs:  # every step of this window was skipped: it has no loss
+                logs = {**logs, "loss": math.nan}
         logs = {**logs, **metrics}
         super().log(logs, start_time)
         self._metrics[mode].clear()
@@ -840,6 +1059,7 @@ class ARCoPOTrainer(Trainer):
     # ------------------------------------------------------------------ saving, loading, model card
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
+        self._check_adapter_finite("when saving")
         os.makedirs(output_dir, exist_ok=True)
         transformer = self.accelerator.unwrap_model(self.model)
         save_lora_adapter(transformer, output_dir, adapter_name=self.adapter_name)
@@ -919,29 +1139,137 @@ class ARCoPOTrainer(Trainer):
                 logger.warning(f"{path} not found: the replay buffer will be loaded or collected again.")
 
     def _save_checkpoint(self, model, trial):
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
         if self.args.should_save:
+            # `trainer_state.json` is written last: a folder holding a readable one is complete. A leftover from a
+            # save of the same step that was killed must not vouch for the files about to be written.
+            stale = os.path.join(folder, TRAINER_STATE_NAME)
+            if os.path.exists(stale):
+                os.remove(stale)
             self.create_model_card(model_name=os.path.basename(self.args.output_dir.rstrip("/")))
+        self._save_rollout_state(folder)
+        self._save_replay_buffer_copy(folder)
         super()._save_checkpoint(model, trial)
-        if self.replay_buffer is not None and len(self.replay_buffer):
-            # the buffer never changes once collected: hard-link its file when possible (no extra disk), else write
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            os.makedirs(folder, exist_ok=True)
-            dest, source = self._replay_buffer_file(folder), self._replay_buffer_file()
-            tmp = f"{dest}.tmp-{os.getpid()}"
-            try:
-                if source == self._replay_buffer_source and os.path.exists(source):
-                    try:
-                        os.link(source, tmp)
-                    except OSError:
-                        shutil.copyfile(source, tmp)
-                    os.replace(tmp, dest)
-                else:
-                    self.replay_buffer.save(dest)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+
+    def _between_iterations(self) -> bool:
+        """Whether the next micro-step updates on the buffered rollout instead of making a new one."""
+        return self.args.training_mode == "on_policy" and self._step % self.args.num_iterations != 0
+
+    def _rollout_file(self, folder: str) -> str:
+        """This process's buffered-rollout file in a checkpoint folder."""
+        suffix = "" if self.accelerator.num_processes == 1 else f"-rank{self.accelerator.process_index}"
+        return os.path.join(folder, f"{ROLLOUT_NAME}{suffix}.safetensors")
+
+    def _save_rollout_state(self, folder: str) -> None:
+        """Between two updates on one rollout, the checkpoint carries that rollout: a resume continues on it."""
+        path = self._rollout_file(folder)
+        if self._between_iterations() and self._buffered_rollout is not None:
+            self._buffered_rollout.save(path)
+        elif os.path.exists(path):  # left by a killed save of this step in another run
+            os.remove(path)
+
+    def _save_replay_buffer_copy(self, folder: str) -> None:
+        if self.replay_buffer is None or not len(self.replay_buffer):
+            return
+        # the buffer never changes once collected: hard-link its file when possible (no extra disk), else write
+        dest, source = self._replay_buffer_file(folder), self._replay_buffer_file()
+        tmp = f"{dest}.tmp-{os.getpid()}"
+        try:
+            if source == self._replay_buffer_source and os.path.exists(source):
+                try:
+                    os.link(source, tmp)
+                except OSError:
+                    shutil.copyfile(source, tmp)
+                os.replace(tmp, dest)
+            else:
+                self.replay_buffer.save(dest)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    # ------------------------------------------------------------------ resuming
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """
+        As [`~transformers.Trainer.train`]. `resume_from_checkpoint=True` takes the newest *complete* checkpoint of
+        `output_dir`, skipping (with a warning naming them) folders a killed save left incomplete; a path is checked
+        the same way and refused with the list of what is missing. Temporary files a killed save left behind in
+        `output_dir` are removed first.
+        """
+        if self.is_world_process_zero() and os.path.isdir(self.args.output_dir):
+            remove_stale_temporaries(self.args.output_dir)
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self._last_complete_checkpoint()
+        elif isinstance(resume_from_checkpoint, str | os.PathLike):
+            resume_from_checkpoint = os.fspath(resume_from_checkpoint)
+            problems = self.checkpoint_problems(resume_from_checkpoint)
+            if problems:
+                raise ValueError(
+                    f"Cannot resume from {resume_from_checkpoint}: {'; '.join(problems)}. Resume from an earlier "
+                    "checkpoint, or pass `resume_from_checkpoint=True` to take the newest complete one."
+                )
+        self._resume_checkpoint = resume_from_checkpoint or None
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint or None,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+
+    def checkpoint_problems(self, folder: str) -> list[str]:
+        """What keeps `folder` from resuming this run exactly (an empty list: it can)."""
+        if not os.path.isdir(folder):
+            return [f"{folder} is not a folder"]
+        try:
+            state = TrainerState.load_from_json(os.path.join(folder, TRAINER_STATE_NAME))
+        except (OSError, ValueError) as error:
+            return [
+                f"its {TRAINER_STATE_NAME} is missing or unreadable ({type(error).__name__}): the save was cut off"
+            ]
+        problems = []
+        if not _readable_safetensors(os.path.join(folder, LORA_WEIGHT_NAME)):
+            problems.append(f"its adapter {LORA_WEIGHT_NAME} is missing or truncated")
+        distributed_state = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if not (
+            self.args.save_only_model or distributed_state or os.path.isfile(os.path.join(folder, OPTIMIZER_NAME))
+        ):
+            problems.append(f"it has no {OPTIMIZER_NAME}")
+        micro_steps = state.global_step * self.args.gradient_accumulation_steps
+        if self.args.training_mode == "on_policy" and micro_steps % self.args.num_iterations != 0:
+            path = self._rollout_file(folder)
+            if not _readable_safetensors(path):
+                problems.append(
+                    f"it was saved between two updates on one rollout (step {state.global_step}, "
+                    f"`num_iterations={self.args.num_iterations}`) but {os.path.basename(path)}, the rollout they "
+                    "share, is missing or unreadable"
+                )
+        return problems
+
+    def _last_complete_checkpoint(self) -> str:
+        output_dir = self.args.output_dir
+        folders = []
+        if os.path.isdir(output_dir):
+            for name in os.listdir(output_dir):
+                match = _CHECKPOINT_RE.fullmatch(name)
+                if match and os.path.isdir(os.path.join(output_dir, name)):
+                    folders.append((int(match.group(1)), os.path.join(output_dir, name)))
+        skipped = []
+        for _, folder in sorted(folders, reverse=True):
+            problems = self.checkpoint_problems(folder)
+            if not problems:
+                if skipped:
+                    logger.warning(
+                        f"Resuming from {folder}; skipped the incomplete newer checkpoint(s) "
+                        + "; ".join(f"{f} ({', '.join(p)})" for f, p in skipped)
+                        + ". Delete them once this run has saved past them."
+                    )
+                return folder
+            skipped.append((folder, problems))
+        raise ValueError(
+            f"`resume_from_checkpoint=True` but {output_dir} holds no complete checkpoint"
+            + (": " + "; ".join(f"{f} ({', '.join(p)})" for f, p in skipped) if skipped else "")
+            + ". Start without `resume_from_checkpoint`, or pass a checkpoint folder."
+        )
 
     def create_model_card(
         self,
@@ -967,6 +1295,93 @@ class ARCoPOTrainer(Trainer):
             tags=tags,
             dataset_name=dataset_name,
             adapter_names=[self.adapter_name],
+        )
+
+
+ROLLOUT_NAME = "rollout"
+_CHECKPOINT_RE = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+_STALE_TEMPORARY_RE = re.compile(r"_tmp_lora_.*|_README\..*\.md\.tmp|.*\.(pt|safetensors)\.tmp-\d+")
+
+
+def remove_stale_temporaries(output_dir: str) -> list[str]:
+    """
+    Remove the temporary files and folders that a killed save left in `output_dir` and its checkpoint folders (every
+    file is written under a temporary name, then renamed). Returns the removed paths.
+    """
+    folders = [output_dir] + [
+        os.path.join(output_dir, name)
+        for name in os.listdir(output_dir)
+        if _CHECKPOINT_RE.fullmatch(name) and os.path.isdir(os.path.join(output_dir, name))
+    ]
+    removed = []
+    for folder in folders:
+        for name in os.listdir(folder):
+            if not _STALE_TEMPORARY_RE.fullmatch(name):
+                continue
+            path = os.path.join(folder, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+            removed.append(path)
+    if removed:
+        logger.info(f"Removed {len(removed)} temporary file(s) left by an interrupted save: {', '.join(removed)}.")
+    return removed
+
+
+def _readable_safetensors(path: str) -> bool:
+    """Whether `path` is a complete safetensors file (the header is read and checked against the file size)."""
+    try:
+        with safe_open(path, framework="pt"):
+            return True
+    except (OSError, SafetensorError):
+        return False
+
+
+def _nonfinite_fix(reason: str) -> str:
+    if reason.startswith(("reward function", "the weighted sum")):
+        return "Fix the reward function (return a finite float, or None for 'no opinion'), or rescale its values."
+    if reason.startswith("the temperature"):
+        return "Set `temperature` to a positive number, or None for the automatic choice."
+    return (
+        "The policy diverged: lower `learning_rate`, set `max_grad_norm`, and resume from the last checkpoint "
+        "(`resume_from_checkpoint=True`)."
+    )
+
+
+class _NonFiniteGuard(TrainerCallback):
+    """Skips optimizer steps with a non-finite value (before) and refuses a non-finite adapter (after)."""
+
+    def __init__(self, trainer: ARCoPOTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._skip_nonfinite_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._check_adapter_finite("after the optimizer step")
+
+
+def check_trainable_peft_config(config: PeftConfig, adapter_name: str) -> None:
+    """
+    Refuse a PEFT config whose trainable parameters the trainer would not train or save: only LoRA (with DoRA and
+    `modules_to_save`) is supported, without trainable biases or token indices.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(
+            f"The adapter {adapter_name!r} is a {type(config).__name__}; ARCoPOTrainer trains LoRA adapters only "
+            "(the reference policy is the transformer with the adapter disabled): pass a `peft.LoraConfig`."
+        )
+    if config.bias != "none":
+        raise ValueError(
+            f"`LoraConfig(bias={config.bias!r})` trains the base model's biases, which are shared with the reference "
+            "policy and not saved with the adapter: use `bias='none'` (add the module to `modules_to_save` to train "
+            "its own copy instead)."
+        )
+    if getattr(config, "trainable_token_indices", None):
+        raise ValueError(
+            "`LoraConfig(trainable_token_indices=...)` trains text-embedding rows, which the video transformer does not "
+            "have: remove it."
         )
 
 

@@ -161,9 +161,17 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file under the current umask (usually `0o644`); `mkstemp` would give `0o600`."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _replace_atomically(src: str, dst: str) -> None:
     with open(src, "rb") as f:
         os.fsync(f.fileno())
+    os.chmod(src, default_file_mode())
     os.replace(src, dst)
     _fsync_dir(os.path.dirname(os.path.abspath(dst)))
 
