@@ -354,6 +354,14 @@ def test_saved_adapter_reproduces_outputs_and_card(tmp_path):
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     uploaded = sorted(filter_repo_objects(files, allow_patterns=kwargs["allow_patterns"]))
     assert uploaded == ["README.md", "pytorch_lora_weights.safetensors"]
+    # and, when asked, the sample videos
+    (out / "completions" / "step_000001.txt").write_text("a prompt")
+    with mock.patch("trl_arcopo.arcopo_trainer.HfApi") as api:
+        trainer.push_to_hub(sample_videos=True)
+        kwargs = api.return_value.upload_folder.call_args.kwargs
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    uploaded = sorted(filter_repo_objects(files, allow_patterns=kwargs["allow_patterns"]))
+    assert uploaded == ["README.md", "completions/step_000001.gif", "pytorch_lora_weights.safetensors"]
     assert "training_args.bin" in files  # written, kept local, and without the token:
     saved = torch.load(out / "training_args.bin", weights_only=False)  # the trainer's own file
     assert saved.hub_token is None and trainer.args.hub_token == "hf_not_a_real_token"

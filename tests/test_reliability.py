@@ -302,3 +302,81 @@ def test_peft_configs_the_trainer_cannot_train_are_refused(tmp_path):
         _trainer(tmp_path, peft_config=LoHaConfig(r=4, target_modules=["to_q"]))
     with pytest.raises(ValueError, match=r"LoraConfig\(bias='all'\)` trains the base model's biases"):
         _trainer(tmp_path, peft_config=LoraConfig(**LORA, bias="all"))
+
+
+# ---------------------------------------------------------------- kill -9 at random moments
+KILL_TARGET = """
+import glob, os, sys
+from datasets import Dataset
+from peft import LoraConfig
+from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
+from trl_arcopo.testing_utils import tiny_pipeline
+
+def redness(prompts, videos, **kwargs):
+    return (videos[:, :, 0] - videos[:, :, 1:].mean(dim=2)).mean(dim=(1, 2, 3)).tolist()
+
+out = sys.argv[1]
+args = ARCoPOConfig(
+    output_dir=out, max_steps=24, save_strategy="steps", save_steps=1, num_iterations=2, per_device_train_batch_size=2,
+    num_generations=3, num_anchors=2, denoising_sigmas=[1.0, 0.75, 0.5], learning_rate=1e-3, report_to="none",
+    use_cpu=True, seed=0, disable_tqdm=True,
+)
+trainer = ARCoPOTrainer(
+    pipeline=tiny_pipeline(), reward_funcs=[redness], args=args,
+    train_dataset=Dataset.from_dict({"prompt": PROMPTS}), peft_config=LoraConfig(**LORA),
+)
+started = bool(glob.glob(os.path.join(out, "checkpoint-*")))
+trainer.train(resume_from_checkpoint=True if started else None)
+trainer.save_model()
+""".replace("PROMPTS", repr(PROMPTS)).replace("LORA", repr(LORA))
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter(tmp_path):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "train.py"
+    script.write_text(KILL_TARGET)
+
+    def launch(out):
+        return subprocess.Popen(
+            [sys.executable, str(script), str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+
+    def first_checkpoint(out, process):
+        while process.poll() is None and not (out / "checkpoint-1" / "trainer_state.json").exists():
+            time.sleep(0.005)
+        return time.perf_counter()
+
+    straight = tmp_path / "straight"
+    process = launch(straight)
+    start = first_checkpoint(straight, process)
+    assert process.wait() == 0, process.stderr.read().decode()[-3000:]
+    training_seconds = time.perf_counter() - start  # from the first checkpoint to the end of the script
+    expected = load_file(straight / "pytorch_lora_weights.safetensors")
+
+    rng = random.Random(0)
+    killed_at = []
+    for trial in range(10):
+        out = tmp_path / f"killed-{trial}"
+        process = launch(out)
+        delay = rng.uniform(0, training_seconds)
+        first_checkpoint(out, process)
+        time.sleep(delay)
+        alive = process.poll() is None
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        saved = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        newest = f"{saved[-1].name}{'' if (saved[-1] / 'trainer_state.json').exists() else ' (incomplete)'}"
+        killed_at.append((round(delay, 3), alive, newest))
+        resumed = launch(out)
+        assert resumed.wait() == 0, f"trial {trial}: " + resumed.stderr.read().decode()[-3000:]
+        got = load_file(out / "pytorch_lora_weights.safetensors")
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[k], got[k]) for k in expected), f"trial {trial} killed at {killed_at[-1]}"
+    print(f"training {training_seconds:.2f} s; (delay s, alive when killed, newest checkpoint): {killed_at}")  # noqa: T201
+    assert sum(alive for _, alive, _ in killed_at) >= 8  # the kills did land during training

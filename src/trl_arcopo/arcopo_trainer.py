@@ -1072,12 +1072,14 @@ class ARCoPOTrainer(Trainer):
         token: str | None = None,
         revision: str | None = None,
         private: bool | None = None,
+        sample_videos: bool = False,
         **kwargs,
     ):
         """
         Save the adapter and its model card, then upload those two files (`PUSH_ALLOW_PATTERNS`) to
-        `args.hub_model_id`, and nothing else of `output_dir`: not the checkpoints, the replay buffer, completions,
-        logs or `training_args.bin`. `kwargs` go to [`~ARCoPOTrainer.create_model_card`] (e.g. `dataset_name`).
+        `args.hub_model_id`, and nothing else of `output_dir`: not the checkpoints, the replay buffer, logs or
+        `training_args.bin`. `sample_videos=True` adds the sample videos of `log_completions` (`completions/*.gif`).
+        `kwargs` go to [`~ARCoPOTrainer.create_model_card`] (e.g. `dataset_name`).
         """
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         model_name = kwargs.pop("model_name", None)
@@ -1098,7 +1100,7 @@ class ARCoPOTrainer(Trainer):
             token=token,
             run_as_future=not blocking,
             revision=revision if revision is not None else self.args.hub_revision,
-            allow_patterns=PUSH_ALLOW_PATTERNS,
+            allow_patterns=PUSH_ALLOW_PATTERNS + ([SAMPLE_VIDEO_PATTERN] if sample_videos else []),
         )
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
@@ -1299,6 +1301,8 @@ class ARCoPOTrainer(Trainer):
 
 
 ROLLOUT_NAME = "rollout"
+#: The sample videos `log_completions` writes, uploaded by `push_to_hub(sample_videos=True)`.
+SAMPLE_VIDEO_PATTERN = "completions/*.gif"
 _CHECKPOINT_RE = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 _STALE_TEMPORARY_RE = re.compile(r"_tmp_lora_.*|_README\..*\.md\.tmp|.*\.(pt|safetensors)\.tmp-\d+")
 
