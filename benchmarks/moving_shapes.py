@@ -68,8 +68,8 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
-from trl_arcopo.arcopo_trainer import DEFAULT_LORA_TARGETS
 from trl_arcopo.merging import combine_adapters
+from trl_arcopo.policy import DEFAULT_LORA_TARGETS
 from trl_arcopo.shapes import (
     HELDOUT_PROMPTS,
     evaluate_generator,

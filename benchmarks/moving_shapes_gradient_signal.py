@@ -45,8 +45,8 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
-from trl_arcopo.arcopo_trainer import DEFAULT_LORA_TARGETS
 from trl_arcopo.loss import group_advantages
+from trl_arcopo.policy import DEFAULT_LORA_TARGETS
 from trl_arcopo.shapes import SHAPES, TRAIN_PROMPTS, load_pretrained_pipeline, make_dataset
 from trl_arcopo.shapes import rewards as shape_rewards
 

@@ -55,7 +55,7 @@ from peft import LoraConfig
 from trl import TrlParser
 
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer, SelfForcingPipeline, shapes
-from trl_arcopo.arcopo_trainer import DEFAULT_LORA_TARGETS
+from trl_arcopo.policy import DEFAULT_LORA_TARGETS
 from trl_arcopo.shapes.evaluation import (
     evaluate_generator,
     format_table,

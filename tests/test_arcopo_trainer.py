@@ -494,7 +494,7 @@ def test_beta_penalty_is_zero_at_init_and_grows(tmp_path):
     assert kl[0] == 0.0  # LoRA B = 0 at init: policy == reference exactly
     assert kl[-1] > 0.0
     # the adapter is enabled again after every reference pass: the policy still differs from the reference
-    from trl_arcopo.arcopo_trainer import reference_policy
+    from trl_arcopo.policy import reference_policy
 
     transformer = trainer.pipeline.transformer.eval()
     x, text, t = torch.randn(1, 3, 3, 16, 16), torch.randn(1, 4, 32), torch.tensor([500.0])

@@ -16,7 +16,7 @@
 __version__ = "0.1.0.dev0"
 
 from .arcopo_config import ARCoPOConfig
-from .arcopo_trainer import ARCoPOTrainer, RewardFunc
+from .arcopo_trainer import ARCoPOTrainer
 from .kv_cache import KVCache
 from .loss import LossStats, arcopo_loss, group_advantages, sde_grpo_loss, sde_transition_log_prob
 from .models import (
@@ -27,6 +27,7 @@ from .models import (
     teacher_forcing_mask,
 )
 from .pipelines import ChunkDenoisingOutput, SelfForcingPipeline, SelfForcingPipelineOutput
+from .rewards import RewardFunc
 from .rollout import ForkedRollout, forked_rollout
 from .sampling import RolloutNoise, get_schedule, neighbor_noise, self_forcing_scheduler
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -55,6 +56,53 @@ REQUIRED_TAGS = ["trl", "arcopo", "diffusers", "lora", "text-to-video"]
 #: What a push uploads from a training folder: the diffusers-format adapter and its model card, nothing else (not the
 #: checkpoints, the replay buffer, completions, logs or `training_args.bin`).
 PUSH_ALLOW_PATTERNS = [LORA_WEIGHT_NAME, "README.md"]
+#: The sample videos `log_completions` writes, uploaded when asked (`push_to_hub(sample_videos=True)`).
+SAMPLE_VIDEO_PATTERN = "completions/*.gif"
+
+#: The training arguments a model card lists.
+CARD_FIELDS = (
+    "learning_rate",
+    "max_steps",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "num_generations",
+    "num_anchors",
+    "fork_noise_scale",
+    "pivot_chunk",
+    "loss_type",
+    "num_iterations",
+    "epsilon",
+    "temperature",
+    "distance_reduction",
+    "scale_rewards",
+    "quasi_norm_p",
+    "beta",
+    "train_denoising_steps",
+    "reward_weights",
+    "height",
+    "width",
+    "num_frames",
+    "num_frames_per_chunk",
+    "denoising_sigmas",
+    "sampler",
+)
+
+
+def card_training_config(args: Any) -> dict[str, Any]:
+    """The `CARD_FIELDS` of a training config, as plain values."""
+    plain = int | float | str | bool | list | type(None)
+    return {k: v for k, v in args.to_dict().items() if k in CARD_FIELDS and isinstance(v, plain)}
+
+
+def args_without_token(args: Any) -> Any:
+    """A copy of the training `args` with `hub_token` cleared: what `training_args.bin` holds."""
+    safe = copy.copy(args)
+    safe.hub_token = None
+    return safe
+
+
 # Adapter hyper-parameters that change the forward pass without changing any tensor shape: a resumed adapter must match.
 _SCALING_KEYS = ("lora_alpha", "use_rslora", "use_dora")
 # Training-config keys that may hold credentials: never written into a (possibly public) model card.

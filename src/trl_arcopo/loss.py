@@ -29,6 +29,34 @@ SCALE_REWARDS = ("group", "batch", "none")
 DISTANCE_REDUCTIONS = ("mean", "sum")
 
 
+# ---------------------------------------------------------------------------------------------------- temperature
+def median_pairwise_distance(x0: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """
+    Median squared distance between the predictions of different candidates: `x0` `[N, G, T, *]` -> `[N, T]`. It
+    depends only on the stored (old) predictions, so it is constant during an update.
+    """
+    n, g, t = x0.shape[:3]
+    flat = x0.float().transpose(1, 2).reshape(n * t, g, -1)  # [N * T, G, D]
+    d = torch.cdist(flat, flat).pow(2)  # [N * T, G, G]
+    if reduction == "mean":
+        d = d / flat.shape[-1]
+    off_diagonal = ~torch.eye(g, dtype=torch.bool, device=x0.device)
+    med = d[:, off_diagonal].median(dim=-1).values  # [N * T]
+    return med.clamp_min(1e-12).view(n, t)  # [N, T]
+
+
+def group_temperature(
+    x0_preds: torch.Tensor, temperature: float | None = None, reduction: str = "mean"
+) -> torch.Tensor:
+    """
+    `τ` `[N, T]` of groups with predictions `x0_preds` `[N, G, T, *]`: `temperature` when given, else the
+    automatic choice, each group and step's [`median_pairwise_distance`] (logits O(1) at any latent scale).
+    """
+    if temperature is None:
+        return median_pairwise_distance(x0_preds, reduction)
+    return torch.full((x0_preds.shape[0], x0_preds.shape[2]), temperature, device=x0_preds.device)
+
+
 # ---------------------------------------------------------------------------------------------------- advantages
 def group_advantages(
     rewards: torch.Tensor, scale_rewards: str = "group", quasi_norm_p: float | None = None, eps: float = 1e-4
@@ -381,3 +409,32 @@ def sde_grpo_loss(
     objective, clip_active = _clipped_surrogate(ratio, _upcast(advantages.detach()), epsilon, clip, delta)
     loss = -objective.mean()  # []
     return loss, _stats(ratio, log_ratio, clip_active)
+
+
+def sde_grpo_anchor_loss(
+    x_next: torch.Tensor,
+    x0_theta: torch.Tensor,
+    x0_old: torch.Tensor,
+    advantages: torch.Tensor,
+    sigma_next: float,
+    epsilon: float = 1e-4,
+    clip: bool = True,
+    delta: float | None = None,
+) -> tuple[torch.Tensor, LossStats]:
+    """
+    [`sde_grpo_loss`] at `K` anchors of `N` groups: the log-probabilities of the recorded transitions `x_next`
+    `[N * K, *]` under the current (`x0_theta` `[N, K, *]`) and the old (`x0_old` `[N * K, *]`) predictions, with the
+    anchors' `advantages` `[N, K]`.
+    """
+    n, k = advantages.shape
+    log_prob = sde_transition_log_prob(x_next, x0_theta.flatten(0, 1), sigma_next).view(n, k)  # [N, K]
+    old_log_prob = sde_transition_log_prob(x_next, x0_old, sigma_next).view(n, k)  # [N, K]
+    return sde_grpo_loss(log_prob, old_log_prob, advantages, epsilon=epsilon, clip=clip, delta=delta)
+
+
+def x0_penalty(x0_theta: torch.Tensor, x0_ref: torch.Tensor) -> torch.Tensor:
+    """
+    `mean((x̂0_θ - x̂0_ref)²)` in float32: the KL between the current and the reference Gaussian re-noise policies up
+    to a constant factor (the `beta` penalty). Shapes must match.
+    """
+    return (x0_theta.float() - x0_ref.float()).pow(2).mean()

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .kv_cache import KVCache
+from .loss import group_temperature
+from .rollout import RolloutGroup
 
 
 if TYPE_CHECKING:
@@ -189,3 +193,119 @@ def rebuild_prefix_cache(
         chunk = latents[:, :, c * num_frames_per_chunk : (c + 1) * num_frames_per_chunk]  # [B, C, Fc, H, W]
         pipeline.commit_chunk(chunk, embeds, cache, c * num_frames_per_chunk)
     return cache
+
+
+# ---------------------------------------------------------------------------------------------------- groups <-> entries
+def entries_from_group(group: RolloutGroup) -> list[BufferEntry]:
+    """One compact [`BufferEntry`] per prompt group (no KV cache: the prefix latents rebuild it)."""
+    prefix = group.prefix_latents  # [N, C, pivot * Fc, H, W]
+    return [
+        BufferEntry(
+            prompt=prompt,
+            prompt_embeds=group.prompt_embeds[i],
+            pivot=group.pivot,
+            prefix_latents=prefix[i],
+            states=group.states[i],
+            x0_preds=group.x0_preds[i],
+            rewards=group.rewards[i],
+        )
+        for i, prompt in enumerate(group.prompts)
+    ]
+
+
+def group_from_entries(
+    pipeline: SelfForcingPipeline,
+    entries: list[BufferEntry],
+    num_frames_per_chunk: int,
+    num_latent_frames: int,
+    timesteps: torch.Tensor,
+    sigmas: torch.Tensor,
+    temperature: float | None = None,
+    distance_reduction: str = "mean",
+) -> RolloutGroup:
+    """
+    The [`RolloutGroup`] of buffer entries with one pivot (the inverse of [`entries_from_group`]); the prefix cache
+    is rebuilt by `pipeline.transformer` as it is configured (disable its adapters for the reference policy). The
+    rewards are the stored ones; set the advantages with [`RolloutGroup.with_rewards`].
+    """
+    device = pipeline._execution_device
+    cache = rebuild_prefix_cache(pipeline, list(entries), num_frames_per_chunk, num_latent_frames)
+    x0_preds = torch.stack([e.x0_preds for e in entries]).to(device)  # [N, G, T, C, Fc, H, W]
+    return RolloutGroup(
+        prompts=[e.prompt for e in entries],
+        prompt_embeds=torch.stack([e.prompt_embeds for e in entries]).to(device),
+        pivot=entries[0].pivot,
+        frame_offset=entries[0].pivot * num_frames_per_chunk,
+        prefix_cache=cache,
+        states=torch.stack([e.states for e in entries]).to(device),  # [N, G, T, C, Fc, H, W]
+        x0_preds=x0_preds,
+        temperature=group_temperature(x0_preds, temperature, distance_reduction),
+        timesteps=timesteps,
+        sigmas=sigmas,
+        rewards=torch.stack([e.rewards for e in entries]).to(device),  # [N, G]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- lifecycle
+def check_buffer_compatible(
+    buffer: ReplayBuffer, expected: tuple[int, int, int, int], num_chunks: int, source: str
+) -> None:
+    """
+    Refuse a buffer collected for another run: `expected` is (num_generations, denoising steps, channels, frames per
+    chunk) and every pivot must be a chunk of this run's videos.
+    """
+    for entry in buffer.entries:
+        got = tuple(entry.states.shape[:4])
+        if got != tuple(expected) or entry.pivot >= num_chunks:
+            raise ValueError(
+                f"The replay buffer {source} was collected with (num_generations, denoising steps, channels, frames "
+                f"per chunk) = {got} and pivot {entry.pivot}, but this run has {tuple(expected)} and {num_chunks} "
+                "chunks: delete the file or point `replay_buffer_path` elsewhere to collect a new buffer."
+            )
+
+
+def collect_replay_buffer(
+    buffer: ReplayBuffer,
+    dataset: Any,
+    rollout: Callable[[list[dict[str, Any]], int], RolloutGroup],
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> ReplayBuffer:
+    """
+    Fill `buffer` to its capacity with groups of `rollout(rows, batch_index)` (the reference policy's rollouts),
+    taking `batch_size` rows at a time of `dataset` in an order seeded by `(seed, rank)`. `progress(n)` is called
+    with the groups added. Re-collecting with the same arguments gives the same buffer.
+    """
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 7919 + rank))
+    batch_index = 0
+    while len(buffer) < buffer.capacity:
+        take = min(batch_size, buffer.capacity - len(buffer))
+        rows = [dataset[int(order[(batch_index * batch_size + i) % len(order)])] for i in range(take)]
+        for entry in entries_from_group(rollout(rows, batch_index)):
+            buffer.add(entry)
+        if progress is not None:
+            progress(take)
+        batch_index += 1
+    return buffer
+
+
+def link_or_save(buffer: ReplayBuffer, dest: str, source: str | None = None) -> None:
+    """
+    Write `buffer` to `dest` atomically (a checkpoint's copy). If `source` is a file holding exactly this buffer, it
+    is hard-linked (no extra disk) or copied instead of serialised again.
+    """
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    try:
+        if source is not None and os.path.exists(source):
+            try:
+                os.link(source, tmp)
+            except OSError:
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, dest)
+        else:
+            buffer.save(dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

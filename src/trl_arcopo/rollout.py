@@ -11,17 +11,25 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Forked group rollouts: a shared prefix generated once, then G branches that differ only in one chunk's noise."""
+"""
+Forked group rollouts: a shared prefix generated once, then G branches that differ only in one chunk's noise; and
+the group a training step learns from ([`RolloutGroup`], drawn by [`sample_group`]).
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .kv_cache import KVCache
-from .sampling import RolloutNoise, SamplerType
+from .loss import group_advantages, group_temperature
+from .sampling import RolloutNoise, SamplerType, neighbor_noise
 
 
 if TYPE_CHECKING:
@@ -140,4 +148,280 @@ def forked_rollout(
         prefix_cache=cache,
         noise=branch_noise_all,
         num_forward_passes=passes,
+    )
+
+
+@dataclass
+class RolloutGroup:
+    r"""
+    `N` prompt groups of `G` candidates forked at one chunk: everything the localised update needs.
+
+    Args:
+        prompts (`list[str]`): the `N` prompts.
+        prompt_embeds (`torch.Tensor` of shape `[N, S, text_dim]`).
+        pivot (`int`): the chunk where the groups forked.
+        frame_offset (`int`): first latent frame of the pivot chunk.
+        prefix_cache ([`KVCache`]): committed chunks `< pivot`, batch `N` (detached).
+        states (`torch.Tensor` of shape `[N, G, T, C, Fc, H, W]`): pivot-chunk states `x_t` of every candidate.
+        x0_preds (`torch.Tensor` of shape `[N, G, T, C, Fc, H, W]`): their old clean predictions `x̂0`.
+        temperature (`torch.Tensor` of shape `[N, T]`): `τ` of each group and step.
+        timesteps (`torch.Tensor` of shape `[T]`), sigmas (`torch.Tensor` of shape `[T + 1]`).
+        latents (`torch.Tensor` of shape `[N, G, C, F, H, W]`, *optional*): the finished videos' latents.
+        rewards (`torch.Tensor` of shape `[N, G]`, *optional*): combined sequence-level rewards (float64).
+        advantages (`torch.Tensor` of shape `[N, G]`, *optional*).
+        nonfinite (`str`, *optional*): why this group cannot train (a NaN or infinite latent, reward, advantage or
+            temperature); every update on it is skipped. `None` when everything is finite.
+    """
+
+    prompts: list[str]
+    prompt_embeds: torch.Tensor
+    pivot: int
+    frame_offset: int
+    prefix_cache: KVCache
+    states: torch.Tensor
+    x0_preds: torch.Tensor
+    temperature: torch.Tensor
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    latents: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    nonfinite: str | None = None
+
+    @property
+    def num_generations(self) -> int:
+        return self.states.shape[1]
+
+    @property
+    def prefix_latents(self) -> torch.Tensor:
+        """The clean chunks before the pivot, `[N, C, pivot * Fc, H, W]` (shared by a group's candidates)."""
+        if self.latents is None:
+            raise ValueError("This group holds no `latents`; its prefix latents are unknown.")
+        return self.latents[:, 0, :, : self.frame_offset]
+
+    def with_rewards(
+        self,
+        rewards: torch.Tensor,
+        scale_rewards: str = "group",
+        quasi_norm_p: float | None = None,
+        nonfinite: str | None = None,
+    ) -> RolloutGroup:
+        """
+        Set `rewards` `[N, G]` and their group advantages (computed in the rewards' dtype, stored in float32), and
+        record why the group cannot train: `nonfinite` (from the rollout or the rewards), else a non-finite
+        advantage or temperature. Returns `self`.
+        """
+        if torch.isfinite(rewards).all():
+            advantages = group_advantages(rewards, scale_rewards, quasi_norm_p)  # [N, G]
+        else:  # the step is skipped; zero advantages keep the (discarded) update finite
+            advantages = torch.zeros_like(rewards)
+        if nonfinite is None and not torch.isfinite(advantages).all():
+            nonfinite = "the advantages are not finite"
+        temperature = self.temperature
+        if nonfinite is None and not (torch.isfinite(temperature).all() and (temperature > 0).all()):
+            nonfinite = f"the temperature is not a positive finite number (got {temperature.flatten()[0].item()})"
+        self.rewards, self.advantages, self.nonfinite = rewards, advantages.float(), nonfinite
+        return self
+
+    def save(self, path: str) -> None:
+        """
+        Write the group (without its video latents), prefix KV cache included, to one safetensors file, atomically:
+        what a checkpoint taken between two inner updates needs to resume exactly.
+        """
+        tensors = {
+            "prompt_embeds": self.prompt_embeds,
+            "states": self.states,
+            "x0_preds": self.x0_preds,
+            "temperature": self.temperature,
+            "timesteps": self.timesteps,
+            "sigmas": self.sigmas,
+        }
+        if self.rewards is not None:
+            tensors["rewards"], tensors["advantages"] = self.rewards, self.advantages
+        for i, (key, value) in enumerate(zip(self.prefix_cache.keys, self.prefix_cache.values)):
+            tensors[f"prefix_cache.keys.{i}"], tensors[f"prefix_cache.values.{i}"] = key, value
+        tensors = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
+        cache = self.prefix_cache
+        metadata = {
+            "prompts": json.dumps(self.prompts),
+            "pivot": str(self.pivot),
+            "frame_offset": str(self.frame_offset),
+            "nonfinite": json.dumps(self.nonfinite),
+            "prefix_cache": json.dumps(
+                {
+                    "num_layers": cache.num_layers,
+                    "tokens_per_frame": cache.tokens_per_frame,
+                    "end": cache.end,
+                    "local_attn_frames": cache.local_attn_frames,
+                    "sink_frames": cache.sink_frames,
+                }
+            ),
+        }
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str, device: torch.device | str = "cpu") -> RolloutGroup:
+        """Read a group written by [`~RolloutGroup.save`] (safetensors: no code runs while loading)."""
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            metadata = f.metadata()
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        cache = json.loads(metadata["prefix_cache"])
+        layers = range(cache.pop("num_layers"))
+        prefix_cache = KVCache(
+            keys=[tensors.pop(f"prefix_cache.keys.{i}") for i in layers],
+            values=[tensors.pop(f"prefix_cache.values.{i}") for i in layers],
+            **cache,
+        )
+        return cls(
+            prompts=json.loads(metadata["prompts"]),
+            pivot=int(metadata["pivot"]),
+            frame_offset=int(metadata["frame_offset"]),
+            prefix_cache=prefix_cache,
+            nonfinite=json.loads(metadata["nonfinite"]),
+            **tensors,
+        )
+
+
+@dataclass
+class AnchorBatch:
+    r"""
+    The `K` anchors of each of `N` groups at one denoising step: what one forward of the policy sees.
+
+    Args:
+        group ([`RolloutGroup`]): the groups.
+        step (`int`): the denoising step (index into `group.timesteps`).
+        anchor_index (`torch.Tensor` of shape `[N, K]`): the anchors among each group's `G` candidates.
+        rows (`torch.Tensor` of shape `[N * K]`): the same, as rows of the flattened `[N * G]` candidates.
+        prefix_cache ([`KVCache`]): the groups' prefix, batch `N * K`.
+        prompt_embeds (`torch.Tensor` of shape `[N * K, S, text_dim]`).
+        iteration (`int`, *optional*): the inner update on an on-policy rollout (`0`: `θ = θ_old`), or `None` for
+            replay-buffer groups (`π_old` is the reference).
+    """
+
+    group: RolloutGroup
+    step: int
+    anchor_index: torch.Tensor
+    rows: torch.Tensor
+    prefix_cache: KVCache
+    prompt_embeds: torch.Tensor
+    iteration: int | None = None
+
+    @classmethod
+    def draw(
+        cls, group: RolloutGroup, num_anchors: int, generator: torch.Generator, iteration: int | None = None
+    ) -> AnchorBatch:
+        """`num_anchors` distinct candidates of every group, drawn from `generator` (at step 0; set `step` per step)."""
+        n, g = group.states.shape[:2]
+        anchor_index = torch.stack(
+            [torch.randperm(g, generator=generator, device=generator.device)[:num_anchors] for _ in range(n)]
+        ).to(group.states.device)  # [N, K]
+        rows = anchor_index + torch.arange(n, device=anchor_index.device)[:, None] * g  # [N, K] into N * G
+        return cls(
+            group=group,
+            step=0,
+            anchor_index=anchor_index,
+            rows=rows.flatten(),
+            prefix_cache=group.prefix_cache.fork(num_anchors),
+            prompt_embeds=group.prompt_embeds.repeat_interleave(num_anchors, dim=0),
+            iteration=iteration,
+        )
+
+    @property
+    def x_t(self) -> torch.Tensor:
+        """The anchors' states at this step, `[N * K, C, Fc, H, W]`."""
+        return self.group.states[:, :, self.step].flatten(0, 1)[self.rows]
+
+    @property
+    def advantages(self) -> torch.Tensor:
+        """The anchors' advantages, `[N, K]`."""
+        return self.group.advantages.gather(1, self.anchor_index)
+
+
+EXPLORATIONS = ("neighbors", "sde")
+
+
+@torch.no_grad()
+def sample_group(
+    pipeline: SelfForcingPipeline,
+    prompts: list[str],
+    prompt_embeds: torch.Tensor,
+    latent_shape: tuple[int, int, int, int, int],
+    num_generations: int,
+    timesteps: torch.Tensor,
+    sigmas: torch.Tensor,
+    num_frames_per_chunk: int,
+    generator: torch.Generator | None = None,
+    pivot: int | None = None,
+    sampler: SamplerType = "consistency",
+    exploration: str = "neighbors",
+    fork_noise_scale: float = 0.5,
+    temperature: float | None = None,
+    distance_reduction: str = "mean",
+) -> RolloutGroup:
+    """
+    Roll out one group of `num_generations` candidates per prompt, forked at one chunk, and record the pivot chunk's
+    trajectory. Draws, in this order from `generator`: the rollout noise, the pivot (uniform over the chunks when
+    `pivot` is `None`), then the exploration at the pivot:
+    - `"neighbors"` (AR-CoPO): each candidate's initial noise is a neighbour of the group's
+      ([`~trl_arcopo.sampling.neighbor_noise`] with `fork_noise_scale`);
+    - `"sde"` (SDE-GRPO): the same initial noise, each candidate its own re-noise of the consistency sampler.
+
+    Args:
+        prompts (`list[str]`), prompt_embeds (`torch.Tensor` of shape `[N, S, text_dim]`): the `N` groups.
+        latent_shape (`tuple`): `[1, C, F, H, W]`, the latent shape of one video.
+        temperature (`float`, *optional*): a fixed `τ`; `None` takes each group's median distance between
+            predictions ([`~trl_arcopo.loss.group_temperature`]).
+
+    Returns:
+        [`RolloutGroup`] with the finished `latents` `[N, G, C, F, H, W]`, without rewards.
+    """
+    if exploration not in EXPLORATIONS:
+        raise ValueError(f"`exploration={exploration!r}` is not one of {EXPLORATIONS}.")
+    n, g, steps = len(prompts), num_generations, len(timesteps)
+    device = prompt_embeds.device
+    shape = (n, *latent_shape[1:])
+    noise = RolloutNoise.sample(shape, num_frames_per_chunk, steps, sampler, generator, device=device)
+    if pivot is None:
+        pivot = int(torch.randint(noise.num_chunks, (1,), generator=generator, device=device).item())
+    base = noise.chunk_initial(pivot)  # [N, C, Fc, H, W]
+    branch_renoise = None
+    if exploration == "neighbors":
+        branch_noise = neighbor_noise(base, g, fork_noise_scale, generator)  # [N * G, C, Fc, H, W]
+    else:
+        branch_noise = base.repeat_interleave(g, dim=0)
+        branch_renoise = torch.randn(
+            (n * g, *noise.chunk_renoise(pivot).shape[1:]), generator=generator, device=device
+        )  # [N * G, T - 1, C, Fc, H, W]
+    fork = forked_rollout(
+        pipeline,
+        prompt_embeds,
+        noise,
+        pivot,
+        branch_noise,
+        timesteps,
+        sigmas,
+        shape[3],
+        shape[4],
+        sampler,
+        branch_renoise,
+    )
+    x0_preds = fork.x0_preds.unflatten(0, (n, g))  # [N, G, T, C, Fc, H, W]
+    return RolloutGroup(
+        prompts=list(prompts),
+        prompt_embeds=prompt_embeds,
+        pivot=pivot,
+        frame_offset=pivot * num_frames_per_chunk,
+        prefix_cache=fork.prefix_cache,
+        states=fork.states.unflatten(0, (n, g)),
+        x0_preds=x0_preds.clone(),
+        temperature=group_temperature(x0_preds, temperature, distance_reduction),
+        timesteps=timesteps,
+        sigmas=sigmas,
+        latents=fork.latents.unflatten(0, (n, g)),
     )

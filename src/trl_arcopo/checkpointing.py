@@ -1,0 +1,129 @@
+# Copyright 2026 The trl_arcopo contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Checkpoints a run can resume from: what makes one complete, the newest complete one, and the temporary files an
+interrupted save leaves behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+
+from safetensors import SafetensorError, safe_open
+from transformers import TrainerState
+from transformers.trainer import OPTIMIZER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+from .hub import LORA_WEIGHT_NAME
+
+
+logger = logging.get_logger(__name__)
+
+CHECKPOINT_RE = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+_STALE_TEMPORARY_RE = re.compile(r"_tmp_lora_.*|_README\..*\.md\.tmp|.*\.(pt|safetensors)\.tmp-\d+")
+
+
+def readable_safetensors(path: str) -> bool:
+    """Whether `path` is a complete safetensors file (the header is read and checked against the file size)."""
+    try:
+        with safe_open(path, framework="pt"):
+            return True
+    except (OSError, SafetensorError):
+        return False
+
+
+def checkpoint_problems(
+    folder: str, needs_optimizer: bool = True, required_files: Callable[[int], dict[str, str]] | None = None
+) -> list[str]:
+    """
+    What keeps `folder` from resuming a run (an empty list: nothing). `trainer_state.json` is written last, so a
+    readable one marks a complete save; the adapter must be a complete safetensors file, the optimizer present
+    (`needs_optimizer`), and every safetensors file `required_files(global_step)` maps (to why it is needed)
+    complete.
+    """
+    if not os.path.isdir(folder):
+        return [f"{folder} is not a folder"]
+    try:
+        state = TrainerState.load_from_json(os.path.join(folder, TRAINER_STATE_NAME))
+    except (OSError, ValueError) as error:
+        return [f"its {TRAINER_STATE_NAME} is missing or unreadable ({type(error).__name__}): the save was cut off"]
+    problems = []
+    if not readable_safetensors(os.path.join(folder, LORA_WEIGHT_NAME)):
+        problems.append(f"its adapter {LORA_WEIGHT_NAME} is missing or truncated")
+    if needs_optimizer and not os.path.isfile(os.path.join(folder, OPTIMIZER_NAME)):
+        problems.append(f"it has no {OPTIMIZER_NAME}")
+    for name, why in (required_files(state.global_step) if required_files is not None else {}).items():
+        if not readable_safetensors(os.path.join(folder, name)):
+            problems.append(f"{why} but {name} is missing or truncated")
+    return problems
+
+
+def last_complete_checkpoint(output_dir: str, problems: Callable[[str], list[str]]) -> str:
+    """
+    The newest checkpoint folder of `output_dir` without `problems`; newer incomplete ones are skipped with a warning
+    that names each and what it lacks. Raises a `ValueError` listing them if none is complete.
+    """
+    folders = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            match = CHECKPOINT_RE.fullmatch(name)
+            if match and os.path.isdir(os.path.join(output_dir, name)):
+                folders.append((int(match.group(1)), os.path.join(output_dir, name)))
+    skipped = []
+    for _, folder in sorted(folders, reverse=True):
+        found = problems(folder)
+        if not found:
+            if skipped:
+                logger.warning(
+                    f"Resuming from {folder}; skipped the incomplete newer checkpoint(s) "
+                    + "; ".join(f"{f} ({', '.join(p)})" for f, p in skipped)
+                    + ". Delete them once this run has saved past them."
+                )
+            return folder
+        skipped.append((folder, found))
+    raise ValueError(
+        f"`resume_from_checkpoint=True` but {output_dir} holds no complete checkpoint"
+        + (": " + "; ".join(f"{f} ({', '.join(p)})" for f, p in skipped) if skipped else "")
+        + ". Start without `resume_from_checkpoint`, or pass a checkpoint folder."
+    )
+
+
+def remove_stale_temporaries(output_dir: str) -> list[str]:
+    """
+    Remove the temporary files and folders that a killed save left in `output_dir` and its checkpoint folders (every
+    file is written under a temporary name, then renamed). Returns the removed paths.
+    """
+    folders = [output_dir] + [
+        os.path.join(output_dir, name)
+        for name in os.listdir(output_dir)
+        if CHECKPOINT_RE.fullmatch(name) and os.path.isdir(os.path.join(output_dir, name))
+    ]
+    removed = []
+    for folder in folders:
+        for name in os.listdir(folder):
+            if not _STALE_TEMPORARY_RE.fullmatch(name):
+                continue
+            path = os.path.join(folder, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+            removed.append(path)
+    if removed:
+        logger.info(f"Removed {len(removed)} temporary file(s) left by an interrupted save: {', '.join(removed)}.")
+    return removed

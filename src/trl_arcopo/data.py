@@ -1,0 +1,47 @@
+# Copyright 2026 The trl_arcopo contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Prompt datasets: what the trainer accepts, and the order it draws them in."""
+
+from __future__ import annotations
+
+from datasets import Dataset, IterableDataset
+from trl.trainer.utils import RepeatSampler
+
+
+class EpochRepeatSampler(RepeatSampler):
+    """
+    TRL's `RepeatSampler` whose shuffle depends only on `(seed, epoch)`: a run resumed in a later epoch draws the
+    prompts the uninterrupted run drew (the base class advances one generator per pass, from the start of a process).
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.shuffle:
+            self.generator.manual_seed((self.seed or 0) + epoch)
+
+
+def check_prompt_dataset(dataset: Dataset | IterableDataset, name: str) -> None:
+    """Refuse a dataset without a text `"prompt"` column, or without rows, with an error naming the fix."""
+    if "prompt" not in (dataset.column_names or []):
+        raise ValueError(
+            f"`{name}` has no 'prompt' column (columns: {dataset.column_names}); rename the text column, "
+            "e.g. `dataset.rename_column('text', 'prompt')`."
+        )
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(f"`{name}` has no rows: give at least one prompt.")
+    feature = (dataset.features or {}).get("prompt")
+    if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise ValueError(
+            f"The 'prompt' column of `{name}` holds {feature} values, not text: give one string per row "
+            "(e.g. `dataset.cast_column('prompt', Value('string'))`)."
+        )

@@ -1,0 +1,152 @@
+# Copyright 2026 The trl_arcopo contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Reward functions: their type, calling every function on a group's videos with validation, and combining the results
+into one reward per video. No trainer imports.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+#: A reward function: `fn(prompts, videos, **kwargs) -> list[float | None]`, with `videos` `[N, F, C, H, W]` in
+#: `[0, 1]`, one value per video; `None` means "no opinion". Extra dataset columns arrive as keyword lists.
+RewardFunc = Callable[..., list[float | None]]
+
+
+def reward_func_name(func: RewardFunc) -> str:
+    """The name a reward function is logged under (`rewards/<name>/mean`)."""
+    return getattr(func, "__name__", type(func).__name__)
+
+
+@dataclass
+class GroupRewards:
+    r"""
+    The rewards of `N` groups of `G` videos.
+
+    Args:
+        per_func (`torch.Tensor` of shape `[N * G, n_funcs]`): each function's values in float64, NaN where it had no
+            opinion (or returned a non-finite value).
+        combined (`torch.Tensor` of shape `[N, G]`): the weighted sum, float64.
+        seconds (`float`): time spent in the reward functions.
+        nonfinite (`str`, *optional*): which function returned NaN or an infinity, for which video, or whether the
+            weighted sum overflowed; `None` when every value is finite.
+    """
+
+    per_func: torch.Tensor
+    combined: torch.Tensor
+    seconds: float
+    nonfinite: str | None = None
+
+
+def call_reward_funcs(
+    reward_funcs: Sequence[RewardFunc],
+    inputs: list[dict[str, Any]],
+    videos: torch.Tensor,
+    num_generations: int,
+    **kwargs,
+) -> tuple[torch.Tensor, str | None]:
+    """
+    Call every reward function once on all videos: `videos` `[N * G, F, C, H, W]` of the `N` rows `inputs` (dicts
+    with a `"prompt"`; other keys reach the functions as keyword lists, repeated per video, next to `kwargs`).
+
+    Returns the values `[N * G, n_funcs]` in float64 (`None` becomes NaN) and, if a function returned NaN or an
+    infinity, which one and for which video (else `None`). A wrong number of values or a value that is not a number
+    raises a `ValueError` naming the function and the prompt.
+    """
+    prompts = [row["prompt"] for row in inputs for _ in range(num_generations)]
+    columns = {k: [row[k] for row in inputs for _ in range(num_generations)] for k in inputs[0] if k != "prompt"}
+    out = torch.full((len(prompts), len(reward_funcs)), math.nan, dtype=torch.float64)
+    nonfinite = None
+    for i, func in enumerate(reward_funcs):
+        name = reward_func_name(func)
+        values = func(prompts=prompts, videos=videos, **kwargs, **columns)
+        if values is None or len(values) != len(prompts):
+            got = "None" if values is None else len(values)
+            raise ValueError(
+                f"Reward function `{name}` returned {got} values for {len(prompts)} videos (prompt {prompts[0]!r}, "
+                "...): return one float (or None) per video."
+            )
+        for j, value in enumerate(values):
+            if value is None:
+                continue
+            if not (isinstance(value, numbers.Real) or (torch.is_tensor(value) and value.numel() == 1)):
+                raise ValueError(
+                    f"Reward function `{name}` returned {value!r} ({type(value).__name__}) for video {j} of prompt "
+                    f"{prompts[j]!r}: return one float (or None) per video."
+                )
+            value = float(value)
+            if not math.isfinite(value):
+                if nonfinite is None:
+                    nonfinite = (
+                        f"reward function `{name}` returned {value} for video {j} of prompt {prompts[j]!r} "
+                        "(rewards must be finite; return None for 'no opinion')"
+                    )
+                continue
+            out[j, i] = value
+    return out, nonfinite
+
+
+def combine_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """
+    Weighted sum over the functions that gave an opinion, `[N * G, n_funcs] -> [N, G]` in the dtype of
+    `rewards_per_func` (float64 keeps sums of large rewards finite). A video without any opinion gets its group's
+    mean (zero advantage); a group without any opinion gets 0.
+    """
+    weights = weights.to(rewards_per_func.device, rewards_per_func.dtype)
+    combined = torch.nansum(rewards_per_func * weights, dim=1)  # [N * G]
+    grouped = combined.view(-1, num_generations)  # [N, G]
+    no_opinion = rewards_per_func.isnan().all(dim=1).view_as(grouped)  # [N, G]
+    if no_opinion.any():
+        grouped = grouped.masked_fill(no_opinion, math.nan)
+        fill = torch.nan_to_num(torch.nanmean(grouped, dim=1, keepdim=True), nan=0.0)  # [N, 1]
+        grouped = torch.where(no_opinion, fill.expand_as(grouped), grouped)
+    return grouped
+
+
+def score_group(
+    reward_funcs: Sequence[RewardFunc],
+    reward_weights: torch.Tensor,
+    inputs: list[dict[str, Any]],
+    videos: torch.Tensor | None,
+    num_generations: int,
+    **kwargs,
+) -> GroupRewards:
+    """
+    Score the `N * G` videos of `N` groups: every function called once ([`call_reward_funcs`]), then combined
+    ([`combine_rewards`]). `videos=None` (a rollout that is not finite) asks no function and gives NaN opinions.
+    """
+    start = time.perf_counter()
+    n = len(inputs) * num_generations
+    if videos is None:
+        per_func, nonfinite = torch.full((n, len(reward_funcs)), math.nan, dtype=torch.float64), None
+    else:
+        per_func, nonfinite = call_reward_funcs(reward_funcs, inputs, videos, num_generations, **kwargs)
+    combined = combine_rewards(per_func, reward_weights, num_generations)  # [N, G]
+    if nonfinite is None and not torch.isfinite(combined).all():
+        largest = per_func.abs().nan_to_num(0.0).amax(dim=0)  # [n_funcs]
+        nonfinite = (
+            "the weighted sum of the rewards overflowed (largest |value| per function: "
+            + ", ".join(f"{reward_func_name(f)}={v:.3g}" for f, v in zip(reward_funcs, largest.tolist()))
+            + ")"
+        )
+    return GroupRewards(per_func, combined, time.perf_counter() - start, nonfinite)
