@@ -241,7 +241,7 @@ def test_train_denoising_steps_all_equals_default_and_a_subset_trains_only_those
     # one rollout, 2 inner updates, each one forward with autograd: at step 1 of the schedule only
     assert len(timesteps) == 2
     for t in timesteps:
-        assert torch.allclose(torch.as_tensor(t).float().flatten(), subset.timesteps[1].float())
+        assert torch.allclose(torch.as_tensor(t).float().flatten(), subset.spec.timesteps[1].float())
     assert not torch.equal(
         torch.cat([v.flatten() for v in subset.adapter_state_dict().values()]),
         torch.cat([v.flatten() for v in default.adapter_state_dict().values()]),
@@ -258,7 +258,7 @@ def test_frame_packed_pipeline_trains_on_one_latent_frame_per_chunk(tmp_path):
         return redness(prompts, videos)
 
     trainer = _trainer(tmp_path, pipe=pipe, reward_funcs=(record_shape,), max_steps=2, pivot_chunk=1)
-    assert trainer.args.num_frames_per_chunk == 1 and trainer.num_chunks == 3
+    assert trainer.args.num_frames_per_chunk == 1 and trainer.spec.num_chunks == 3
     lora_before = {k: v.clone() for k, v in trainer.adapter_state_dict().items()}
     offsets = []
     handle = pipe.transformer.register_forward_pre_hook(
@@ -344,7 +344,7 @@ def test_saved_adapter_reproduces_outputs_and_card(tmp_path):
     trainer.args.hub_token = "hf_not_a_real_token"
     with (
         mock.patch("transformers.trainer.hf_api") as transformers_api,
-        mock.patch("trl_arcopo.arcopo_trainer.HfApi") as api,
+        mock.patch("trl_arcopo.hub.HfApi") as api,
     ):
         transformers_api.return_value.create_repo.return_value = mock.Mock(repo_id="user/tiny-arcopo")
         trainer.args.hub_model_id = "user/tiny-arcopo"
@@ -356,7 +356,7 @@ def test_saved_adapter_reproduces_outputs_and_card(tmp_path):
     assert uploaded == ["README.md", "pytorch_lora_weights.safetensors"]
     # and, when asked, the sample videos
     (out / "completions" / "step_000001.txt").write_text("a prompt")
-    with mock.patch("trl_arcopo.arcopo_trainer.HfApi") as api:
+    with mock.patch("trl_arcopo.hub.HfApi") as api:
         trainer.push_to_hub(sample_videos=True)
         kwargs = api.return_value.upload_folder.call_args.kwargs
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
@@ -370,7 +370,7 @@ def test_saved_adapter_reproduces_outputs_and_card(tmp_path):
     trainer._save(str(checkpoint))
     (out / "pytorch_lora_weights.safetensors").unlink()
     trainer.args.hub_strategy, trainer.push_in_progress = "every_save", None
-    with mock.patch("trl_arcopo.arcopo_trainer.HfApi") as api:
+    with mock.patch("trl_arcopo.hub.HfApi") as api:
         trainer._push_from_checkpoint(str(checkpoint))
         kwargs = api.return_value.upload_folder.call_args.kwargs
     assert kwargs["allow_patterns"] == ["pytorch_lora_weights.safetensors", "README.md"]

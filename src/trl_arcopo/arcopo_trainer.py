@@ -25,9 +25,7 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset
 from diffusers.training_utils import cast_training_params
-from huggingface_hub import HfApi
 from peft import PeftConfig
-from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -36,29 +34,24 @@ from transformers.utils.hub import PushInProgress
 
 from .arcopo_config import ARCoPOConfig
 from .checkpointing import checkpoint_problems, last_complete_checkpoint, remove_stale_temporaries
-from .data import EpochRepeatSampler, check_prompt_dataset
+from .data import EpochRepeatSampler, check_prompt_dataset, check_train_dataset
 from .hub import (
     PUSH_ALLOW_PATTERNS,
-    SAMPLE_VIDEO_PATTERN,
     args_without_token,
     card_training_config,
     create_model_card,
     load_lora_adapter_weights,
     save_lora_adapter,
+    save_sample_gif,
+    upload_training_folder,
 )
-from .loss import arcopo_loss, sde_grpo_anchor_loss, x0_penalty
+from .loss import LossStats, arcopo_loss, sde_grpo_anchor_loss, x0_penalty
 from .nonfinite import NonFiniteGuard, check_finite_parameters
 from .pipelines import SelfForcingPipeline
 from .policy import add_policy_adapter, reference_policy
-from .replay_buffer import (
-    ReplayBuffer,
-    check_buffer_compatible,
-    collect_replay_buffer,
-    group_from_entries,
-    link_or_save,
-)
-from .rewards import GroupRewards, RewardFunc, reward_func_name, score_group
-from .rollout import AnchorBatch, RolloutGroup, sample_group
+from .replay_buffer import ReplayBuffer, check_buffer_compatible, group_from_entries, link_or_save, load_or_collect
+from .rewards import RewardFunc, check_reward_funcs, reward_func_name, score_group
+from .rollout import AnchorBatch, RolloutGroup, RolloutSpec, sample_group
 
 
 logger = logging.get_logger(__name__)
@@ -116,64 +109,14 @@ class ARCoPOTrainer(Trainer):
         if not isinstance(pipeline, SelfForcingPipeline):
             raise TypeError(f"`pipeline` must be a SelfForcingPipeline, got {type(pipeline).__name__}.")
 
-        # Reward functions
-        reward_funcs = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
-        if not reward_funcs or not all(callable(f) for f in reward_funcs):
-            raise ValueError("`reward_funcs` must be a callable or a non-empty list of callables.")
-        self.reward_funcs = reward_funcs
-        self.reward_func_names = [reward_func_name(f) for f in reward_funcs]
-        if args.reward_weights is not None and len(args.reward_weights) != len(reward_funcs):
-            raise ValueError(
-                f"`reward_weights` has {len(args.reward_weights)} values but there are {len(reward_funcs)} reward "
-                f"functions ({', '.join(self.reward_func_names)}); give one weight per function."
-            )
-        self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(reward_funcs), dtype=torch.float32)
-
-        # Datasets
+        self.reward_funcs, self.reward_weights = check_reward_funcs(reward_funcs, args.reward_weights)
+        self.reward_func_names = [reward_func_name(f) for f in self.reward_funcs]
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if dataset is not None:
                 check_prompt_dataset(dataset, name)
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required: a datasets.Dataset with a 'prompt' column.")
-        prompts_per_step = args.per_device_train_batch_size * args.world_size
-        if isinstance(train_dataset, Dataset) and len(train_dataset) < prompts_per_step:
-            raise ValueError(
-                f"`train_dataset` has {len(train_dataset)} prompts but one step takes {prompts_per_step} "
-                f"(`per_device_train_batch_size={args.per_device_train_batch_size}` x {args.world_size} processes); "
-                "lower `per_device_train_batch_size` or add prompts."
-            )
-
-        # Video size and schedule (validated now, before any rollout)
-        self.pipeline, config = pipeline, pipeline.config
-        self.video_size = (
-            args.height or config.default_height,
-            args.width or config.default_width,
-            args.num_frames or config.default_num_frames,
-        )
-        if args.num_frames_per_chunk is None:
-            args.num_frames_per_chunk = getattr(config, "default_num_frames_per_chunk", 3)
-        self.latent_shape = pipeline.latent_shape(1, *self.video_size, args.num_frames_per_chunk)
-        self.num_chunks = self.latent_shape[2] // args.num_frames_per_chunk
-        if args.pivot_chunk is not None and args.pivot_chunk >= self.num_chunks:
-            raise ValueError(
-                f"`pivot_chunk={args.pivot_chunk}` but the video has {self.num_chunks} chunks; use an index in "
-                f"[0, {self.num_chunks}) or None (uniform)."
-            )
-        self.timesteps, self.sigmas = pipeline.get_schedule(args.denoising_sigmas)
-        trainable = len(self.timesteps) - (1 if args.loss_type == "sde_grpo" else 0)
-        if args.train_denoising_steps is not None and max(args.train_denoising_steps) >= trainable:
-            raise ValueError(
-                f"`train_denoising_steps={list(args.train_denoising_steps)}` but the schedule has "
-                f"{len(self.timesteps)} steps"
-                + (" and `sde_grpo` cannot train the last one" if args.loss_type == "sde_grpo" else "")
-                + f": use indices in [0, {trainable})."
-            )
-        self.sampler = args.sampler or getattr(config, "default_sampler", "consistency")
-        if args.loss_type == "sde_grpo" and self.sampler != "consistency":
-            raise ValueError(
-                f"`loss_type='sde_grpo'` explores through the consistency sampler's re-noise, but the sampler is "
-                f"{self.sampler!r} (the pipeline's `default_sampler`): set `sampler='consistency'`."
-            )
+        check_train_dataset(train_dataset, args.per_device_train_batch_size * args.world_size, args.world_size)
+        self.pipeline, self.spec = pipeline, RolloutSpec.from_config(pipeline, args)  # checked before any rollout
+        args.num_frames_per_chunk = self.spec.num_frames_per_chunk
 
         # The policy: a LoRA adapter; its A matrices come from the global RNG, which `Trainer.__init__` seeds only
         # later: seed it here, so the same `seed` gives the same adapter (and run) in every launch.
@@ -265,7 +208,7 @@ class ARCoPOTrainer(Trainer):
         Roll out one forked group per prompt and score it. `mode` is `"train"` or `"eval"` (the current policy) or
         `"collect"` (the caller has disabled the adapter: reference rollouts for the replay buffer).
         """
-        args, device = self.args, self.accelerator.device
+        args, spec, device = self.args, self.spec, self.accelerator.device
         prompts = [row["prompt"] for row in inputs]
         if generator is None:
             generator = self._rng(purpose=1) if mode == "train" else self._rng(3, step=self.state.global_step)
@@ -276,76 +219,40 @@ class ARCoPOTrainer(Trainer):
         was_training = transformer.training
         transformer.eval()
         group = sample_group(
-            self.pipeline,
-            prompts,
-            embeds,
-            self.latent_shape,
-            args.num_generations,
-            self.timesteps,
-            self.sigmas,
-            args.num_frames_per_chunk,
-            generator,
-            pivot=args.pivot_chunk,
-            sampler=self.sampler,
-            exploration="neighbors" if args.loss_type == "arcopo" else "sde",
-            fork_noise_scale=args.fork_noise_scale,
-            temperature=args.temperature,
-            distance_reduction=args.distance_reduction,
-        )
+            self.pipeline, prompts, embeds, spec.latent_shape, args.num_generations, spec.timesteps, spec.sigmas,
+            spec.num_frames_per_chunk, generator, args.pivot_chunk, spec.sampler,
+            "neighbors" if args.loss_type == "arcopo" else "sde", args.fork_noise_scale, args.temperature,
+            args.distance_reduction,
+        )  # fmt: skip
         transformer.train(was_training)
         videos = self.pipeline.decode_latents(group.latents.flatten(0, 1), output_type="pt")  # [N * G, F, C, H, W]
         rollout_seconds = time.perf_counter() - start
-        finite = bool(torch.isfinite(group.latents).all())
-        rewards = score_group(  # rewards are not asked to judge non-finite videos
+        finite = bool(torch.isfinite(group.latents).all())  # rewards are not asked to judge non-finite videos
+        rewards = score_group(
             self.reward_funcs, self.reward_weights, inputs, videos if finite else None, args.num_generations,
             trainer_state=self.state,
         )  # fmt: skip
-        nonfinite = rewards.nonfinite
-        if not finite:
-            nonfinite = f"the rollout's latents are not finite (pivot chunk {group.pivot}): the policy's predictions overflowed"
+        nonfinite = (
+            rewards.nonfinite if finite else f"the rollout's latents are not finite (pivot chunk {group.pivot})"
+        )
         group.with_rewards(rewards.combined.to(device), args.scale_rewards, args.quasi_norm_p, nonfinite)
+        if group.nonfinite is not None and mode == "collect":
+            raise ValueError(f"A reference rollout for the replay buffer cannot be used: {group.nonfinite}.")
         if group.nonfinite is not None:
-            if mode == "collect":
-                raise ValueError(
-                    f"A reference rollout for the replay buffer (prompt {prompts[0]!r}, ...) cannot be used: {group.nonfinite}."
-                )
             logger.warning(f"Rollout at step {self.state.global_step} ({mode}): {group.nonfinite}.")
-        self._log_rollout(mode, group, rewards, rollout_seconds)
+        metrics = {
+            **group.metrics(),
+            **rewards.metrics(self.reward_func_names),
+            "timing/rollout_seconds": rollout_seconds,
+        }
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
         if args.log_completions and self.accelerator.is_main_process and mode == "train":
-            self._save_completions(prompts[0], videos[: args.num_generations], group.rewards[0])
+            folder, name = os.path.join(args.output_dir, "completions"), f"step_{self.state.global_step:06d}"
+            save_sample_gif(folder, name, prompts[0], videos[: args.num_generations], group.rewards[0])
         if mode != "collect":
             group.latents = None  # only the replay buffer keeps them (the prefix)
         return group
-
-    def _log_rollout(self, mode: str, group: RolloutGroup, rewards: GroupRewards, rollout_seconds: float) -> None:
-        metrics, r, adv = self._metrics[mode], group.rewards, group.advantages
-        metrics["reward"].append(r.mean().item())
-        metrics["reward_std"].append(r.std(dim=1).mean().item())
-        for i, name in enumerate(self.reward_func_names):
-            opinions = rewards.per_func[:, i][~rewards.per_func[:, i].isnan()]
-            metrics[f"rewards/{name}/mean"].append(opinions.mean().item() if opinions.numel() else math.nan)
-            metrics[f"rewards/{name}/std"].append(opinions.std().item() if opinions.numel() > 1 else math.nan)
-        metrics["frac_reward_zero_std"].append((r.std(dim=1) < 1e-8).float().mean().item())
-        metrics["advantages/abs_mean"].append(adv.abs().mean().item())
-        metrics["advantages/max"].append(adv.max().item())
-        metrics["advantages/min"].append(adv.min().item())
-        metrics["pivot_chunk"].append(float(group.pivot))
-        metrics["temperature"].append(group.temperature.mean().item())
-        metrics["timing/rollout_seconds"].append(rollout_seconds)
-        metrics["timing/reward_seconds"].append(rewards.seconds)
-
-    def _save_completions(self, prompt: str, videos: torch.Tensor, rewards: torch.Tensor) -> None:
-        from diffusers.utils import export_to_gif
-        from PIL import Image
-
-        folder = os.path.join(self.args.output_dir, "completions")
-        os.makedirs(folder, exist_ok=True)
-        grid = torch.cat(list(videos.float().cpu()), dim=-1)  # [F, C, H, G * W]
-        frames = (grid.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        name = os.path.join(folder, f"step_{self.state.global_step:06d}")
-        export_to_gif([Image.fromarray(f) for f in frames], f"{name}.gif")
-        with open(f"{name}.txt", "w") as f:
-            f.write(f"{prompt}\nrewards: {[round(r, 4) for r in rewards.tolist()]}\n")
 
     # ------------------------------------------------------------------ semi-on-policy: the replay buffer
     def _replay_buffer_file(self, folder: str | None = None) -> str:
@@ -356,67 +263,36 @@ class ARCoPOTrainer(Trainer):
             return f"{root}{suffix}{ext or '.pt'}"
         return os.path.join(folder or self.args.output_dir, f"replay_buffer{suffix}.pt")
 
-    def _load_replay_buffer(self, path: str) -> ReplayBuffer:
-        buffer = ReplayBuffer.load(path)
-        expected = (
-            self.args.num_generations,
-            len(self.timesteps),
-            self.latent_shape[1],
-            self.args.num_frames_per_chunk,
-        )
-        check_buffer_compatible(buffer, expected, self.num_chunks, f"in {path}")
-        return buffer
+    def _check_replay_buffer(self, buffer: ReplayBuffer, where: str) -> None:
+        spec = self.spec
+        expected = (self.args.num_generations, len(spec.timesteps), spec.latent_shape[1], spec.num_frames_per_chunk)
+        check_buffer_compatible(buffer, expected, spec.num_chunks, where)
 
     def _ensure_replay_buffer(self) -> None:
         """Fill the replay buffer once: from `replay_buffer_path` if it exists, else by reference rollouts."""
         if len(self.replay_buffer) >= self.replay_buffer.capacity:
             return
-        path, start = self._replay_buffer_file(), time.perf_counter()
-        if os.path.exists(path):
-            self.replay_buffer = self._load_replay_buffer(path)
-            logger.info(f"Loaded a replay buffer of {len(self.replay_buffer)} groups from {path}.")
-        else:
-            buffer = self.replay_buffer
-            bar = tqdm(
-                total=buffer.capacity,
-                desc="Collecting reference rollouts",
-                unit="group",
-                disable=not self.is_local_process_zero(),
-            )
-            with reference_policy(self.accelerator.unwrap_model(self.model)):
-                collect_replay_buffer(
-                    buffer, self.train_dataset,
-                    # independent of the step: re-collecting after a crash gives the same buffer
-                    lambda rows, i: self._generate_and_score(rows, "collect", self._rng(purpose=5 + i, step=0)),
-                    self.args.per_device_train_batch_size, self.args.seed, self.accelerator.process_index, bar.update,
-                )  # fmt: skip
-            bar.close()
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            buffer.save(path)
-            logger.info(f"Collected a replay buffer of {len(buffer)} reference groups; saved to {path}.")
+        args, path = self.args, self._replay_buffer_file()
+        with reference_policy(self.accelerator.unwrap_model(self.model)):
+            self.replay_buffer, stats = load_or_collect(
+                self.replay_buffer, path, self._check_replay_buffer,
+                # independent of the step: re-collecting after a crash gives the same buffer
+                lambda rows, i: self._generate_and_score(rows, "collect", self._rng(purpose=5 + i, step=0)),
+                self.train_dataset, args.per_device_train_batch_size, args.seed, self.accelerator.process_index,
+                args.replay_buffer_informative_only, self.is_local_process_zero(),
+            )  # fmt: skip
         self._replay_buffer_source = path
-        buffer, metrics, collect = self.replay_buffer, self._metrics["train"], self._metrics["collect"]
+        collect = self._metrics["collect"]
         for key in ("reward", "reward_std"):
             if collect.get(key):
-                metrics[f"buffer/{key}"].append(sum(collect[key]) / len(collect[key]))
+                self._metrics["train"][f"buffer/{key}"].append(sum(collect[key]) / len(collect[key]))
         collect.clear()
-        informative = len(buffer.informative_indices())
-        metrics["buffer/groups"].append(float(len(buffer)))
-        metrics["buffer/frac_reward_zero_std"].append(1 - informative / len(buffer))
-        if informative == 0 and self.args.replay_buffer_informative_only:
-            raise ValueError(
-                f"Every one of the {len(buffer)} replay-buffer groups in {path} has equal rewards (zero advantage), "
-                "so semi-on-policy training has nothing to learn from. Collect a larger or more varied buffer: raise "
-                "`replay_buffer_size` or `num_generations`, or widen the neighbour noise (`fork_noise_scale`), "
-                "after deleting the file."
-            )
-        metrics["buffer/memory_mb"].append(buffer.nbytes / 2**20)
-        metrics["buffer/disk_mb"].append(os.path.getsize(path) / 2**20 if os.path.exists(path) else 0.0)
-        metrics["buffer/seconds"].append(time.perf_counter() - start)
+        for key, value in stats.items():
+            self._metrics["train"][key].append(value)
 
     def _sample_from_buffer(self) -> list[RolloutGroup]:
         """`per_device_train_batch_size` distinct buffer groups, batched by pivot chunk (prefixes by the reference)."""
-        args, informative_only = self.args, self.args.replay_buffer_informative_only
+        args, spec, informative_only = self.args, self.spec, self.args.replay_buffer_informative_only
         available = len(self.replay_buffer.informative_indices()) if informative_only else len(self.replay_buffer)
         n = min(args.per_device_train_batch_size, available)
         entries = self.replay_buffer.sample(n, self._rng(purpose=4, device="cpu"), informative_only)
@@ -424,8 +300,8 @@ class ARCoPOTrainer(Trainer):
         for pivot in sorted({e.pivot for e in entries}):
             with reference_policy(self.accelerator.unwrap_model(self.model)):
                 group = group_from_entries(
-                    self.pipeline, [e for e in entries if e.pivot == pivot], args.num_frames_per_chunk,
-                    self.latent_shape[2], self.timesteps, self.sigmas, args.temperature, args.distance_reduction,
+                    self.pipeline, [e for e in entries if e.pivot == pivot], spec.num_frames_per_chunk,
+                    spec.latent_shape[2], spec.timesteps, spec.sigmas, args.temperature, args.distance_reduction,
                 )  # fmt: skip
             groups.append(group.with_rewards(group.rewards.double(), args.scale_rewards, args.quasi_norm_p))
         return groups
@@ -478,31 +354,26 @@ class ARCoPOTrainer(Trainer):
         """
         args = self.args
         anchors = AnchorBatch.draw(group, args.num_anchors, self._rng(purpose=2), iteration)
-        steps = range(len(group.timesteps)) if args.loss_type == "arcopo" else range(len(group.timesteps) - 1)
-        steps = sorted(args.train_denoising_steps) if args.train_denoising_steps is not None else list(steps)
+        steps = self.spec.trained_steps(args.loss_type, args.train_denoising_steps)
         scale = weight / len(steps) / self.current_gradient_accumulation_steps
         total = torch.zeros((), device=group.states.device)
         self._loss_stats, self._penalties = [], []
-        for position, j in enumerate(steps):
-            anchors.step = j
-            last = final and position == len(steps) - 1
-            with nullcontext() if last else self.accelerator.no_sync(model):
+        for position, anchors.step in enumerate(steps):
+            with nullcontext() if final and position == len(steps) - 1 else self.accelerator.no_sync(model):
                 loss = self.compute_loss(model, anchors)
                 if not torch.isfinite(loss):
-                    self._guard.flag(f"the loss is {loss.item()} at denoising step {j} (pivot {group.pivot})")
+                    self._guard.flag(
+                        f"the loss is {loss.item()} at denoising step {anchors.step} (pivot {group.pivot})"
+                    )
                 # backward even then: every process runs the same collectives; the step's gradients are dropped
                 self.accelerator.backward(loss * scale)
             total += loss.detach() * scale
-        metrics = self._metrics["train"]
-        step_dicts = [s.to_dict() for s in self._loss_stats]
-        for key in step_dicts[0] if step_dicts else []:
-            values = [d[key] for d in step_dicts]
-            reducer = min if key.endswith("min") else max if key.endswith("max") else (lambda v: sum(v) / len(v))
-            metrics[key].append(reducer(values))
+        for key, value in LossStats.reduce(self._loss_stats).items():
+            self._metrics["train"][key].append(value)
             if iteration == 0:
-                metrics[f"first_step/{key}"].append(reducer(values))
+                self._metrics["train"][f"first_step/{key}"].append(value)
         if self._penalties:
-            metrics["kl"].append(sum(self._penalties) / len(self._penalties))
+            self._metrics["train"]["kl"].append(sum(self._penalties) / len(self._penalties))
         return total
 
     def compute_loss(self, model, inputs: AnchorBatch, return_outputs=False, num_items_in_batch=None) -> torch.Tensor:
@@ -684,20 +555,20 @@ class ARCoPOTrainer(Trainer):
         if self.replay_buffer is not None:
             path = self._replay_buffer_file(resume_from_checkpoint)
             if os.path.exists(path):
-                self.replay_buffer = self._load_replay_buffer(path)
+                self.replay_buffer = ReplayBuffer.load(path)
+                self._check_replay_buffer(self.replay_buffer, f"in {path}")
             else:
                 logger.warning(f"{path} not found: the replay buffer will be loaded or collected again.")
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token: str | None = None,
                     revision: str | None = None, private: bool | None = None, sample_videos: bool = False, **kwargs):  # fmt: skip
         """
-        Save the adapter and its model card, then upload those two files (`PUSH_ALLOW_PATTERNS`) to
-        `args.hub_model_id`, and nothing else of `output_dir`: not the checkpoints, the replay buffer, logs or
-        `training_args.bin`. `sample_videos=True` adds the sample videos of `log_completions` (`completions/*.gif`).
-        `kwargs` go to [`~ARCoPOTrainer.create_model_card`] (e.g. `dataset_name`).
+        Save the adapter and its model card, then upload those two files to `args.hub_model_id`, and nothing else of
+        `output_dir` ([`~trl_arcopo.hub.upload_training_folder`]); `sample_videos=True` adds the sample videos of
+        `log_completions`. `kwargs` go to [`~ARCoPOTrainer.create_model_card`] (e.g. `dataset_name`).
         """
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        model_name = (
+        name = (
             kwargs.pop("model_name", None)
             or (self.args.hub_model_id or self.args.output_dir.rstrip("/")).split("/")[-1]
         )
@@ -707,13 +578,12 @@ class ARCoPOTrainer(Trainer):
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
-        self.create_model_card(model_name=model_name, **kwargs)
+        self.create_model_card(model_name=name, **kwargs)
         self._finish_current_push()
-        return HfApi().upload_folder(
-            repo_id=self.hub_model_id, folder_path=self.args.output_dir, commit_message=commit_message, token=token,
-            run_as_future=not blocking, revision=revision if revision is not None else self.args.hub_revision,
-            allow_patterns=PUSH_ALLOW_PATTERNS + ([SAMPLE_VIDEO_PATTERN] if sample_videos else []),
-        )  # fmt: skip
+        revision = revision if revision is not None else self.args.hub_revision
+        return upload_training_folder(
+            self.hub_model_id, self.args.output_dir, token, commit_message, revision, blocking, sample_videos
+        )
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """`hub_strategy` pushes during training upload the same two files as [`~ARCoPOTrainer.push_to_hub`]."""
@@ -725,11 +595,10 @@ class ARCoPOTrainer(Trainer):
         for name in PUSH_ALLOW_PATTERNS:  # the checkpoint's adapter (and card) become output_dir's
             if os.path.isfile(os.path.join(checkpoint_folder, name)):
                 shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
-        job = HfApi().upload_folder(
-            repo_id=self.hub_model_id, folder_path=self.args.output_dir, token=self.args.hub_token,
-            commit_message=f"Training in progress, step {self.state.global_step}", run_as_future=True,
-            revision=self.args.hub_revision, allow_patterns=PUSH_ALLOW_PATTERNS,
-        )  # fmt: skip
+        message = f"Training in progress, step {self.state.global_step}"
+        job = upload_training_folder(
+            self.hub_model_id, self.args.output_dir, self.args.hub_token, message, self.args.hub_revision, False
+        )
         if self.push_in_progress is None or self.push_in_progress.is_done():
             self.push_in_progress = PushInProgress([job])
         else:

@@ -45,3 +45,15 @@ def check_prompt_dataset(dataset: Dataset | IterableDataset, name: str) -> None:
             f"The 'prompt' column of `{name}` holds {feature} values, not text: give one string per row "
             "(e.g. `dataset.cast_column('prompt', Value('string'))`)."
         )
+
+
+def check_train_dataset(dataset: Dataset | IterableDataset | None, prompts_per_step: int, processes: int) -> None:
+    """A training dataset is required and must hold at least one step's prompts."""
+    if dataset is None:
+        raise ValueError("`train_dataset` is required: a datasets.Dataset with a 'prompt' column.")
+    if isinstance(dataset, Dataset) and len(dataset) < prompts_per_step:
+        raise ValueError(
+            f"`train_dataset` has {len(dataset)} prompts but one step takes {prompts_per_step} "
+            f"(`per_device_train_batch_size={prompts_per_step // processes}` x {processes} processes); "
+            "lower `per_device_train_batch_size` or add prompts."
+        )

@@ -573,3 +573,46 @@ def push_adapter_to_hub(
         allow_patterns=PUSH_ALLOW_PATTERNS,
     )
     return str(getattr(commit, "commit_url", None) or commit)
+
+
+def upload_training_folder(
+    repo_id: str,
+    folder: str,
+    token: str | None = None,
+    commit_message: str | None = None,
+    revision: str | None = None,
+    blocking: bool = True,
+    sample_videos: bool = False,
+):
+    """
+    Upload what a training folder may publish: the adapter and its card (`PUSH_ALLOW_PATTERNS`), plus the sample
+    videos (`completions/*.gif`) with `sample_videos`; never checkpoints, buffers, logs or `training_args.bin`.
+    Returns the commit info, or a future when not `blocking`.
+    """
+    return HfApi().upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        commit_message=commit_message,
+        token=token,
+        run_as_future=not blocking,
+        revision=revision,
+        allow_patterns=PUSH_ALLOW_PATTERNS + ([SAMPLE_VIDEO_PATTERN] if sample_videos else []),
+    )
+
+
+def save_sample_gif(folder: str, name: str, prompt: str, videos: torch.Tensor, rewards: torch.Tensor) -> str:
+    """
+    Write a group's videos `[G, F, C, H, W]` in `[0, 1]` side by side as `folder/name.gif`, with the prompt and the
+    rewards in `folder/name.txt`. Returns the GIF's path.
+    """
+    from diffusers.utils import export_to_gif
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    grid = torch.cat(list(videos.float().cpu()), dim=-1)  # [F, C, H, G * W]
+    frames = (grid.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    path = os.path.join(folder, f"{name}.gif")
+    export_to_gif([Image.fromarray(f) for f in frames], path)
+    with open(os.path.join(folder, f"{name}.txt"), "w") as f:
+        f.write(f"{prompt}\nrewards: {[round(r, 4) for r in rewards.tolist()]}\n")
+    return path

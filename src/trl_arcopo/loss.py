@@ -146,6 +146,22 @@ class LossStats:
         "distance_mean": "distance/mean",
     }
 
+    @staticmethod
+    def reduce(stats: list[LossStats]) -> dict[str, float]:
+        """The statistics of several loss evaluations in one dict: min of minima, max of maxima, mean of the rest."""
+        dicts = [s.to_dict() for s in stats]
+        out = {}
+        for key in dicts[0] if dicts else []:
+            values = [d[key] for d in dicts]
+            out[key] = (
+                min(values)
+                if key.endswith("min")
+                else max(values)
+                if key.endswith("max")
+                else sum(values) / len(values)
+            )
+        return out
+
     def to_dict(self, prefix: str = "") -> dict[str, float]:
         """Python floats keyed by TRL-style names (`"ratio/mean"`, `"clip_fraction"`, ...), `None` fields omitted."""
         return {

@@ -18,11 +18,14 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from .kv_cache import KVCache
 from .loss import group_temperature
@@ -31,6 +34,8 @@ from .rollout import RolloutGroup
 
 if TYPE_CHECKING:
     from .pipelines import SelfForcingPipeline
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -289,6 +294,54 @@ def collect_replay_buffer(
             progress(take)
         batch_index += 1
     return buffer
+
+
+def load_or_collect(
+    buffer: ReplayBuffer,
+    path: str,
+    check: Callable[[ReplayBuffer, str], None],
+    rollout: Callable[[list[dict[str, Any]], int], RolloutGroup],
+    dataset: Any,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    informative_only: bool = True,
+    show_progress: bool = True,
+) -> tuple[ReplayBuffer, dict[str, float]]:
+    """
+    The replay buffer of a run: read from `path` if it exists (and passes `check(buffer, where)`), else filled by
+    [`collect_replay_buffer`] and saved there. Returns it with its statistics (`buffer/...`). Raises a `ValueError` if
+    `informative_only` and every group has equal rewards (nothing to learn from).
+    """
+    start = time.perf_counter()
+    if os.path.exists(path):
+        buffer = ReplayBuffer.load(path)
+        check(buffer, f"in {path}")
+        logger.info(f"Loaded a replay buffer of {len(buffer)} groups from {path}.")
+    else:
+        bar = tqdm(
+            total=buffer.capacity, desc="Collecting reference rollouts", unit="group", disable=not show_progress
+        )
+        collect_replay_buffer(buffer, dataset, rollout, batch_size, seed, rank, bar.update)
+        bar.close()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        buffer.save(path)
+        logger.info(f"Collected a replay buffer of {len(buffer)} reference groups; saved to {path}.")
+    informative = len(buffer.informative_indices())
+    if informative == 0 and informative_only:
+        raise ValueError(
+            f"Every one of the {len(buffer)} replay-buffer groups in {path} has equal rewards (zero advantage), so "
+            "semi-on-policy training has nothing to learn from. Collect a larger or more varied buffer: raise "
+            "`replay_buffer_size` or `num_generations`, or widen the neighbour noise (`fork_noise_scale`), after "
+            "deleting the file."
+        )
+    return buffer, {
+        "buffer/groups": float(len(buffer)),
+        "buffer/frac_reward_zero_std": 1 - informative / len(buffer),
+        "buffer/memory_mb": buffer.nbytes / 2**20,
+        "buffer/disk_mb": os.path.getsize(path) / 2**20,
+        "buffer/seconds": time.perf_counter() - start,
+    }
 
 
 def link_or_save(buffer: ReplayBuffer, dest: str, source: str | None = None) -> None:

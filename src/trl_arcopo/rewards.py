@@ -38,6 +38,21 @@ def reward_func_name(func: RewardFunc) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
 
+def check_reward_funcs(
+    reward_funcs: RewardFunc | Sequence[RewardFunc], reward_weights: Sequence[float] | None = None
+) -> tuple[list[RewardFunc], torch.Tensor]:
+    """The functions as a list and their weights `[n_funcs]` (1.0 each by default), or a `ValueError` naming the fix."""
+    funcs = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
+    if not funcs or not all(callable(f) for f in funcs):
+        raise ValueError("`reward_funcs` must be a callable or a non-empty list of callables.")
+    if reward_weights is not None and len(reward_weights) != len(funcs):
+        raise ValueError(
+            f"`reward_weights` has {len(reward_weights)} values but there are {len(funcs)} reward functions "
+            f"({', '.join(reward_func_name(f) for f in funcs)}); give one weight per function."
+        )
+    return funcs, torch.tensor(reward_weights or [1.0] * len(funcs), dtype=torch.float32)
+
+
 @dataclass
 class GroupRewards:
     r"""
@@ -56,6 +71,15 @@ class GroupRewards:
     combined: torch.Tensor
     seconds: float
     nonfinite: str | None = None
+
+    def metrics(self, names: Sequence[str]) -> dict[str, float]:
+        """`rewards/<name>/mean` and `/std` over the videos each function had an opinion on, and the time spent."""
+        out = {"timing/reward_seconds": self.seconds}
+        for name, column in zip(names, self.per_func.T):
+            opinions = column[~column.isnan()]
+            out[f"rewards/{name}/mean"] = opinions.mean().item() if opinions.numel() else math.nan
+            out[f"rewards/{name}/std"] = opinions.std().item() if opinions.numel() > 1 else math.nan
+        return out
 
 
 def call_reward_funcs(

@@ -223,6 +223,20 @@ class RolloutGroup:
         self.rewards, self.advantages, self.nonfinite = rewards, advantages.float(), nonfinite
         return self
 
+    def metrics(self) -> dict[str, float]:
+        """TRL-style statistics of the scored groups: rewards, advantages, pivot and temperature."""
+        r, adv = self.rewards, self.advantages
+        return {
+            "reward": r.mean().item(),
+            "reward_std": r.std(dim=1).mean().item(),
+            "frac_reward_zero_std": (r.std(dim=1) < 1e-8).float().mean().item(),
+            "advantages/abs_mean": adv.abs().mean().item(),
+            "advantages/max": adv.max().item(),
+            "advantages/min": adv.min().item(),
+            "pivot_chunk": float(self.pivot),
+            "temperature": self.temperature.mean().item(),
+        }
+
     def save(self, path: str) -> None:
         """
         Write the group (without its video latents), prefix KV cache included, to one safetensors file, atomically:
@@ -286,6 +300,72 @@ class RolloutGroup:
             nonfinite=json.loads(metadata["nonfinite"]),
             **tensors,
         )
+
+
+@dataclass
+class RolloutSpec:
+    r"""
+    What every rollout of a run shares, resolved from a pipeline and a config and checked before any rollout.
+
+    Args:
+        video_size (`tuple[int, int, int]`): height, width, frames.
+        latent_shape (`tuple`): `[1, C, F, H, W]` of one video.
+        num_frames_per_chunk (`int`), num_chunks (`int`).
+        timesteps (`torch.Tensor` of shape `[T]`), sigmas (`torch.Tensor` of shape `[T + 1]`): the denoising schedule.
+        sampler (`str`): `"consistency"` or `"ode"`.
+    """
+
+    video_size: tuple[int, int, int]
+    latent_shape: tuple[int, int, int, int, int]
+    num_frames_per_chunk: int
+    num_chunks: int
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    sampler: str
+
+    @classmethod
+    def from_config(cls, pipeline: SelfForcingPipeline, args) -> RolloutSpec:
+        """
+        The spec of an [`ARCoPOConfig`] on `pipeline`: `None` sizes, chunk length and sampler take the pipeline's
+        defaults. Raises a `ValueError` naming the value for a pivot or trained step outside the video or schedule, or
+        `sde_grpo` without the consistency sampler.
+        """
+        config = pipeline.config
+        video_size = (
+            args.height or config.default_height,
+            args.width or config.default_width,
+            args.num_frames or config.default_num_frames,
+        )
+        frames = args.num_frames_per_chunk or getattr(config, "default_num_frames_per_chunk", 3)
+        latent_shape = pipeline.latent_shape(1, *video_size, frames)
+        num_chunks = latent_shape[2] // frames
+        if args.pivot_chunk is not None and args.pivot_chunk >= num_chunks:
+            raise ValueError(
+                f"`pivot_chunk={args.pivot_chunk}` but the video has {num_chunks} chunks; use an index in "
+                f"[0, {num_chunks}) or None (uniform)."
+            )
+        timesteps, sigmas = pipeline.get_schedule(args.denoising_sigmas)
+        trainable = len(timesteps) - (1 if args.loss_type == "sde_grpo" else 0)
+        if args.train_denoising_steps is not None and max(args.train_denoising_steps) >= trainable:
+            raise ValueError(
+                f"`train_denoising_steps={list(args.train_denoising_steps)}` but the schedule has {len(timesteps)} "
+                "steps"
+                + (" and `sde_grpo` cannot train the last one" if args.loss_type == "sde_grpo" else "")
+                + f": use indices in [0, {trainable})."
+            )
+        sampler = args.sampler or getattr(config, "default_sampler", "consistency")
+        if args.loss_type == "sde_grpo" and sampler != "consistency":
+            raise ValueError(
+                f"`loss_type='sde_grpo'` explores through the consistency sampler's re-noise, but the sampler is "
+                f"{sampler!r} (the pipeline's `default_sampler`): set `sampler='consistency'`."
+            )
+        return cls(video_size, latent_shape, frames, num_chunks, timesteps, sigmas, sampler)
+
+    def trained_steps(self, loss_type: str = "arcopo", train_denoising_steps: list[int] | None = None) -> list[int]:
+        """The denoising steps an update trains: the given ones, else all (`sde_grpo`: all but the last)."""
+        if train_denoising_steps is not None:
+            return sorted(train_denoising_steps)
+        return list(range(len(self.timesteps) - (1 if loss_type == "sde_grpo" else 0)))
 
 
 @dataclass
