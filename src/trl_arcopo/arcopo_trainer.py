@@ -11,6 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
+"""`ARCoPOTrainer`: wires rollouts, rewards, the loss and the replay buffer into `transformers.Trainer`."""
 
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ import shutil
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
-from diffusers.training_utils import cast_training_params
 from peft import PeftConfig
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
@@ -33,8 +34,14 @@ from transformers.utils import logging
 from transformers.utils.hub import PushInProgress
 
 from .arcopo_config import ARCoPOConfig
-from .checkpointing import checkpoint_problems, last_complete_checkpoint, remove_stale_temporaries
-from .data import EpochRepeatSampler, check_prompt_dataset, check_train_dataset
+from .checkpointing import (
+    between_iterations,
+    checkpoint_problems,
+    last_complete_checkpoint,
+    remove_stale_temporaries,
+    rollout_file,
+)
+from .data import EpochRepeatSampler, check_prompt_dataset, check_train_dataset, seeded_generator
 from .hub import (
     PUSH_ALLOW_PATTERNS,
     args_without_token,
@@ -48,16 +55,23 @@ from .hub import (
 from .loss import LossStats, arcopo_loss, sde_grpo_anchor_loss, x0_penalty
 from .nonfinite import NonFiniteGuard, check_finite_parameters
 from .pipelines import SelfForcingPipeline
-from .policy import add_policy_adapter, reference_policy
-from .replay_buffer import ReplayBuffer, check_buffer_compatible, group_from_entries, link_or_save, load_or_collect
+from .policy import add_policy_adapter, check_adapters_in_sync, prepare_for_training, reference_policy
+from .replay_buffer import (
+    ReplayBuffer,
+    check_buffer_compatible,
+    group_from_entries,
+    link_or_save,
+    load_or_collect,
+    replay_buffer_file,
+)
 from .rewards import RewardFunc, check_reward_funcs, reward_func_name, score_group
 from .rollout import AnchorBatch, RolloutGroup, RolloutSpec, sample_group
 
 
 logger = logging.get_logger(__name__)
 
-ROLLOUT_FILE = "rollout"
 _OWNERS = {"train": "policy", "eval": "eval", "collect": "reference"}
+_ROLLOUT, _ANCHORS, _EVAL, _BUFFER_DRAW, _COLLECT = 1, 2, 3, 4, 5  # purposes of the seeded generators
 
 
 class ARCoPOTrainer(Trainer):
@@ -66,12 +80,11 @@ class ARCoPOTrainer(Trainer):
     Optimization](https://huggingface.co/papers/2603.17461)): on-policy alignment of a streaming autoregressive video
     generator with sequence-level rewards.
 
-    Every rollout forks each prompt's generation at one chunk into `num_generations` candidates that differ only in
-    that chunk's initial noise ([`~trl_arcopo.rollout.sample_group`]), scores the finished videos
-    ([`~trl_arcopo.rewards.score_group`]), and runs `num_iterations` updates of a clipped contrastive (Neighbor GRPO)
-    objective ([`~trl_arcopo.loss.arcopo_loss`]) on that chunk alone. The policy is a LoRA adapter on
-    `pipeline.transformer`; the reference is the same transformer with the adapter disabled. This class wires those
-    steps into `transformers.Trainer`; a loss variant overrides [`~ARCoPOTrainer._compute_loss`].
+    Each rollout forks every prompt's generation at one chunk into `num_generations` candidates that differ only in
+    that chunk's initial noise ([`~trl_arcopo.rollout.sample_group`]), scores the videos
+    ([`~trl_arcopo.rewards.score_group`]) and runs `num_iterations` updates of a clipped contrastive objective on that
+    chunk alone ([`~trl_arcopo.loss.arcopo_loss`]). The policy is a LoRA adapter on `pipeline.transformer`; the
+    reference is the transformer with it disabled. A loss variant overrides [`~ARCoPOTrainer._compute_loss`].
 
     Args:
         pipeline ([`SelfForcingPipeline`]): the streaming generator.
@@ -79,8 +92,8 @@ class ARCoPOTrainer(Trainer):
         args ([`ARCoPOConfig`], *optional*): defaults to `ARCoPOConfig("arcopo-output")`.
         train_dataset ([`~datasets.Dataset`]): needs a `"prompt"` column; other columns reach the rewards.
         eval_dataset ([`~datasets.Dataset`], *optional*): evaluated by rolling out groups and logging their rewards.
-        peft_config ([`~peft.LoraConfig`], *optional*): the adapter to train. Without it, an adapter already on the
-            transformer is trained, or a default LoRA (r=64, alpha=128, attention and FFN projections) is added.
+        peft_config ([`~peft.LoraConfig`], *optional*): the adapter to train; without it, an adapter already on the
+            transformer, or a default LoRA (r=64, alpha=128, attention and FFN projections).
         callbacks, optimizers: as in [`~transformers.Trainer`].
 
     Example:
@@ -108,36 +121,34 @@ class ARCoPOTrainer(Trainer):
         args = args if args is not None else ARCoPOConfig("arcopo-output")
         if not isinstance(pipeline, SelfForcingPipeline):
             raise TypeError(f"`pipeline` must be a SelfForcingPipeline, got {type(pipeline).__name__}.")
-
         self.reward_funcs, self.reward_weights = check_reward_funcs(reward_funcs, args.reward_weights)
         self.reward_func_names = [reward_func_name(f) for f in self.reward_funcs]
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if dataset is not None:
                 check_prompt_dataset(dataset, name)
         check_train_dataset(train_dataset, args.per_device_train_batch_size * args.world_size, args.world_size)
+        if args.training_mode == "semi_on_policy" and not isinstance(train_dataset, Dataset):
+            raise ValueError(
+                "`training_mode='semi_on_policy'` collects its replay buffer from a map-style `datasets.Dataset`; "
+                f"got {type(train_dataset).__name__}."
+            )
         self.pipeline, self.spec = pipeline, RolloutSpec.from_config(pipeline, args)  # checked before any rollout
         args.num_frames_per_chunk = self.spec.num_frames_per_chunk
 
-        # The policy: a LoRA adapter; its A matrices come from the global RNG, which `Trainer.__init__` seeds only
-        # later: seed it here, so the same `seed` gives the same adapter (and run) in every launch.
-        transformer = pipeline.transformer
+        # The policy. LoRA's A matrices come from the global RNG, which `Trainer.__init__` seeds only later: seed it
+        # here, so that the same `seed` gives the same adapter (and run) in every launch.
         set_seed(args.seed)
         default_name = "semi" if args.training_mode == "semi_on_policy" else "on_policy"
-        self.adapter_name = add_policy_adapter(transformer, peft_config, args.adapter_name, default_name)
-        if args.disable_dropout:
-            for module in transformer.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
-        cast_training_params(transformer, dtype=torch.float32)
-        if getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()  # diffusers' checkpointing of the transformer blocks
-            args.activation_checkpointing = args.gradient_checkpointing = False  # Trainer's is transformers-only
+        self.adapter_name = add_policy_adapter(pipeline.transformer, peft_config, args.adapter_name, default_name)
+        checkpointing = bool(getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing)
+        prepare_for_training(pipeline.transformer, args.disable_dropout, checkpointing)
+        args.activation_checkpointing = args.gradient_checkpointing = False  # Trainer's own is transformers-only
         for module in (pipeline.text_encoder, pipeline.vae):
             if module is not None:
                 module.requires_grad_(False).eval()
 
         super().__init__(
-            model=transformer,
+            model=pipeline.transformer,
             args=args,
             data_collator=lambda features: features,  # rows stay a list of dicts, like TRL's GRPO
             train_dataset=train_dataset,
@@ -146,8 +157,6 @@ class ARCoPOTrainer(Trainer):
             optimizers=optimizers,
         )
         pipeline.to(self.accelerator.device)
-
-        # Metrics and state
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list), "collect": defaultdict(list)}
         self._step = 0  # micro-steps done
         self._buffered_rollout: RolloutGroup | None = None
@@ -158,11 +167,6 @@ class ARCoPOTrainer(Trainer):
         self.replay_buffer: ReplayBuffer | None = None
         self._replay_buffer_source: str | None = None  # the file holding exactly the in-memory buffer
         if args.training_mode == "semi_on_policy":
-            if not isinstance(train_dataset, Dataset):
-                raise ValueError(
-                    "`training_mode='semi_on_policy'` collects its replay buffer from a map-style `datasets.Dataset`; "
-                    f"got {type(train_dataset).__name__}."
-                )
             self.replay_buffer = ReplayBuffer(math.ceil(args.replay_buffer_size / self.accelerator.num_processes))
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
@@ -189,15 +193,10 @@ class ARCoPOTrainer(Trainer):
         )
 
     def _rng(self, purpose: int, device: torch.device | str | None = None, step: int | None = None) -> torch.Generator:
-        """
-        A generator that depends only on (seed, micro-step, rank, purpose): rollouts replay exactly after a resume,
-        and the micro-steps of one optimizer step draw differently.
-        """
+        """Keyed on the micro-step: exact after a resume, different for the micro-steps of one optimizer step."""
+        device = self.accelerator.device if device is None else device
         step = self._step if step is None else step
-        seed = self.args.seed * 1_000_003 + step * 10_007 + self.accelerator.process_index * 101
-        generator = torch.Generator(device=self.accelerator.device if device is None else device)
-        generator.manual_seed((seed * 13 + purpose) % (2**63))
-        return generator
+        return seeded_generator(self.args.seed, step, self.accelerator.process_index, purpose, device)
 
     # ------------------------------------------------------------------ rollout and rewards
     @torch.no_grad()
@@ -208,21 +207,20 @@ class ARCoPOTrainer(Trainer):
         Roll out one forked group per prompt and score it. `mode` is `"train"` or `"eval"` (the current policy) or
         `"collect"` (the caller has disabled the adapter: reference rollouts for the replay buffer).
         """
-        args, spec, device = self.args, self.spec, self.accelerator.device
+        args, device = self.args, self.accelerator.device
         prompts = [row["prompt"] for row in inputs]
         if generator is None:
-            generator = self._rng(purpose=1) if mode == "train" else self._rng(3, step=self.state.global_step)
+            generator = self._rng(_ROLLOUT) if mode == "train" else self._rng(_EVAL, step=self.state.global_step)
         self.rollout_counts[_OWNERS[mode]] += len(prompts)
         start = time.perf_counter()
         embeds, _ = self.pipeline.encode_prompt(prompts, max_sequence_length=args.max_sequence_length, device=device)
         transformer = self.accelerator.unwrap_model(self.model)
         was_training = transformer.training
         transformer.eval()
+        exploration = "neighbors" if args.loss_type == "arcopo" else "sde"
         group = sample_group(
-            self.pipeline, prompts, embeds, spec.latent_shape, args.num_generations, spec.timesteps, spec.sigmas,
-            spec.num_frames_per_chunk, generator, args.pivot_chunk, spec.sampler,
-            "neighbors" if args.loss_type == "arcopo" else "sde", args.fork_noise_scale, args.temperature,
-            args.distance_reduction,
+            self.pipeline, self.spec, prompts, embeds, args.num_generations, generator, args.pivot_chunk, exploration,
+            args.fork_noise_scale, args.temperature, args.distance_reduction,
         )  # fmt: skip
         transformer.train(was_training)
         videos = self.pipeline.decode_latents(group.latents.flatten(0, 1), output_type="pt")  # [N * G, F, C, H, W]
@@ -232,9 +230,7 @@ class ARCoPOTrainer(Trainer):
             self.reward_funcs, self.reward_weights, inputs, videos if finite else None, args.num_generations,
             trainer_state=self.state,
         )  # fmt: skip
-        nonfinite = (
-            rewards.nonfinite if finite else f"the rollout's latents are not finite (pivot chunk {group.pivot})"
-        )
+        nonfinite = rewards.nonfinite if finite else f"the rollout's latents are not finite (pivot {group.pivot})"
         group.with_rewards(rewards.combined.to(device), args.scale_rewards, args.quasi_norm_p, nonfinite)
         if group.nonfinite is not None and mode == "collect":
             raise ValueError(f"A reference rollout for the replay buffer cannot be used: {group.nonfinite}.")
@@ -256,53 +252,51 @@ class ARCoPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ semi-on-policy: the replay buffer
     def _replay_buffer_file(self, folder: str | None = None) -> str:
-        """This process's buffer file: `replay_buffer.pt` (`replay_buffer-rank{i}.pt` with several processes)."""
-        suffix = "" if self.accelerator.num_processes == 1 else f"-rank{self.accelerator.process_index}"
-        if folder is None and self.args.replay_buffer_path is not None:
-            root, ext = os.path.splitext(self.args.replay_buffer_path)
-            return f"{root}{suffix}{ext or '.pt'}"
-        return os.path.join(folder or self.args.output_dir, f"replay_buffer{suffix}.pt")
+        path = self.args.replay_buffer_path if folder is None else None
+        folder = folder or self.args.output_dir
+        return replay_buffer_file(folder, path, self.accelerator.process_index, self.accelerator.num_processes)
 
-    def _check_replay_buffer(self, buffer: ReplayBuffer, where: str) -> None:
-        spec = self.spec
-        expected = (self.args.num_generations, len(spec.timesteps), spec.latent_shape[1], spec.num_frames_per_chunk)
-        check_buffer_compatible(buffer, expected, spec.num_chunks, where)
+    def _load_replay_buffer(self, path: str) -> ReplayBuffer:
+        buffer = ReplayBuffer.load(path)
+        check_buffer_compatible(buffer, self.spec, self.args.num_generations, f"in {path}")
+        return buffer
 
     def _ensure_replay_buffer(self) -> None:
         """Fill the replay buffer once: from `replay_buffer_path` if it exists, else by reference rollouts."""
         if len(self.replay_buffer) >= self.replay_buffer.capacity:
             return
-        args, path = self.args, self._replay_buffer_file()
+        args, path, check = self.args, self._replay_buffer_file(), check_buffer_compatible
         with reference_policy(self.accelerator.unwrap_model(self.model)):
             self.replay_buffer, stats = load_or_collect(
-                self.replay_buffer, path, self._check_replay_buffer,
+                self.replay_buffer, path, lambda buffer, where: check(buffer, self.spec, args.num_generations, where),
                 # independent of the step: re-collecting after a crash gives the same buffer
-                lambda rows, i: self._generate_and_score(rows, "collect", self._rng(purpose=5 + i, step=0)),
+                lambda rows, i: self._generate_and_score(rows, "collect", self._rng(_COLLECT + i, step=0)),
                 self.train_dataset, args.per_device_train_batch_size, args.seed, self.accelerator.process_index,
                 args.replay_buffer_informative_only, self.is_local_process_zero(),
             )  # fmt: skip
         self._replay_buffer_source = path
-        collect = self._metrics["collect"]
-        for key in ("reward", "reward_std"):
-            if collect.get(key):
-                self._metrics["train"][f"buffer/{key}"].append(sum(collect[key]) / len(collect[key]))
+        collect, metrics = self._metrics["collect"], self._metrics["train"]
+        stats = {
+            **{f"buffer/{k}": sum(collect[k]) / len(collect[k]) for k in ("reward", "reward_std") if collect.get(k)},
+            **stats,
+        }
         collect.clear()
         for key, value in stats.items():
-            self._metrics["train"][key].append(value)
+            metrics[key].append(value)
 
     def _sample_from_buffer(self) -> list[RolloutGroup]:
         """`per_device_train_batch_size` distinct buffer groups, batched by pivot chunk (prefixes by the reference)."""
-        args, spec, informative_only = self.args, self.spec, self.args.replay_buffer_informative_only
+        args, informative_only = self.args, self.args.replay_buffer_informative_only
         available = len(self.replay_buffer.informative_indices()) if informative_only else len(self.replay_buffer)
         n = min(args.per_device_train_batch_size, available)
-        entries = self.replay_buffer.sample(n, self._rng(purpose=4, device="cpu"), informative_only)
+        entries = self.replay_buffer.sample(n, self._rng(_BUFFER_DRAW, device="cpu"), informative_only)
         groups = []
         for pivot in sorted({e.pivot for e in entries}):
             with reference_policy(self.accelerator.unwrap_model(self.model)):
+                same_pivot = [e for e in entries if e.pivot == pivot]
                 group = group_from_entries(
-                    self.pipeline, [e for e in entries if e.pivot == pivot], spec.num_frames_per_chunk,
-                    spec.latent_shape[2], spec.timesteps, spec.sigmas, args.temperature, args.distance_reduction,
-                )  # fmt: skip
+                    self.pipeline, self.spec, same_pivot, args.temperature, args.distance_reduction
+                )
             groups.append(group.with_rewards(group.rewards.double(), args.scale_rewards, args.quasi_norm_p))
         return groups
 
@@ -313,18 +307,19 @@ class ARCoPOTrainer(Trainer):
         return self._buffered_rollout
 
     def training_step(self, model: torch.nn.Module, inputs, num_items_in_batch=None) -> torch.Tensor:
+        args = self.args
         if self._step == 0 and self.state.global_step > 0:  # resumed: continue the micro-step count
-            self._step = self.state.global_step * self.args.gradient_accumulation_steps
-            if self._between_iterations():  # the checkpoint was taken between two updates on one rollout
+            self._step = self.state.global_step * args.gradient_accumulation_steps
+            if between_iterations(self._step, args.num_iterations, args.training_mode):  # it carries the rollout
                 path = self._rollout_file(self._resume_checkpoint)
                 self._buffered_rollout = RolloutGroup.load(path, device=self.accelerator.device)
         model.train()
-        if self.args.training_mode == "semi_on_policy":
+        if args.training_mode == "semi_on_policy":
             # exploitation: groups of the reference policy from the buffer; the current policy is never rolled out
             self._ensure_replay_buffer()
             groups, iteration = self._sample_from_buffer(), None
         else:
-            groups, iteration = [self._prepare_inputs(inputs)], self._step % self.args.num_iterations
+            groups, iteration = [self._prepare_inputs(inputs)], self._step % args.num_iterations
         for group in groups:
             if group.nonfinite is not None:
                 self._guard.flag(group.nonfinite)
@@ -335,45 +330,33 @@ class ARCoPOTrainer(Trainer):
         )
         self._metrics["train"]["timing/update_seconds"].append(time.perf_counter() - start)
         self._step += 1
-        if self._guard.pending:  # this step is skipped: its loss is not a loss of the run
-            loss = torch.full_like(loss, math.nan)
-        return loss
+        return torch.full_like(loss, math.nan) if self._guard.pending else loss  # a skipped step has no loss
 
-    def _update(
-        self,
-        model: torch.nn.Module,
-        group: RolloutGroup,
-        iteration: int | None,
-        weight: float = 1.0,
-        final: bool = True,
-    ) -> torch.Tensor:
+    def _update(self, model, group: RolloutGroup, iteration: int | None, weight: float = 1.0, final: bool = True):
         """
         The localised update on the pivot chunk: `K` anchors per group (fresh each inner iteration), then for each
         trained denoising step [`compute_loss`] and one backward. The loss is scaled by `weight` (the share of these
         groups in the step); gradients are synchronised after the `final` backward. Returns the detached total loss.
         """
-        args = self.args
-        anchors = AnchorBatch.draw(group, args.num_anchors, self._rng(purpose=2), iteration)
+        args, metrics = self.args, self._metrics["train"]
+        anchors = AnchorBatch.draw(group, args.num_anchors, self._rng(_ANCHORS), iteration)
         steps = self.spec.trained_steps(args.loss_type, args.train_denoising_steps)
         scale = weight / len(steps) / self.current_gradient_accumulation_steps
         total = torch.zeros((), device=group.states.device)
         self._loss_stats, self._penalties = [], []
-        for position, anchors.step in enumerate(steps):
+        for position, j in enumerate(steps):
             with nullcontext() if final and position == len(steps) - 1 else self.accelerator.no_sync(model):
-                loss = self.compute_loss(model, anchors)
+                loss = self.compute_loss(model, replace(anchors, step=j))
                 if not torch.isfinite(loss):
-                    self._guard.flag(
-                        f"the loss is {loss.item()} at denoising step {anchors.step} (pivot {group.pivot})"
-                    )
-                # backward even then: every process runs the same collectives; the step's gradients are dropped
-                self.accelerator.backward(loss * scale)
+                    self._guard.flag(f"the loss is {loss.item()} at denoising step {j} (pivot {group.pivot})")
+                self.accelerator.backward(loss * scale)  # even then: every process runs the same collectives
             total += loss.detach() * scale
         for key, value in LossStats.reduce(self._loss_stats).items():
-            self._metrics["train"][key].append(value)
+            metrics[key].append(value)
             if iteration == 0:
-                self._metrics["train"][f"first_step/{key}"].append(value)
+                metrics[f"first_step/{key}"].append(value)
         if self._penalties:
-            self._metrics["train"]["kl"].append(sum(self._penalties) / len(self._penalties))
+            metrics["kl"].append(sum(self._penalties) / len(self._penalties))
         return total
 
     def compute_loss(self, model, inputs: AnchorBatch, return_outputs=False, num_items_in_batch=None) -> torch.Tensor:
@@ -382,14 +365,12 @@ class ARCoPOTrainer(Trainer):
         for replay-buffer groups, whose `π_old` it is), then [`_compute_loss`].
         """
         group, j, n = inputs.group, inputs.step, inputs.anchor_index.shape[0]
-        x_t = inputs.x_t  # [N * K, C, Fc, H, W]
 
-        def predict(transformer=None):
-            sigma = group.sigmas[j].item()
+        def predict(transformer=None):  # [N * K, C, Fc, H, W]
             return self.pipeline.predict_x0(
-                x_t, group.timesteps[j], sigma, inputs.prompt_embeds, inputs.prefix_cache, group.frame_offset,
-                transformer=transformer,
-            )  # fmt: skip  # [N * K, C, Fc, H, W]
+                inputs.x_t, group.timesteps[j], group.sigmas[j].item(), inputs.prompt_embeds, inputs.prefix_cache,
+                group.frame_offset, transformer=transformer,
+            )  # fmt: skip
 
         x0_old, x0_ref = group.x0_preds[:, :, j], None  # [N, G, C, Fc, H, W] (a view)
         if inputs.iteration is None or self.args.beta > 0:
@@ -402,18 +383,15 @@ class ARCoPOTrainer(Trainer):
         if inputs.iteration == 0:
             # θ == θ_old: refresh the anchors' stored predictions with this exact computation, so that the first
             # ratio is exactly 1 whatever the batching of the rollout was (x0_old sees it: a view)
-            flat = group.x0_preds[:, :, j].flatten(0, 1)  # [N * G, C, Fc, H, W] (a view)
-            flat[inputs.rows] = x0_theta.detach().to(flat.dtype)
+            group.x0_preds[:, :, j].flatten(0, 1)[inputs.rows] = x0_theta.detach().to(group.x0_preds.dtype)
         x0_ref = x0_ref.unflatten(0, (n, -1)) if x0_ref is not None else None
         return self._compute_loss(inputs, x0_theta.unflatten(0, (n, -1)), x0_old, x0_ref)
 
-    def _compute_loss(
-        self, inputs: AnchorBatch, x0_theta: torch.Tensor, x0_old: torch.Tensor, x0_ref: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _compute_loss(self, inputs: AnchorBatch, x0_theta, x0_old, x0_ref) -> torch.Tensor:
         """
         The objective at one denoising step: `x0_theta` `[N, K, *]` (the policy at the anchors, with gradient),
         `x0_old` `[N, G, *]` (every candidate's old prediction), `x0_ref` `[N, K, *]` (the reference; `None` unless
-        `beta > 0` or replay-buffer groups). Override this to change the loss; append a [`LossStats`] to
+        `beta > 0` or replay-buffer groups). Override it to change the loss; append a [`LossStats`] to
         `self._loss_stats` to log its statistics.
         """
         args, group, j = self.args, inputs.group, inputs.step
@@ -442,17 +420,8 @@ class ARCoPOTrainer(Trainer):
         return {n: p.detach() for n, p in transformer.named_parameters() if f".{self.adapter_name}." in n}
 
     def check_adapters_in_sync(self) -> bool:
-        """
-        Check, across all processes, that every rank holds the same adapter weights (what DDP guarantees); raise a
-        `RuntimeError` if not. Returns `True` and logs the check on a single process too.
-        """
-        flat = torch.cat([p.flatten().float() for p in self.adapter_state_dict().values()])  # [num_lora_params]
-        gathered = self.accelerator.gather(flat[None])  # [num_processes, num_lora_params]
-        max_diff = (gathered - gathered[:1]).abs().max().item()
-        if max_diff != 0:
-            raise RuntimeError(f"The adapters differ across processes (max |diff| = {max_diff}).")
-        logger.warning(f"Adapter weights are identical on all {self.accelerator.num_processes} process(es).")
-        return True
+        """Check that every process holds the same adapter ([`~trl_arcopo.policy.check_adapters_in_sync`])."""
+        return check_adapters_in_sync(self.accelerator, self.adapter_state_dict())
 
     # ------------------------------------------------------------------ evaluation and logging
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -461,11 +430,11 @@ class ARCoPOTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {}
-        for key, values in self._metrics[mode].items():
-            values = [v for v in values if not math.isnan(v)]
-            if values:
-                metrics[key] = sum(values) / len(values)
+        metrics = {
+            k: sum(v) / len(v)
+            for k, v in ((k, [x for x in v if not math.isnan(x)]) for k, v in self._metrics[mode].items())
+            if v
+        }
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
         else:
@@ -476,26 +445,29 @@ class ARCoPOTrainer(Trainer):
         super().log({**logs, **metrics}, start_time)
         self._metrics[mode].clear()
 
-    # ------------------------------------------------------------------ saving, resuming, the Hub
+    # ------------------------------------------------------------------ saving and resuming
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         check_finite_parameters(self.adapter_state_dict(), "when saving", self.state.global_step)
         os.makedirs(output_dir, exist_ok=True)
         save_lora_adapter(self.accelerator.unwrap_model(self.model), output_dir, adapter_name=self.adapter_name)
         torch.save(args_without_token(self.args), os.path.join(output_dir, "training_args.bin"))
-        self._write_model_card(output_dir)  # next to the weights, as diffusers' training scripts do
+        self.create_model_card(folder=output_dir)  # next to the weights, as diffusers' training scripts do
 
     def _save_checkpoint(self, model, trial):
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         os.makedirs(folder, exist_ok=True)
         if self.args.should_save:
-            # `trainer_state.json` is written last: a folder holding a readable one is complete. A leftover from a
-            # killed save of the same step must not vouch for the files about to be written.
+            # `trainer_state.json` is written last: a folder with a readable one is complete. A leftover from a killed
+            # save of the same step must not vouch for the files about to be written.
             if os.path.exists(os.path.join(folder, TRAINER_STATE_NAME)):
                 os.remove(os.path.join(folder, TRAINER_STATE_NAME))
-            self._write_model_card(self.args.output_dir)
+            self.create_model_card()
         path = self._rollout_file(folder)  # between two updates on one rollout, the checkpoint carries it
-        if self._between_iterations() and self._buffered_rollout is not None:
+        if (
+            between_iterations(self._step, self.args.num_iterations, self.args.training_mode)
+            and self._buffered_rollout
+        ):
             self._buffered_rollout.save(path)
         elif os.path.exists(path):  # left by a killed save of this step
             os.remove(path)
@@ -504,29 +476,23 @@ class ARCoPOTrainer(Trainer):
             link_or_save(self.replay_buffer, self._replay_buffer_file(folder), source)
         super()._save_checkpoint(model, trial)
 
-    def _between_iterations(self) -> bool:
-        """Whether the next micro-step updates on the buffered rollout instead of making a new one."""
-        return self.args.training_mode == "on_policy" and self._step % self.args.num_iterations != 0
-
     def _rollout_file(self, folder: str) -> str:
-        suffix = "" if self.accelerator.num_processes == 1 else f"-rank{self.accelerator.process_index}"
-        return os.path.join(folder, f"{ROLLOUT_FILE}{suffix}.safetensors")
+        return rollout_file(folder, self.accelerator.process_index, self.accelerator.num_processes)
 
     def checkpoint_problems(self, folder: str) -> list[str]:
         """What keeps `folder` from resuming this run exactly (an empty list: it can)."""
         args = self.args
 
-        def required(step: int) -> dict[str, str]:
-            if (
-                args.training_mode == "semi_on_policy"
-                or step * args.gradient_accumulation_steps % args.num_iterations == 0
+        def required(step: int) -> dict[str, str]:  # the rollout, for a checkpoint between two updates on it
+            if not between_iterations(
+                step * args.gradient_accumulation_steps, args.num_iterations, args.training_mode
             ):
                 return {}
             why = f"it was saved between two updates on one rollout (step {step}, `num_iterations={args.num_iterations}`)"
             return {os.path.basename(self._rollout_file(folder)): why}
 
-        distributed = self.is_deepspeed_enabled or self.is_fsdp_enabled
-        return checkpoint_problems(folder, not (args.save_only_model or distributed), required)
+        optimizer_in_folder = not (args.save_only_model or self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        return checkpoint_problems(folder, optimizer_in_folder, required)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """
@@ -555,30 +521,27 @@ class ARCoPOTrainer(Trainer):
         if self.replay_buffer is not None:
             path = self._replay_buffer_file(resume_from_checkpoint)
             if os.path.exists(path):
-                self.replay_buffer = ReplayBuffer.load(path)
-                self._check_replay_buffer(self.replay_buffer, f"in {path}")
+                self.replay_buffer = self._load_replay_buffer(path)
             else:
                 logger.warning(f"{path} not found: the replay buffer will be loaded or collected again.")
 
+    # ------------------------------------------------------------------ the Hub and the model card
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token: str | None = None,
                     revision: str | None = None, private: bool | None = None, sample_videos: bool = False, **kwargs):  # fmt: skip
         """
-        Save the adapter and its model card, then upload those two files to `args.hub_model_id`, and nothing else of
+        Save the adapter and its model card, then upload those two files to `args.hub_model_id` and nothing else of
         `output_dir` ([`~trl_arcopo.hub.upload_training_folder`]); `sample_videos=True` adds the sample videos of
         `log_completions`. `kwargs` go to [`~ARCoPOTrainer.create_model_card`] (e.g. `dataset_name`).
         """
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        name = (
-            kwargs.pop("model_name", None)
-            or (self.args.hub_model_id or self.args.output_dir.rstrip("/")).split("/")[-1]
-        )
+        default_name = (self.args.hub_model_id or self.args.output_dir.rstrip("/")).split("/")[-1]
         token = token if token is not None else self.args.hub_token
         if self.hub_model_id is None:
             self.init_hf_repo(token=token, private=private)
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
-        self.create_model_card(model_name=name, **kwargs)
+        self.create_model_card(model_name=kwargs.pop("model_name", None) or default_name, **kwargs)
         self._finish_current_push()
         revision = revision if revision is not None else self.args.hub_revision
         return upload_training_folder(
@@ -587,17 +550,18 @@ class ARCoPOTrainer(Trainer):
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """`hub_strategy` pushes during training upload the same two files as [`~ARCoPOTrainer.push_to_hub`]."""
-        if not self.is_world_process_zero() or self.args.hub_strategy == "end":
+        args = self.args
+        if not self.is_world_process_zero() or args.hub_strategy == "end":
             return
-        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+        if not args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
             return
-        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self.callback_handler.on_push_begin(args, self.state, self.control)
         for name in PUSH_ALLOW_PATTERNS:  # the checkpoint's adapter (and card) become output_dir's
             if os.path.isfile(os.path.join(checkpoint_folder, name)):
-                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
+                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(args.output_dir, name))
         message = f"Training in progress, step {self.state.global_step}"
         job = upload_training_folder(
-            self.hub_model_id, self.args.output_dir, self.args.hub_token, message, self.args.hub_revision, False
+            self.hub_model_id, args.output_dir, args.hub_token, message, args.hub_revision, False
         )
         if self.push_in_progress is None or self.push_in_progress.is_done():
             self.push_in_progress = PushInProgress([job])
@@ -605,15 +569,12 @@ class ARCoPOTrainer(Trainer):
             self.push_in_progress.jobs.append(job)
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
-                          tags: str | list[str] | None = None, **kwargs) -> None:  # fmt: skip
-        """Write the model card (`README.md`) into `output_dir`: base model, tags, training configuration, citations."""
-        self._write_model_card(self.args.output_dir, model_name, dataset_name, tags)
-
-    def _write_model_card(self, folder: str, model_name=None, dataset_name=None, tags=None) -> None:
+                          tags: str | list[str] | None = None, folder: str | None = None, **kwargs) -> None:  # fmt: skip
+        """Write the model card (`README.md`, into `output_dir` or `folder`): base model, tags, configuration, citations."""
         if not self.is_world_process_zero():
             return
         create_model_card(
-            folder,
+            folder or self.args.output_dir,
             base_model=self.pipeline.name_or_path or None,
             model_name=model_name or os.path.basename(self.args.output_dir.rstrip("/")),
             hub_model_id=self.args.hub_model_id,

@@ -34,6 +34,7 @@ from .hub import LORA_WEIGHT_NAME
 
 logger = logging.get_logger(__name__)
 
+ROLLOUT_FILE = "rollout"
 CHECKPOINT_RE = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 _STALE_TEMPORARY_RE = re.compile(r"_tmp_lora_.*|_README\..*\.md\.tmp|.*\.(pt|safetensors)\.tmp-\d+")
 
@@ -127,3 +128,14 @@ def remove_stale_temporaries(output_dir: str) -> list[str]:
     if removed:
         logger.info(f"Removed {len(removed)} temporary file(s) left by an interrupted save: {', '.join(removed)}.")
     return removed
+
+
+def rollout_file(folder: str, rank: int = 0, num_processes: int = 1) -> str:
+    """This process's buffered-rollout file in a checkpoint `folder` (`rollout.safetensors`, `-rank{i}` with several)."""
+    suffix = "" if num_processes == 1 else f"-rank{rank}"
+    return os.path.join(folder, f"{ROLLOUT_FILE}{suffix}.safetensors")
+
+
+def between_iterations(micro_steps: int, num_iterations: int, training_mode: str = "on_policy") -> bool:
+    """Whether, after `micro_steps`, the next micro-step updates on the buffered rollout instead of making a new one."""
+    return training_mode == "on_policy" and micro_steps % num_iterations != 0

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import torch
 from datasets import Dataset, IterableDataset
 from trl.trainer.utils import RepeatSampler
 
@@ -57,3 +58,16 @@ def check_train_dataset(dataset: Dataset | IterableDataset | None, prompts_per_s
             f"(`per_device_train_batch_size={prompts_per_step // processes}` x {processes} processes); "
             "lower `per_device_train_batch_size` or add prompts."
         )
+
+
+def seeded_generator(
+    seed: int, step: int, rank: int, purpose: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """
+    A generator that depends only on `(seed, step, rank, purpose)`: what a run draws at a (micro-)step replays exactly
+    after a resume, differs between processes, and differs between purposes (rollout, anchors, buffer draws).
+    """
+    key = seed * 1_000_003 + step * 10_007 + rank * 101
+    generator = torch.Generator(device=device)
+    generator.manual_seed((key * 13 + purpose) % (2**63))
+    return generator

@@ -18,6 +18,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, PeftConfig
 from transformers.utils import logging
 
@@ -98,3 +99,30 @@ def add_policy_adapter(
     for name, param in transformer.named_parameters():
         param.requires_grad_(f".{adapter_name}." in name and ("lora_" in name or ".modules_to_save." in name))
     return adapter_name
+
+
+def prepare_for_training(
+    transformer: torch.nn.Module, disable_dropout: bool = True, gradient_checkpointing: bool = False
+) -> None:
+    """Dropout off (rollouts and updates see the same policy), trainable parameters in float32, optional checkpointing."""
+    if disable_dropout:
+        for module in transformer.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    cast_training_params(transformer, dtype=torch.float32)
+    if gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()  # diffusers' checkpointing of the transformer blocks
+
+
+def check_adapters_in_sync(accelerator, adapter_state: dict[str, torch.Tensor]) -> bool:
+    """
+    Check, across all processes, that every rank holds the same adapter weights (what DDP guarantees); raise a
+    `RuntimeError` if not. Returns `True` and logs the check on a single process too.
+    """
+    flat = torch.cat([p.flatten().float() for p in adapter_state.values()])  # [num_lora_params]
+    gathered = accelerator.gather(flat[None])  # [num_processes, num_lora_params]
+    max_diff = (gathered - gathered[:1]).abs().max().item()
+    if max_diff != 0:
+        raise RuntimeError(f"The adapters differ across processes (max |diff| = {max_diff}).")
+    logger.warning(f"Adapter weights are identical on all {accelerator.num_processes} process(es).")
+    return True

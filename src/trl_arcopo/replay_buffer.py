@@ -29,7 +29,7 @@ from transformers.utils import logging
 
 from .kv_cache import KVCache
 from .loss import group_temperature
-from .rollout import RolloutGroup
+from .rollout import RolloutGroup, RolloutSpec
 
 
 if TYPE_CHECKING:
@@ -220,11 +220,8 @@ def entries_from_group(group: RolloutGroup) -> list[BufferEntry]:
 
 def group_from_entries(
     pipeline: SelfForcingPipeline,
+    spec: RolloutSpec,
     entries: list[BufferEntry],
-    num_frames_per_chunk: int,
-    num_latent_frames: int,
-    timesteps: torch.Tensor,
-    sigmas: torch.Tensor,
     temperature: float | None = None,
     distance_reduction: str = "mean",
 ) -> RolloutGroup:
@@ -234,31 +231,40 @@ def group_from_entries(
     rewards are the stored ones; set the advantages with [`RolloutGroup.with_rewards`].
     """
     device = pipeline._execution_device
-    cache = rebuild_prefix_cache(pipeline, list(entries), num_frames_per_chunk, num_latent_frames)
+    cache = rebuild_prefix_cache(pipeline, list(entries), spec.num_frames_per_chunk, spec.latent_shape[2])
     x0_preds = torch.stack([e.x0_preds for e in entries]).to(device)  # [N, G, T, C, Fc, H, W]
     return RolloutGroup(
         prompts=[e.prompt for e in entries],
         prompt_embeds=torch.stack([e.prompt_embeds for e in entries]).to(device),
         pivot=entries[0].pivot,
-        frame_offset=entries[0].pivot * num_frames_per_chunk,
+        frame_offset=entries[0].pivot * spec.num_frames_per_chunk,
         prefix_cache=cache,
         states=torch.stack([e.states for e in entries]).to(device),  # [N, G, T, C, Fc, H, W]
         x0_preds=x0_preds,
         temperature=group_temperature(x0_preds, temperature, distance_reduction),
-        timesteps=timesteps,
-        sigmas=sigmas,
+        timesteps=spec.timesteps,
+        sigmas=spec.sigmas,
         rewards=torch.stack([e.rewards for e in entries]).to(device),  # [N, G]
     )
 
 
 # ---------------------------------------------------------------------------------------------------- lifecycle
-def check_buffer_compatible(
-    buffer: ReplayBuffer, expected: tuple[int, int, int, int], num_chunks: int, source: str
-) -> None:
+def replay_buffer_file(folder: str, path: str | None = None, rank: int = 0, num_processes: int = 1) -> str:
+    """This process's buffer file: `path` if given, else `folder/replay_buffer.pt` (`-rank{i}` with several)."""
+    suffix = "" if num_processes == 1 else f"-rank{rank}"
+    if path is not None:
+        root, ext = os.path.splitext(path)
+        return f"{root}{suffix}{ext or '.pt'}"
+    return os.path.join(folder, f"replay_buffer{suffix}.pt")
+
+
+def check_buffer_compatible(buffer: ReplayBuffer, spec: RolloutSpec, num_generations: int, source: str) -> None:
     """
-    Refuse a buffer collected for another run: `expected` is (num_generations, denoising steps, channels, frames per
-    chunk) and every pivot must be a chunk of this run's videos.
+    Refuse a buffer collected for another run: its groups must have this run's (num_generations, denoising steps,
+    channels, frames per chunk), and every pivot must be a chunk of this run's videos.
     """
+    expected = (num_generations, len(spec.timesteps), spec.latent_shape[1], spec.num_frames_per_chunk)
+    num_chunks = spec.num_chunks
     for entry in buffer.entries:
         got = tuple(entry.states.shape[:4])
         if got != tuple(expected) or entry.pivot >= num_chunks:

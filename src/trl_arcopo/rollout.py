@@ -324,42 +324,58 @@ class RolloutSpec:
     sampler: str
 
     @classmethod
-    def from_config(cls, pipeline: SelfForcingPipeline, args) -> RolloutSpec:
-        """
-        The spec of an [`ARCoPOConfig`] on `pipeline`: `None` sizes, chunk length and sampler take the pipeline's
-        defaults. Raises a `ValueError` naming the value for a pivot or trained step outside the video or schedule, or
-        `sde_grpo` without the consistency sampler.
-        """
+    def from_pipeline(
+        cls,
+        pipeline: SelfForcingPipeline,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_frames_per_chunk: int | None = None,
+        denoising_sigmas: list[float] | None = None,
+        sampler: str | None = None,
+    ) -> RolloutSpec:
+        """The spec of videos of `pipeline`; every `None` takes the pipeline's default."""
         config = pipeline.config
         video_size = (
-            args.height or config.default_height,
-            args.width or config.default_width,
-            args.num_frames or config.default_num_frames,
+            height or config.default_height,
+            width or config.default_width,
+            num_frames or config.default_num_frames,
         )
-        frames = args.num_frames_per_chunk or getattr(config, "default_num_frames_per_chunk", 3)
+        frames = num_frames_per_chunk or getattr(config, "default_num_frames_per_chunk", 3)
         latent_shape = pipeline.latent_shape(1, *video_size, frames)
-        num_chunks = latent_shape[2] // frames
-        if args.pivot_chunk is not None and args.pivot_chunk >= num_chunks:
+        timesteps, sigmas = pipeline.get_schedule(denoising_sigmas)
+        sampler = sampler or getattr(config, "default_sampler", "consistency")
+        return cls(video_size, latent_shape, frames, latent_shape[2] // frames, timesteps, sigmas, sampler)
+
+    @classmethod
+    def from_config(cls, pipeline: SelfForcingPipeline, args) -> RolloutSpec:
+        """
+        The spec of an [`ARCoPOConfig`] on `pipeline`. Raises a `ValueError` naming the value for a pivot or trained
+        step outside the video or schedule, or `sde_grpo` without the consistency sampler.
+        """
+        spec = cls.from_pipeline(
+            pipeline, args.height, args.width, args.num_frames, args.num_frames_per_chunk, args.denoising_sigmas,
+            args.sampler,
+        )  # fmt: skip
+        if args.pivot_chunk is not None and args.pivot_chunk >= spec.num_chunks:
             raise ValueError(
-                f"`pivot_chunk={args.pivot_chunk}` but the video has {num_chunks} chunks; use an index in "
-                f"[0, {num_chunks}) or None (uniform)."
+                f"`pivot_chunk={args.pivot_chunk}` but the video has {spec.num_chunks} chunks; use an index in "
+                f"[0, {spec.num_chunks}) or None (uniform)."
             )
-        timesteps, sigmas = pipeline.get_schedule(args.denoising_sigmas)
-        trainable = len(timesteps) - (1 if args.loss_type == "sde_grpo" else 0)
+        steps = len(spec.timesteps)
+        trainable = steps - (1 if args.loss_type == "sde_grpo" else 0)
         if args.train_denoising_steps is not None and max(args.train_denoising_steps) >= trainable:
             raise ValueError(
-                f"`train_denoising_steps={list(args.train_denoising_steps)}` but the schedule has {len(timesteps)} "
-                "steps"
+                f"`train_denoising_steps={list(args.train_denoising_steps)}` but the schedule has {steps} steps"
                 + (" and `sde_grpo` cannot train the last one" if args.loss_type == "sde_grpo" else "")
                 + f": use indices in [0, {trainable})."
             )
-        sampler = args.sampler or getattr(config, "default_sampler", "consistency")
-        if args.loss_type == "sde_grpo" and sampler != "consistency":
+        if args.loss_type == "sde_grpo" and spec.sampler != "consistency":
             raise ValueError(
                 f"`loss_type='sde_grpo'` explores through the consistency sampler's re-noise, but the sampler is "
-                f"{sampler!r} (the pipeline's `default_sampler`): set `sampler='consistency'`."
+                f"{spec.sampler!r} (the pipeline's `default_sampler`): set `sampler='consistency'`."
             )
-        return cls(video_size, latent_shape, frames, num_chunks, timesteps, sigmas, sampler)
+        return spec
 
     def trained_steps(self, loss_type: str = "arcopo", train_denoising_steps: list[int] | None = None) -> list[int]:
         """The denoising steps an update trains: the given ones, else all (`sde_grpo`: all but the last)."""
@@ -429,16 +445,12 @@ EXPLORATIONS = ("neighbors", "sde")
 @torch.no_grad()
 def sample_group(
     pipeline: SelfForcingPipeline,
+    spec: RolloutSpec,
     prompts: list[str],
     prompt_embeds: torch.Tensor,
-    latent_shape: tuple[int, int, int, int, int],
     num_generations: int,
-    timesteps: torch.Tensor,
-    sigmas: torch.Tensor,
-    num_frames_per_chunk: int,
     generator: torch.Generator | None = None,
     pivot: int | None = None,
-    sampler: SamplerType = "consistency",
     exploration: str = "neighbors",
     fork_noise_scale: float = 0.5,
     temperature: float | None = None,
@@ -453,20 +465,29 @@ def sample_group(
     - `"sde"` (SDE-GRPO): the same initial noise, each candidate its own re-noise of the consistency sampler.
 
     Args:
+        spec ([`RolloutSpec`]): the video size, chunking, schedule and sampler.
         prompts (`list[str]`), prompt_embeds (`torch.Tensor` of shape `[N, S, text_dim]`): the `N` groups.
-        latent_shape (`tuple`): `[1, C, F, H, W]`, the latent shape of one video.
         temperature (`float`, *optional*): a fixed `τ`; `None` takes each group's median distance between
             predictions ([`~trl_arcopo.loss.group_temperature`]).
 
     Returns:
         [`RolloutGroup`] with the finished `latents` `[N, G, C, F, H, W]`, without rewards.
+
+    Example:
+
+    ```py
+    >>> spec = RolloutSpec.from_pipeline(pipe)
+    >>> embeds, _ = pipe.encode_prompt(["a red fox jumps"])
+    >>> group = sample_group(pipe, spec, ["a red fox jumps"], embeds, 8, torch.Generator().manual_seed(0), pivot=2)
+    >>> videos = pipe.decode_latents(group.latents.flatten(0, 1), output_type="pt")  # [8, F, C, H, W]
+    ```
     """
     if exploration not in EXPLORATIONS:
         raise ValueError(f"`exploration={exploration!r}` is not one of {EXPLORATIONS}.")
-    n, g, steps = len(prompts), num_generations, len(timesteps)
+    n, g, steps = len(prompts), num_generations, len(spec.timesteps)
     device = prompt_embeds.device
-    shape = (n, *latent_shape[1:])
-    noise = RolloutNoise.sample(shape, num_frames_per_chunk, steps, sampler, generator, device=device)
+    shape = (n, *spec.latent_shape[1:])
+    noise = RolloutNoise.sample(shape, spec.num_frames_per_chunk, steps, spec.sampler, generator, device=device)
     if pivot is None:
         pivot = int(torch.randint(noise.num_chunks, (1,), generator=generator, device=device).item())
     base = noise.chunk_initial(pivot)  # [N, C, Fc, H, W]
@@ -484,11 +505,11 @@ def sample_group(
         noise,
         pivot,
         branch_noise,
-        timesteps,
-        sigmas,
+        spec.timesteps,
+        spec.sigmas,
         shape[3],
         shape[4],
-        sampler,
+        spec.sampler,
         branch_renoise,
     )
     x0_preds = fork.x0_preds.unflatten(0, (n, g))  # [N, G, T, C, Fc, H, W]
@@ -496,12 +517,12 @@ def sample_group(
         prompts=list(prompts),
         prompt_embeds=prompt_embeds,
         pivot=pivot,
-        frame_offset=pivot * num_frames_per_chunk,
+        frame_offset=pivot * spec.num_frames_per_chunk,
         prefix_cache=fork.prefix_cache,
         states=fork.states.unflatten(0, (n, g)),
         x0_preds=x0_preds.clone(),
         temperature=group_temperature(x0_preds, temperature, distance_reduction),
-        timesteps=timesteps,
-        sigmas=sigmas,
+        timesteps=spec.timesteps,
+        sigmas=spec.sigmas,
         latents=fork.latents.unflatten(0, (n, g)),
     )
