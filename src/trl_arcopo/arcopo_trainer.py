@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -37,17 +36,18 @@ from .arcopo_config import ARCoPOConfig
 from .checkpointing import (
     between_iterations,
     checkpoint_problems,
-    last_complete_checkpoint,
     remove_stale_temporaries,
+    resolve_resume,
     rollout_file,
+    rollout_requirement,
 )
 from .data import EpochRepeatSampler, check_prompt_dataset, check_train_dataset, seeded_generator
 from .hub import (
-    PUSH_ALLOW_PATTERNS,
     args_without_token,
     card_training_config,
     create_model_card,
     load_lora_adapter_weights,
+    push_checkpoint,
     save_lora_adapter,
     save_sample_gif,
     upload_training_folder,
@@ -56,14 +56,7 @@ from .loss import LossStats, arcopo_loss, sde_grpo_anchor_loss, x0_penalty
 from .nonfinite import NonFiniteGuard, check_finite_parameters
 from .pipelines import SelfForcingPipeline
 from .policy import add_policy_adapter, check_adapters_in_sync, prepare_for_training, reference_policy
-from .replay_buffer import (
-    ReplayBuffer,
-    check_buffer_compatible,
-    group_from_entries,
-    link_or_save,
-    load_or_collect,
-    replay_buffer_file,
-)
+from .replay_buffer import ReplayBuffer, ReplaySource
 from .rewards import RewardFunc, check_reward_funcs, reward_func_name, score_group
 from .rollout import AnchorBatch, RolloutGroup, RolloutSpec, sample_group
 
@@ -164,10 +157,13 @@ class ARCoPOTrainer(Trainer):
         #: Groups of `num_generations` videos rolled out, by who made them: the policy being trained (`"policy"`),
         #: the reference for the replay buffer (`"reference"`), the policy during evaluation (`"eval"`).
         self.rollout_counts = {"policy": 0, "reference": 0, "eval": 0}
-        self.replay_buffer: ReplayBuffer | None = None
-        self._replay_buffer_source: str | None = None  # the file holding exactly the in-memory buffer
+        self.replay: ReplaySource | None = None  # semi-on-policy: the replay buffer and its file
         if args.training_mode == "semi_on_policy":
-            self.replay_buffer = ReplayBuffer(math.ceil(args.replay_buffer_size / self.accelerator.num_processes))
+            capacity = math.ceil(args.replay_buffer_size / self.accelerator.num_processes)
+            rank, processes = self.accelerator.process_index, self.accelerator.num_processes
+            self.replay = ReplaySource(
+                capacity, self.spec, args.num_generations, args.output_dir, args.replay_buffer_path, rank, processes
+            )
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
         self._guard = NonFiniteGuard(args.max_nonfinite_steps, self.accelerator, self.adapter_state_dict)
@@ -250,55 +246,38 @@ class ARCoPOTrainer(Trainer):
             group.latents = None  # only the replay buffer keeps them (the prefix)
         return group
 
+    @property
+    def replay_buffer(self) -> ReplayBuffer | None:
+        """The semi-on-policy replay buffer of this process (`None` on-policy)."""
+        return self.replay.buffer if self.replay is not None else None
+
     # ------------------------------------------------------------------ semi-on-policy: the replay buffer
-    def _replay_buffer_file(self, folder: str | None = None) -> str:
-        path = self.args.replay_buffer_path if folder is None else None
-        folder = folder or self.args.output_dir
-        return replay_buffer_file(folder, path, self.accelerator.process_index, self.accelerator.num_processes)
-
-    def _load_replay_buffer(self, path: str) -> ReplayBuffer:
-        buffer = ReplayBuffer.load(path)
-        check_buffer_compatible(buffer, self.spec, self.args.num_generations, f"in {path}")
-        return buffer
-
     def _ensure_replay_buffer(self) -> None:
         """Fill the replay buffer once: from `replay_buffer_path` if it exists, else by reference rollouts."""
-        if len(self.replay_buffer) >= self.replay_buffer.capacity:
-            return
-        args, path, check = self.args, self._replay_buffer_file(), check_buffer_compatible
+        args = self.args
         with reference_policy(self.accelerator.unwrap_model(self.model)):
-            self.replay_buffer, stats = load_or_collect(
-                self.replay_buffer, path, lambda buffer, where: check(buffer, self.spec, args.num_generations, where),
+            stats = self.replay.ensure(
                 # independent of the step: re-collecting after a crash gives the same buffer
                 lambda rows, i: self._generate_and_score(rows, "collect", self._rng(_COLLECT + i, step=0)),
-                self.train_dataset, args.per_device_train_batch_size, args.seed, self.accelerator.process_index,
-                args.replay_buffer_informative_only, self.is_local_process_zero(),
+                self.train_dataset, args.per_device_train_batch_size, args.seed, args.replay_buffer_informative_only,
+                self.is_local_process_zero(),
             )  # fmt: skip
-        self._replay_buffer_source = path
-        collect, metrics = self._metrics["collect"], self._metrics["train"]
-        stats = {
-            **{f"buffer/{k}": sum(collect[k]) / len(collect[k]) for k in ("reward", "reward_std") if collect.get(k)},
-            **stats,
-        }
+        collect = self._metrics["collect"]
+        for key in ("reward", "reward_std") if stats is not None and collect.get("reward") else ():
+            self._metrics["train"][f"buffer/{key}"].append(sum(collect[key]) / len(collect[key]))
         collect.clear()
-        for key, value in stats.items():
-            metrics[key].append(value)
+        for key, value in (stats or {}).items():
+            self._metrics["train"][key].append(value)
 
     def _sample_from_buffer(self) -> list[RolloutGroup]:
         """`per_device_train_batch_size` distinct buffer groups, batched by pivot chunk (prefixes by the reference)."""
-        args, informative_only = self.args, self.args.replay_buffer_informative_only
-        available = len(self.replay_buffer.informative_indices()) if informative_only else len(self.replay_buffer)
-        n = min(args.per_device_train_batch_size, available)
-        entries = self.replay_buffer.sample(n, self._rng(_BUFFER_DRAW, device="cpu"), informative_only)
-        groups = []
-        for pivot in sorted({e.pivot for e in entries}):
-            with reference_policy(self.accelerator.unwrap_model(self.model)):
-                same_pivot = [e for e in entries if e.pivot == pivot]
-                group = group_from_entries(
-                    self.pipeline, self.spec, same_pivot, args.temperature, args.distance_reduction
-                )
-            groups.append(group.with_rewards(group.rewards.double(), args.scale_rewards, args.quasi_norm_p))
-        return groups
+        args, generator = self.args, self._rng(_BUFFER_DRAW, device="cpu")
+        with reference_policy(self.accelerator.unwrap_model(self.model)):
+            groups = self.replay.draw(
+                self.pipeline, args.per_device_train_batch_size, generator, args.replay_buffer_informative_only,
+                args.temperature, args.distance_reduction,
+            )  # fmt: skip
+        return [g.with_rewards(g.rewards.double(), args.scale_rewards, args.quasi_norm_p) for g in groups]
 
     # ------------------------------------------------------------------ training step
     def _prepare_inputs(self, inputs: list[dict[str, Any]]) -> RolloutGroup:
@@ -471,9 +450,8 @@ class ARCoPOTrainer(Trainer):
             self._buffered_rollout.save(path)
         elif os.path.exists(path):  # left by a killed save of this step
             os.remove(path)
-        if self.replay_buffer is not None and len(self.replay_buffer):
-            source = self._replay_buffer_source if self._replay_buffer_source == self._replay_buffer_file() else None
-            link_or_save(self.replay_buffer, self._replay_buffer_file(folder), source)
+        if self.replay is not None:
+            self.replay.save_to(folder)
         super()._save_checkpoint(model, trial)
 
     def _rollout_file(self, folder: str) -> str:
@@ -481,17 +459,10 @@ class ARCoPOTrainer(Trainer):
 
     def checkpoint_problems(self, folder: str) -> list[str]:
         """What keeps `folder` from resuming this run exactly (an empty list: it can)."""
-        args = self.args
-
-        def required(step: int) -> dict[str, str]:  # the rollout, for a checkpoint between two updates on it
-            if not between_iterations(
-                step * args.gradient_accumulation_steps, args.num_iterations, args.training_mode
-            ):
-                return {}
-            why = f"it was saved between two updates on one rollout (step {step}, `num_iterations={args.num_iterations}`)"
-            return {os.path.basename(self._rollout_file(folder)): why}
-
+        args, rank, processes = self.args, self.accelerator.process_index, self.accelerator.num_processes
+        ga, iterations, mode = args.gradient_accumulation_steps, args.num_iterations, args.training_mode
         optimizer_in_folder = not (args.save_only_model or self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        required = lambda step: rollout_requirement(folder, step, ga, iterations, mode, rank, processes)  # noqa: E731
         return checkpoint_problems(folder, optimizer_in_folder, required)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -503,27 +474,16 @@ class ARCoPOTrainer(Trainer):
         """
         if self.is_world_process_zero() and os.path.isdir(self.args.output_dir):
             remove_stale_temporaries(self.args.output_dir)
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir, self.checkpoint_problems)
-        elif isinstance(resume_from_checkpoint, str | os.PathLike):
-            resume_from_checkpoint = os.fspath(resume_from_checkpoint)
-            if problems := self.checkpoint_problems(resume_from_checkpoint):
-                raise ValueError(
-                    f"Cannot resume from {resume_from_checkpoint}: {'; '.join(problems)}. Resume from an earlier "
-                    "checkpoint, or pass `resume_from_checkpoint=True` to take the newest complete one."
-                )
-        self._resume_checkpoint = resume_from_checkpoint or None
+        self._resume_checkpoint = resolve_resume(
+            resume_from_checkpoint, self.args.output_dir, self.checkpoint_problems
+        )
         return super().train(self._resume_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         transformer = self.accelerator.unwrap_model(model if model is not None else self.model)
         load_lora_adapter_weights(transformer, resume_from_checkpoint, adapter_name=self.adapter_name)
-        if self.replay_buffer is not None:
-            path = self._replay_buffer_file(resume_from_checkpoint)
-            if os.path.exists(path):
-                self.replay_buffer = self._load_replay_buffer(path)
-            else:
-                logger.warning(f"{path} not found: the replay buffer will be loaded or collected again.")
+        if self.replay is not None:
+            self.replay.restore_from(resume_from_checkpoint)
 
     # ------------------------------------------------------------------ the Hub and the model card
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token: str | None = None,
@@ -556,13 +516,8 @@ class ARCoPOTrainer(Trainer):
         if not args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
             return
         self.callback_handler.on_push_begin(args, self.state, self.control)
-        for name in PUSH_ALLOW_PATTERNS:  # the checkpoint's adapter (and card) become output_dir's
-            if os.path.isfile(os.path.join(checkpoint_folder, name)):
-                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(args.output_dir, name))
-        message = f"Training in progress, step {self.state.global_step}"
-        job = upload_training_folder(
-            self.hub_model_id, args.output_dir, args.hub_token, message, args.hub_revision, False
-        )
+        step, folder = self.state.global_step, checkpoint_folder
+        job = push_checkpoint(folder, args.output_dir, self.hub_model_id, step, args.hub_token, args.hub_revision)
         if self.push_in_progress is None or self.push_in_progress.is_done():
             self.push_in_progress = PushInProgress([job])
         else:

@@ -139,3 +139,30 @@ def rollout_file(folder: str, rank: int = 0, num_processes: int = 1) -> str:
 def between_iterations(micro_steps: int, num_iterations: int, training_mode: str = "on_policy") -> bool:
     """Whether, after `micro_steps`, the next micro-step updates on the buffered rollout instead of making a new one."""
     return training_mode == "on_policy" and micro_steps % num_iterations != 0
+
+
+def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str, problems: Callable[[str], list[str]]):
+    """
+    The checkpoint a `train(resume_from_checkpoint=...)` call resumes from: `True` takes the newest complete one of
+    `output_dir` ([`last_complete_checkpoint`]); a path is returned if it has no `problems`, else refused with them.
+    """
+    if resume_from_checkpoint is True:
+        return last_complete_checkpoint(output_dir, problems)
+    if isinstance(resume_from_checkpoint, str | os.PathLike):
+        path = os.fspath(resume_from_checkpoint)
+        if found := problems(path):
+            raise ValueError(
+                f"Cannot resume from {path}: {'; '.join(found)}. Resume from an earlier checkpoint, or pass "
+                "`resume_from_checkpoint=True` to take the newest complete one."
+            )
+        return path
+    return None
+
+
+def rollout_requirement(folder: str, step: int, micro_steps_per_step: int, num_iterations: int, training_mode: str,
+                        rank: int = 0, num_processes: int = 1) -> dict[str, str]:  # fmt: skip
+    """The rollout file a checkpoint at optimizer `step` needs (when taken between two updates on one rollout)."""
+    if not between_iterations(step * micro_steps_per_step, num_iterations, training_mode):
+        return {}
+    why = f"it was saved between two updates on one rollout (step {step}, `num_iterations={num_iterations}`)"
+    return {os.path.basename(rollout_file(folder, rank, num_processes)): why}

@@ -616,3 +616,16 @@ def save_sample_gif(folder: str, name: str, prompt: str, videos: torch.Tensor, r
     with open(os.path.join(folder, f"{name}.txt"), "w") as f:
         f.write(f"{prompt}\nrewards: {[round(r, 4) for r in rewards.tolist()]}\n")
     return path
+
+
+def push_checkpoint(checkpoint_folder: str, output_dir: str, repo_id: str, step: int, token: str | None = None,
+                    revision: str | None = None):  # fmt: skip
+    """
+    A push during training: the checkpoint's adapter and card become `output_dir`'s, then those two files are uploaded
+    in the background ([`upload_training_folder`]). Returns the upload's future.
+    """
+    for name in PUSH_ALLOW_PATTERNS:
+        if os.path.isfile(os.path.join(checkpoint_folder, name)):
+            shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(output_dir, name))
+    message = f"Training in progress, step {step}"
+    return upload_training_folder(repo_id, output_dir, token, message, revision, blocking=False)

@@ -368,3 +368,94 @@ def link_or_save(buffer: ReplayBuffer, dest: str, source: str | None = None) -> 
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class ReplaySource:
+    r"""
+    One process's semi-on-policy data: its [`ReplayBuffer`], the file it lives in, and how it is filled (loaded or
+    collected once), drawn from, copied into checkpoints and restored from them.
+
+    Args:
+        capacity (`int`): groups kept by this process.
+        spec ([`~trl_arcopo.rollout.RolloutSpec`]) and num_generations (`int`): what a compatible group looks like.
+        output_dir (`str`): where the buffer file goes when `path` is `None`.
+        path (`str`, *optional*): the buffer file to load if it exists, else to collect into (`replay_buffer_path`).
+        rank (`int`), num_processes (`int`): with several processes, each has its own `-rank{i}` file.
+    """
+
+    def __init__(self, capacity: int, spec: RolloutSpec, num_generations: int, output_dir: str,
+                 path: str | None = None, rank: int = 0, num_processes: int = 1):  # fmt: skip
+        self.buffer = ReplayBuffer(capacity)
+        self.spec, self.num_generations, self.output_dir, self.path = spec, num_generations, output_dir, path
+        self.rank, self.num_processes = rank, num_processes
+        self.source: str | None = None  # the file holding exactly the in-memory buffer
+
+    def file(self, folder: str | None = None) -> str:
+        """This process's buffer file: the configured one, or the one in `folder` (a checkpoint)."""
+        path = self.path if folder is None else None
+        return replay_buffer_file(folder or self.output_dir, path, self.rank, self.num_processes)
+
+    def load(self, path: str) -> ReplayBuffer:
+        """Read a buffer file and refuse it if it was collected for another run."""
+        buffer = ReplayBuffer.load(path)
+        check_buffer_compatible(buffer, self.spec, self.num_generations, f"in {path}")
+        return buffer
+
+    def ensure(
+        self,
+        rollout: Callable[[list[dict[str, Any]], int], RolloutGroup],
+        dataset: Any,
+        batch_size: int,
+        seed: int,
+        informative_only: bool = True,
+        show_progress: bool = True,
+    ) -> dict[str, float] | None:
+        """
+        Fill the buffer once ([`load_or_collect`] with the reference policy's `rollout`; the caller disables the
+        adapter). Returns its statistics when it was filled now, `None` when it was already full.
+        """
+        if len(self.buffer) >= self.buffer.capacity:
+            return None
+        path = self.file()
+        self.buffer, stats = load_or_collect(
+            self.buffer, path, lambda b, where: check_buffer_compatible(b, self.spec, self.num_generations, where),
+            rollout, dataset, batch_size, seed, self.rank, informative_only, show_progress,
+        )  # fmt: skip
+        self.source = path
+        return stats
+
+    def draw(
+        self,
+        pipeline: SelfForcingPipeline,
+        n: int,
+        generator: torch.Generator,
+        informative_only: bool = True,
+        temperature: float | None = None,
+        distance_reduction: str = "mean",
+    ) -> list[RolloutGroup]:
+        """
+        Up to `n` distinct groups (only the informative ones with `informative_only`), batched by pivot chunk, their
+        prefixes rebuilt by `pipeline.transformer` as configured (disable its adapters: the reference's). Rewards
+        are set; set the advantages with [`RolloutGroup.with_rewards`].
+        """
+        available = len(self.buffer.informative_indices()) if informative_only else len(self.buffer)
+        entries = self.buffer.sample(min(n, available), generator, informative_only)
+        return [
+            group_from_entries(
+                pipeline, self.spec, [e for e in entries if e.pivot == p], temperature, distance_reduction
+            )
+            for p in sorted({e.pivot for e in entries})
+        ]
+
+    def save_to(self, folder: str) -> None:
+        """A checkpoint's copy of the buffer (hard-linked from its file when that holds exactly this buffer)."""
+        if len(self.buffer):
+            link_or_save(self.buffer, self.file(folder), self.source if self.source == self.file() else None)
+
+    def restore_from(self, folder: str) -> None:
+        """The buffer of a checkpoint, if it has one (else it is loaded or collected again, identically)."""
+        path = self.file(folder)
+        if os.path.exists(path):
+            self.buffer = self.load(path)
+        else:
+            logger.warning(f"{path} not found: the replay buffer will be loaded or collected again.")
