@@ -81,7 +81,7 @@ def group_gradients(trainer, prompts, seed, desc=None):
     real, control = [], []
     noise = torch.Generator().manual_seed(seed)
     for index, prompt in enumerate(tqdm(prompts, desc=desc)):
-        rollout = trainer._generate_and_score(
+        rollout = trainer.generate_and_score(
             [{"prompt": prompt}], generator=torch.Generator().manual_seed(seed + index)
         )
         scores = torch.rand(rollout.rewards.shape, generator=noise)  # [1, G] the control: no signal
@@ -89,7 +89,7 @@ def group_gradients(trainer, prompts, seed, desc=None):
         for batch, out in ((rollout, real), (fake, control)):
             for p in params:
                 p.grad = None
-            trainer._compute_loss(model, batch, iteration=0)
+            trainer.accumulate_gradients(batch, iteration=0)
             out.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
     return torch.stack(real), torch.stack(control)
 
@@ -137,7 +137,6 @@ def main():
         trainer = ARCoPOTrainer(
             pipeline=pipeline, reward_funcs=REWARDS, args=config, train_dataset=make_dataset("train"), peft_config=lora
         )
-        trainer.current_gradient_accumulation_steps = 1  # set by `train()`; the loss divides by it
 
         rows = []
         all_real, all_control = [], []

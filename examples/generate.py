@@ -29,7 +29,7 @@ import time
 import torch
 from diffusers.utils import export_to_gif
 
-from trl_arcopo import RolloutNoise, SelfForcingPipeline, forked_rollout, neighbor_noise
+from trl_arcopo import RolloutSpec, SelfForcingPipeline, sample_group
 from trl_arcopo.testing_utils import tiny_pipeline
 
 
@@ -75,17 +75,14 @@ def main():
     export_to_gif(to_pil(video.cpu()), os.path.join(args.output_dir, "video.gif"))
 
     # 2. A forked group: prefix once, then G branches that differ only in one chunk's initial noise
+    spec = RolloutSpec.from_pipeline(pipe, height, width, num_frames)
     embeds, _ = pipe.encode_prompt(args.prompt)
-    shape = pipe.latent_shape(1, height, width, num_frames, 3)
-    timesteps, sigmas = pipe.get_schedule()
+    fork_at = min(args.fork_at, spec.num_chunks - 1)
     generator = torch.Generator(device).manual_seed(args.seed)
-    noise = RolloutNoise.sample(shape, 3, len(timesteps), generator=generator, device=device)
-    fork_at = min(args.fork_at, noise.num_chunks - 1)
-    branch_noise = neighbor_noise(noise.chunk_initial(fork_at), args.num_branches, 0.5, generator)
     start = time.perf_counter()
-    group = forked_rollout(pipe, embeds, noise, fork_at, branch_noise, timesteps, sigmas, shape[3], shape[4])
+    group = sample_group(pipe, spec, [args.prompt], embeds, args.num_branches, generator, pivot=fork_at)
     fork_seconds = time.perf_counter() - start
-    frames = pipe.decode_latents(group.latents, output_type="pt")  # [G, F, C, H, W]
+    frames = pipe.decode_latents(group.latents[0], output_type="pt")  # [G, F, C, H, W]
     side_by_side = torch.cat(list(frames.cpu()), dim=-1)  # [F, C, H, G * W]
     export_to_gif(to_pil(side_by_side), os.path.join(args.output_dir, "forked_group.gif"))
 
@@ -97,7 +94,7 @@ def main():
         "num_branches": args.num_branches,
         "group_seconds": round(fork_seconds, 3),
         "group_forward_passes": group.num_forward_passes,
-        "independent_forward_passes": args.num_branches * noise.num_chunks * (len(timesteps) + 1),
+        "independent_forward_passes": args.num_branches * spec.num_chunks * (len(spec.timesteps) + 1),
     }
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -19,6 +19,7 @@ from .arcopo_config import ARCoPOConfig
 from .arcopo_trainer import ARCoPOTrainer
 from .kv_cache import KVCache
 from .loss import LossStats, arcopo_loss, group_advantages, sde_grpo_loss, sde_transition_log_prob
+from .merging import combine_adapters
 from .models import (
     CausalWanTransformer3DModel,
     CausalWanX0Transformer3DModel,
@@ -28,13 +29,14 @@ from .models import (
 )
 from .pipelines import ChunkDenoisingOutput, SelfForcingPipeline, SelfForcingPipelineOutput
 from .rewards import RewardFunc
-from .rollout import ForkedRollout, forked_rollout
+from .rollout import AnchorBatch, ForkedRollout, RolloutGroup, RolloutSpec, forked_rollout, sample_group
 from .sampling import RolloutNoise, get_schedule, neighbor_noise, self_forcing_scheduler
 
 
 __all__ = [
     "ARCoPOConfig",
     "ARCoPOTrainer",
+    "AnchorBatch",
     "CausalWanTransformer3DModel",
     "CausalWanX0Transformer3DModel",
     "ChunkDenoisingOutput",
@@ -43,15 +45,19 @@ __all__ = [
     "KVCache",
     "LossStats",
     "RewardFunc",
+    "RolloutGroup",
     "RolloutNoise",
+    "RolloutSpec",
     "SelfForcingPipeline",
     "SelfForcingPipelineOutput",
     "arcopo_loss",
     "block_causal_mask",
+    "combine_adapters",
     "forked_rollout",
     "get_schedule",
     "group_advantages",
     "neighbor_noise",
+    "sample_group",
     "sde_grpo_loss",
     "sde_transition_log_prob",
     "self_forcing_scheduler",

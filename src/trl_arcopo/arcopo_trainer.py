@@ -166,6 +166,7 @@ class ARCoPOTrainer(Trainer):
             )
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
+        self.current_gradient_accumulation_steps = 1  # `train()` sets it per optimizer step
         self._guard = NonFiniteGuard(args.max_nonfinite_steps, self.accelerator, self.adapter_state_dict)
         self.add_callback(self._guard)
 
@@ -196,12 +197,14 @@ class ARCoPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ rollout and rewards
     @torch.no_grad()
-    def _generate_and_score(
+    def generate_and_score(
         self, inputs: list[dict[str, Any]], mode: str = "train", generator: torch.Generator | None = None
     ) -> RolloutGroup:
         """
-        Roll out one forked group per prompt and score it. `mode` is `"train"` or `"eval"` (the current policy) or
-        `"collect"` (the caller has disabled the adapter: reference rollouts for the replay buffer).
+        Roll out one forked group per prompt of `inputs` (dataset rows) and score it. `mode` is `"train"` or `"eval"`
+        (the current policy) or `"collect"` (the caller has disabled the adapter: reference rollouts for the replay
+        buffer). `generator` defaults to the run's seeded one for this step. With [`accumulate_gradients`], the
+        building blocks of a custom loop or an analysis.
         """
         args, device = self.args, self.accelerator.device
         prompts = [row["prompt"] for row in inputs]
@@ -258,7 +261,7 @@ class ARCoPOTrainer(Trainer):
         with reference_policy(self.accelerator.unwrap_model(self.model)):
             stats = self.replay.ensure(
                 # independent of the step: re-collecting after a crash gives the same buffer
-                lambda rows, i: self._generate_and_score(rows, "collect", self._rng(_COLLECT + i, step=0)),
+                lambda rows, i: self.generate_and_score(rows, "collect", self._rng(_COLLECT + i, step=0)),
                 self.train_dataset, args.per_device_train_batch_size, args.seed, args.replay_buffer_informative_only,
                 self.is_local_process_zero(),
             )  # fmt: skip
@@ -282,7 +285,7 @@ class ARCoPOTrainer(Trainer):
     # ------------------------------------------------------------------ training step
     def _prepare_inputs(self, inputs: list[dict[str, Any]]) -> RolloutGroup:
         if self._step % self.args.num_iterations == 0 or self._buffered_rollout is None:
-            self._buffered_rollout = self._generate_and_score(inputs)
+            self._buffered_rollout = self.generate_and_score(inputs)
         return self._buffered_rollout
 
     def training_step(self, model: torch.nn.Module, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -337,6 +340,14 @@ class ARCoPOTrainer(Trainer):
         if self._penalties:
             metrics["kl"].append(sum(self._penalties) / len(self._penalties))
         return total
+
+    def accumulate_gradients(self, group: RolloutGroup, iteration: int | None = 0) -> torch.Tensor:
+        """
+        One update's backward on `group` into the adapter's `.grad` (no optimizer step): the first inner update by
+        default, `None` as for replay-buffer groups. Returns the detached loss.
+        """
+        self.model.train()
+        return self._update(self.model, group, iteration)
 
     def compute_loss(self, model, inputs: AnchorBatch, return_outputs=False, num_items_in_batch=None) -> torch.Tensor:
         """
@@ -404,7 +415,7 @@ class ARCoPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ evaluation and logging
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        self._generate_and_score(inputs, mode="eval")
+        self.generate_and_score(inputs, mode="eval")
         return torch.zeros((), device=self.accelerator.device), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -171,6 +171,7 @@ class RolloutGroup:
         advantages (`torch.Tensor` of shape `[N, G]`, *optional*).
         nonfinite (`str`, *optional*): why this group cannot train (a NaN or infinite latent, reward, advantage or
             temperature); every update on it is skipped. `None` when everything is finite.
+        num_forward_passes (`int`): single-chunk, single-video transformer forwards the rollout used.
     """
 
     prompts: list[str]
@@ -187,6 +188,7 @@ class RolloutGroup:
     rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     nonfinite: str | None = None
+    num_forward_passes: int = 0
 
     @property
     def num_generations(self) -> int:
@@ -525,4 +527,5 @@ def sample_group(
         timesteps=spec.timesteps,
         sigmas=spec.sigmas,
         latents=fork.latents.unflatten(0, (n, g)),
+        num_forward_passes=fork.num_forward_passes,
     )
