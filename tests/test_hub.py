@@ -18,6 +18,7 @@ from unittest.mock import patch
 import pytest
 import safetensors.torch
 import torch
+import yaml
 from diffusers import WanPipeline
 from huggingface_hub import ModelCard
 from peft import LoraConfig
@@ -256,14 +257,16 @@ def test_model_card(tmp_path):
     assert 'SelfForcingPipeline.from_pretrained("gdhe17/Self-Forcing"' in text
     assert 'pipe.load_lora_weights("me/self-forcing-arcopo")' in text
     assert "export_to_video" in text and "WanPipeline" in text
-    for line in (
-        "learning_rate: 1.0e-05",
-        "num_generations: 8",
-        "use_semi_on_policy: true",
-        "sigmas: [1.0, 0.75, 0.5]",
-    ):
-        assert line in text
-    assert 'run_name: "fox: v2"' in text and "  lora_alpha: 8" in text
+    assert "learning_rate: 1.0e-05" in text  # not `1e-05`, which YAML 1.1 parsers read as a string
+    block = text.split("```yaml\n")[1].split("```")[0]
+    assert yaml.safe_load(block) == {
+        "learning_rate": 1e-5,
+        "num_generations": 8,
+        "use_semi_on_policy": True,
+        "sigmas": [1.0, 0.75, 0.5],
+        "run_name": "fox: v2",
+        "lora": {"r": 4, "lora_alpha": 8},
+    }
     assert "hf_secret" not in text and "hub_token" not in text and "reward_fn" not in text
     assert "`default`, `semi`" in text
     assert ARCOPO_BIBTEX in text and "@software{vonwerra2020trl" in text

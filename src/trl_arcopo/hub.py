@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import numbers
 import os
 import re
@@ -26,9 +25,11 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from importlib import metadata as importlib_metadata
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
@@ -124,67 +125,8 @@ TRL_BIBTEX = """@software{vonwerra2020trl,
     howpublished = {\\url{https://github.com/huggingface/trl}}
 }"""
 
-MODEL_CARD_TEMPLATE = """---
-{{ card_data }}
----
-
-# {{ model_name }}
-
-This model is a [LoRA](https://huggingface.co/docs/peft/main/en/conceptual_guides/lora) adapter for {{ base_model_md }}, \
-a streaming autoregressive video generator that produces a video chunk by chunk, each chunk attending to the \
-previous ones through a key/value cache. It was trained with **{{ trainer_name }}** using the `trl_arcopo` library, \
-an implementation in [TRL](https://github.com/huggingface/trl)'s conventions of \
-[AR-CoPO: Align Autoregressive Video Generation with Contrastive Policy Optimization]({{ paper_url }}).
-{% if dataset_name %}
-It was trained on the [{{ dataset_name }}](https://huggingface.co/datasets/{{ dataset_name }}) dataset.
-{% endif %}{% if adapter_names %}
-Adapters trained in this run: {% for name in adapter_names %}`{{ name }}`{% if not loop.last %}, {% endif %}{% endfor %}.
-{% endif %}
-## Quick start
-
-```python
-import torch
-from diffusers.utils import export_to_video
-
-from trl_arcopo import SelfForcingPipeline
-
-{% if not base_model %}# Replace with the base model this adapter was trained from.
-{% endif %}pipe = SelfForcingPipeline.from_pretrained("{{ base_model or "<base-model>" }}", torch_dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights("{{ repo_id }}")
-
-video = pipe("A red fox jumps over a snowy log at sunset", output_type="np").frames[0]
-export_to_video(video, "fox.mp4", fps=16)
-```
-
-The adapter file is in the diffusers LoRA format, so a stock `diffusers.WanPipeline` can load it too \
-(`pipe.load_lora_weights("{{ repo_id }}")`); but that pipeline generates the whole video at once with bidirectional \
-attention. Streaming (chunk-by-chunk, causal) generation, which the adapter was trained for, needs \
-`trl_arcopo.SelfForcingPipeline`.
-{% if training_config_yaml %}
-## Training configuration
-
-```yaml
-{{ training_config_yaml }}
-```
-{% endif %}
-## Framework versions
-
-{% for name, version in framework_versions %}- {{ name }}: {{ version }}
-{% endfor %}
-## Citations
-
-Cite AR-CoPO as:
-
-```bibtex
-{{ citation }}
-```
-
-Cite TRL as:
-
-```bibtex
-{{ trl_citation }}
-```
-"""
+#: The model card template (Jinja, rendered by `huggingface_hub.ModelCard.from_template`).
+MODEL_CARD_TEMPLATE = (Path(__file__).parent / "templates" / "model_card.md").read_text()
 
 
 def _check_adapter(transformer: torch.nn.Module, adapter_name: str) -> None:
@@ -363,52 +305,54 @@ def load_lora_adapter_weights(
         raise ValueError(f"peft ignored keys of {file}: {_format_keys(unexpected)}.")
 
 
-def _yaml_scalar(value: Any) -> str | None:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, numbers.Integral):
-        return str(int(value))
-    if isinstance(value, numbers.Real):
-        value = float(value)
-        if math.isnan(value):
-            return ".nan"
-        if math.isinf(value):
-            return ".inf" if value > 0 else "-.inf"
-        text = repr(value)
-        # `1e-05` is a string to YAML 1.1 parsers (PyYAML): write `1.0e-05`.
-        return re.sub(r"^(-?\d+)(e)", r"\1.0\2", text)
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a double-quoted JSON string is a valid YAML scalar
-    return None
-
-
-def _yaml_lines(config: Mapping, indent: int = 0) -> list[str]:
-    lines = []
-    pad = " " * indent
+def _plain_config(config: Mapping) -> dict[str, Any]:
+    """
+    What of a training config a card may show: string keys that do not name a secret, with numbers, booleans,
+    strings, paths, `None`, lists of those and nested mappings; anything else (a function, a module) is left out.
+    """
+    plain = {}
     for key, value in config.items():
         if not isinstance(key, str) or _SECRET_KEY.search(key):
             continue
-        rendered_key = key if re.fullmatch(r"[A-Za-z_][\w.-]*", key) else json.dumps(key)
         if isinstance(value, Mapping):
-            nested = _yaml_lines(value, indent + 2)
-            if nested:
-                lines += [f"{pad}{rendered_key}:", *nested]
-            elif not value:
-                lines.append(f"{pad}{rendered_key}: {{}}")
-            continue
-        if isinstance(value, (list, tuple)):
-            items = [_yaml_scalar(v) for v in value]
-            if all(item is not None for item in items):
-                lines.append(f"{pad}{rendered_key}: [{', '.join(items)}]")
-            continue
-        scalar = _yaml_scalar(value)
-        if scalar is not None:
-            lines.append(f"{pad}{rendered_key}: {scalar}")
-    return lines
+            plain[key] = _plain_config(value)
+        elif isinstance(value, list | tuple):
+            items = [_plain_scalar(v) for v in value]
+            if all(item is not _LEFT_OUT for item in items):
+                plain[key] = items
+        elif (scalar := _plain_scalar(value)) is not _LEFT_OUT:
+            plain[key] = scalar
+    return plain
+
+
+_LEFT_OUT = object()
+
+
+def _plain_scalar(value: Any) -> Any:
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return _LEFT_OUT
+
+
+class _CardDumper(yaml.SafeDumper):
+    """Block mappings, inline lists: `sigmas: [1.0, 0.75, 0.5]`."""
+
+
+_CardDumper.add_representer(
+    list, lambda dumper, v: dumper.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True)
+)
+
+
+def _config_yaml(config: Mapping) -> str:
+    """The card's training configuration as YAML, secrets and unserialisable values left out."""
+    text = yaml.dump(_plain_config(config), Dumper=_CardDumper, sort_keys=False, default_flow_style=False, width=1000)
+    return text.rstrip("\n")
 
 
 def _as_mapping(config: Any) -> Mapping | None:
@@ -514,7 +458,7 @@ def create_model_card(
         paper_url=PAPER_URL,
         dataset_name=dataset_name,
         adapter_names=list(adapter_names or []),
-        training_config_yaml="\n".join(_yaml_lines(training_config)) if training_config else "",
+        training_config_yaml=_config_yaml(training_config) if training_config else "",
         framework_versions=_framework_versions(),
         citation=citation.strip(),
         trl_citation=TRL_BIBTEX,
