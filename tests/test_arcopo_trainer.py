@@ -11,7 +11,9 @@ from huggingface_hub import ModelCard
 from peft import LoraConfig
 from transformers import TrainerCallback
 
-from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
+from trl_arcopo import ARCoPOConfig, ARCoPOTrainer, shapes
+from trl_arcopo.rewards import load_reward_func
+from trl_arcopo.rewards import redness as redness_reward
 from trl_arcopo.testing_utils import load_script, tiny_pipeline
 
 
@@ -447,13 +449,13 @@ def test_example_parses_yaml_config(tmp_path):
     # it trains the preference next to the verifiable rewards, one weight each, every name resolvable
     assert script_args.reward_funcs[0] == "prominence_reward"
     assert len(training_args.reward_weights) == len(script_args.reward_funcs) == 5
-    assert [module.resolve_reward(n).__name__ for n in script_args.reward_funcs] == script_args.reward_funcs
+    assert [load_reward_func(n).__name__ for n in script_args.reward_funcs] == script_args.reward_funcs
     # the shape-binding job keeps the four verifiable rewards alone
     parser = TrlParser((module.ScriptArguments, ARCoPOConfig, module.LoraArguments))
     script_args, training_args, _ = parser.parse_args_and_config(
         args=["--config", os.path.join(ROOT, "examples", "configs", "moving_shapes_binding.yaml"), "--use_cpu"]
     )
-    assert script_args.reward_funcs == module.SHAPES_REWARDS and training_args.beta == 0.0
+    assert script_args.reward_funcs == shapes.VERIFIABLE_REWARDS and training_args.beta == 0.0
 
 
 def test_example_reads_the_main_job_file_unless_told_otherwise():
@@ -507,12 +509,11 @@ def test_beta_penalty_is_zero_at_init_and_grows(tmp_path):
 
 
 def test_main_job_report_files_and_paired_difference(tmp_path):
-    module = _example_module()
 
     def result(by_seed):  # an `evaluate_generator` result with two seed sets
         t = torch.tensor(by_seed)
         entry = {"mean": t.mean().item(), "std": t.std().item(), "by_seed": by_seed, "within_prompt_std": 0.1}
-        return dict.fromkeys(module.REPORT_KEYS, entry)
+        return dict.fromkeys(shapes.REPORT_KEYS, entry)
 
     before = {"train": result([0.30, 0.34]), "heldout": result([0.30, 0.32])}
     after = {"train": result([0.35, 0.37]), "heldout": result([0.40, 0.45])}
@@ -520,7 +521,7 @@ def test_main_job_report_files_and_paired_difference(tmp_path):
     after["heldout"]["prominence"] = result([0.62, 0.66])["prominence"]
     videos = torch.rand(12, 12, 3, 32, 32)
     log = [{"step": s, "reward": 1.0 + s, "rewards/colour_reward/mean": 0.5} for s in (1, 2, 3)]
-    table = module.write_shapes_report(str(tmp_path), before, after, videos, videos, log, ["colour_reward"])
+    table = shapes.write_report(str(tmp_path), (before, videos), (after, videos), log, ["colour_reward"])
     for name in ("eval_results.json", "eval_table.md", "samples.gif", "reward_curve.png"):
         assert (tmp_path / name).stat().st_size > 0
     header = "| | prominence | colour_acc | shape_acc | direction_acc | all_correct | temporal_quality | combined |"
@@ -532,16 +533,16 @@ def test_main_job_report_files_and_paired_difference(tmp_path):
     assert table.count("within-prompt std over seeds 0.100") == 2
 
 
-def test_example_random_control_reward_ignores_the_videos(tmp_path):
-    module = _example_module()
-    control = module.resolve_reward("random")
+def test_random_control_reward_ignores_the_videos(tmp_path):
+    control = load_reward_func("random")
     prompts = ["a red square moving left"] * 5
     torch.manual_seed(3)
     first = control(prompts, torch.zeros(5, 12, 3, 32, 32))
     torch.manual_seed(3)
     second = control(prompts, torch.ones(5, 12, 3, 32, 32))  # other videos, same generator state: same scores
     assert first == second and len(first) == 5 and all(0 <= r <= 1 for r in first) and len(set(first)) == 5
-    assert module.resolve_reward("redness") is module.redness
-    assert module.resolve_reward("shape_reward").__name__ == "shape_reward"
+    assert load_reward_func("redness") is redness_reward
+    assert load_reward_func("shape_reward") is shapes.shape_reward
+    assert load_reward_func("trl_arcopo.shapes.prominence_reward") is shapes.prominence_reward
     with pytest.raises(ValueError, match="'random'"):
-        module.resolve_reward("no_such_reward")
+        load_reward_func("no_such_reward")

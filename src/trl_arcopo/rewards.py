@@ -18,6 +18,7 @@ into one reward per video. No trainer imports.
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 import time
@@ -174,3 +175,40 @@ def score_group(
             + ")"
         )
     return GroupRewards(per_func, combined, time.perf_counter() - start, nonfinite)
+
+
+# ---------------------------------------------------------------------------------------------------- toy rewards
+def redness(prompts: Sequence[str], videos: torch.Tensor, **kwargs) -> list[float]:
+    """Toy reward in `[0, 1]`: how much red dominates each video (`videos` `[N, F, C, H, W]` in `[0, 1]`)."""
+    r, g, b = videos[:, :, 0], videos[:, :, 1], videos[:, :, 2]
+    return ((r - (g + b) / 2).mean(dim=(1, 2, 3)) * 0.5 + 0.5).tolist()
+
+
+def random_reward(prompts: Sequence[str], videos: torch.Tensor, **kwargs) -> list[float]:
+    """
+    Control reward: uniform in `[0, 1]` from torch's global generator, whatever the video. A run on it alone has no
+    signal, so what it does to the model is what the update costs by itself.
+    """
+    return torch.rand(len(prompts)).tolist()
+
+
+def load_reward_func(name: str) -> RewardFunc:
+    """
+    The reward function a name denotes, the one place names resolve: `"redness"` and `"random"` (the toy rewards
+    above), a reward of the Moving Shapes world (`"prominence_reward"`, `"shape_reward"`, ... from
+    `trl_arcopo.shapes`), or a dotted import path `"package.module.function"`.
+    """
+    from . import shapes
+
+    if name in ("redness", "random"):
+        return redness if name == "redness" else random_reward
+    if not name.startswith("_") and callable(getattr(shapes, name, None)) and name.endswith("_reward"):
+        return getattr(shapes, name)
+    module, _, attr = name.rpartition(".")
+    if not module:
+        raise ValueError(
+            f"Unknown reward {name!r}: use 'redness', 'random', a Moving Shapes reward (colour_reward, shape_reward, "
+            "direction_reward, temporal_quality_reward, prominence_reward, combined_reward) or a dotted path "
+            "'package.module.function'."
+        )
+    return getattr(importlib.import_module(module), attr)

@@ -22,7 +22,9 @@ from .evaluation import (
     save_video_grid,
 )
 from .pretrained import PRETRAINED_PATH, load_pretrained_pipeline
+from .report import REPORT_KEYS, REPORTED_DIFFERENCES, evaluate_main_job, heldout_samples, write_report
 from .rewards import (
+    VERIFIABLE_REWARDS,
     VideoAnalysis,
     all_correct,
     analyse_videos,
@@ -60,8 +62,11 @@ __all__ = [
     "HELDOUT_PROMPTS",
     "PALETTE",
     "PRETRAINED_PATH",
+    "REPORTED_DIFFERENCES",
+    "REPORT_KEYS",
     "SHAPES",
     "TRAIN_PROMPTS",
+    "VERIFIABLE_REWARDS",
     "Motion",
     "VideoAnalysis",
     "all_correct",
@@ -70,9 +75,11 @@ __all__ = [
     "combined_reward",
     "direction_reward",
     "evaluate_generator",
+    "evaluate_main_job",
     "format_prompt",
     "format_table",
     "generate_videos",
+    "heldout_samples",
     "load_pretrained_pipeline",
     "make_dataset",
     "paired_difference",
@@ -87,4 +94,5 @@ __all__ = [
     "shape_reward",
     "temporal_quality_reward",
     "vocabulary",
+    "write_report",
 ]

@@ -103,6 +103,10 @@ class VideoAnalysis:
     frame_size: int = 32
 
 
+#: The world's verifiable rewards (text alignment and quality), the reward names of the shape-binding job.
+VERIFIABLE_REWARDS = ["colour_reward", "shape_reward", "direction_reward", "temporal_quality_reward"]
+
+
 def _label_components(mask: torch.Tensor) -> torch.Tensor:
     """4-connected component labels of `[B, H, W]` bool masks: `0` off the mask, else 1 + the largest flat pixel
     index of the pixel's component.
