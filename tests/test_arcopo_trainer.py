@@ -7,6 +7,7 @@ from unittest import mock
 import pytest
 import torch
 from datasets import Dataset
+from helpers import LORA, PROMPTS, ROOT, load_script, redness, tiny_args, tiny_trainer
 from huggingface_hub import ModelCard
 from peft import LoraConfig
 from transformers import TrainerCallback
@@ -14,44 +15,14 @@ from transformers import TrainerCallback
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer, shapes
 from trl_arcopo.rewards import load_reward_func
 from trl_arcopo.rewards import redness as redness_reward
-from trl_arcopo.testing_utils import load_script, tiny_pipeline
+from trl_arcopo.testing_utils import tiny_pipeline
 
 
-PROMPTS = ["a red fox jumps", "a cat runs on the beach", "a dog in snow", "a blue car at night"]
-LORA = dict(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def redness(prompts, videos, **kwargs):
-    return (videos[:, :, 0] - videos[:, :, 1:].mean(dim=2)).mean(dim=(1, 2, 3)).tolist()
-
-
-def _args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        num_generations=3,
-        num_anchors=2,
-        denoising_sigmas=[1.0, 0.75, 0.5],
-        learning_rate=1e-3,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-    )
-    defaults.update(kwargs)
-    return ARCoPOConfig(**defaults)
+_args = tiny_args
 
 
 def _trainer(tmp_path, pipe=None, reward_funcs=(redness,), dataset=None, **kwargs):
-    return ARCoPOTrainer(
-        pipeline=pipe or tiny_pipeline(),
-        reward_funcs=list(reward_funcs),
-        args=_args(tmp_path, **kwargs),
-        train_dataset=dataset if dataset is not None else Dataset.from_dict({"prompt": PROMPTS}),
-        peft_config=LoraConfig(**LORA),
-    )
+    return tiny_trainer(tmp_path, pipe=pipe, reward_funcs=reward_funcs, dataset=dataset, **kwargs)
 
 
 class StopAt(TrainerCallback):

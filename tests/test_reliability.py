@@ -12,47 +12,18 @@ import stat
 
 import pytest
 import torch
-from datasets import Dataset
+from helpers import LORA, PROMPTS, redness, tiny_trainer
 from peft import LoHaConfig, LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
 from trl_arcopo.hub import load_lora_adapter_weights
 from trl_arcopo.testing_utils import tiny_pipeline
 
 
-PROMPTS = ["a red fox jumps", "a cat runs on the beach", "a dog in snow", "a blue car at night"]
-LORA = dict(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-
-
-def redness(prompts, videos, **kwargs):
-    return (videos[:, :, 0] - videos[:, :, 1:].mean(dim=2)).mean(dim=(1, 2, 3)).tolist()
-
-
 def _trainer(output_dir, reward_funcs=(redness,), peft_config=None, **kwargs):
-    defaults = dict(
-        output_dir=str(output_dir),
-        max_steps=4,
-        per_device_train_batch_size=2,
-        num_generations=3,
-        num_anchors=2,
-        denoising_sigmas=[1.0, 0.75, 0.5],
-        learning_rate=1e-3,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-    )
-    defaults.update(kwargs)
-    return ARCoPOTrainer(
-        pipeline=tiny_pipeline(),
-        reward_funcs=list(reward_funcs),
-        args=ARCoPOConfig(**defaults),
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-        peft_config=peft_config or LoraConfig(**LORA),
-    )
+    return tiny_trainer(output_dir, reward_funcs=reward_funcs, peft_config=peft_config, **{"max_steps": 4, **kwargs})
 
 
 class RecordAdapter(TrainerCallback):

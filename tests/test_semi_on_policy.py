@@ -2,47 +2,20 @@ import os
 
 import pytest
 import torch
-from datasets import Dataset
+from helpers import LORA, redness, tiny_trainer
 from peft import LoraConfig
 from transformers import TrainerCallback
 
-from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
+from trl_arcopo import ARCoPOConfig
 from trl_arcopo.replay_buffer import ReplayBuffer
 from trl_arcopo.testing_utils import tiny_pipeline
 
 
-PROMPTS = ["a red fox jumps", "a cat runs on the beach", "a dog in snow", "a blue car at night"]
-LORA = dict(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-
-
-def redness(prompts, videos, **kwargs):
-    return (videos[:, :, 0] - videos[:, :, 1:].mean(dim=2)).mean(dim=(1, 2, 3)).tolist()
+SEMI = dict(training_mode="semi_on_policy", replay_buffer_size=4, max_steps=4, per_device_train_batch_size=4)
 
 
 def _trainer(output_dir, pipe=None, reward_funcs=(redness,), **kwargs):
-    defaults = dict(
-        output_dir=str(output_dir),
-        training_mode="semi_on_policy",
-        replay_buffer_size=4,
-        max_steps=4,
-        per_device_train_batch_size=4,
-        num_generations=3,
-        num_anchors=2,
-        denoising_sigmas=[1.0, 0.75, 0.5],
-        learning_rate=1e-3,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-    )
-    defaults.update(kwargs)
-    return ARCoPOTrainer(
-        pipeline=pipe or tiny_pipeline(),
-        reward_funcs=list(reward_funcs),
-        args=ARCoPOConfig(**defaults),
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-        peft_config=LoraConfig(**LORA),
-    )
+    return tiny_trainer(output_dir, pipe=pipe, reward_funcs=reward_funcs, **{**SEMI, **kwargs})
 
 
 def _history(trainer, key):

@@ -295,7 +295,7 @@ def test_gradient_signal_share_closed_form():
     signal share of exactly `|μ|² / (|μ|² + |n|²)`; pure noise along a few directions scores 0."""
     import os
 
-    from trl_arcopo.testing_utils import load_script
+    from helpers import load_script
 
     module = load_script(
         os.path.join(os.path.dirname(__file__), "..", "benchmarks", "moving_shapes_gradient_signal.py")
@@ -317,7 +317,7 @@ def test_benchmark_fig2_forwards_to_reach_and_summary():
     the seeds' mean curves with linear interpolation between points."""
     import os
 
-    from trl_arcopo.testing_utils import load_script
+    from helpers import load_script
 
     module = load_script(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "moving_shapes.py"))
     curve = ([0, 1000, 2000, 3000], [0.4, 0.5, 0.7, 0.9], [0.0] * 4)

@@ -5,43 +5,13 @@ The trainer as wiring: a loss variant is one override, the micro-steps of one op
 
 import pytest
 import torch
-from datasets import Dataset
-from peft import LoraConfig
+from helpers import PROMPTS, redness, tiny_trainer
 
-from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
-from trl_arcopo.testing_utils import tiny_pipeline
-
-
-PROMPTS = ["a red fox jumps", "a cat runs on the beach", "a dog in snow", "a blue car at night"]
-LORA = dict(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-
-
-def redness(prompts, videos, **kwargs):
-    return (videos[:, :, 0] - videos[:, :, 1:].mean(dim=2)).mean(dim=(1, 2, 3)).tolist()
+from trl_arcopo import ARCoPOTrainer
 
 
 def _trainer(output_dir, cls=ARCoPOTrainer, reward_funcs=(redness,), prompts=PROMPTS, **kwargs):
-    defaults = dict(
-        output_dir=str(output_dir),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        num_generations=3,
-        num_anchors=2,
-        denoising_sigmas=[1.0, 0.75, 0.5],
-        learning_rate=1e-3,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-    )
-    defaults.update(kwargs)
-    return cls(
-        pipeline=tiny_pipeline(),
-        reward_funcs=list(reward_funcs),
-        args=ARCoPOConfig(**defaults),
-        train_dataset=Dataset.from_dict({"prompt": list(prompts)}),
-        peft_config=LoraConfig(**LORA),
-    )
+    return tiny_trainer(output_dir, cls=cls, reward_funcs=reward_funcs, prompts=prompts, **kwargs)
 
 
 class ZeroLossTrainer(ARCoPOTrainer):

@@ -136,25 +136,3 @@ def tiny_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def load_script(path: str):
-    """
-    A script that is not part of the package (`examples/...py`, `benchmarks/...py`) imported as a module. It is
-    registered in `sys.modules` under `_script_<name>` while it runs, as an import would, so that its dataclasses can
-    resolve their annotations.
-    """
-    import importlib.util
-    import os
-    import sys
-
-    name = "_script_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
