@@ -20,15 +20,7 @@ import os
 
 import torch
 
-from .evaluation import (
-    evaluate_generator,
-    format_table,
-    generate_videos,
-    paired_difference,
-    plot_curves,
-    save_video_grid,
-    smooth,
-)
+from . import evaluation
 from .world import HELDOUT_PROMPTS, TRAIN_PROMPTS
 
 
@@ -52,22 +44,22 @@ def evaluate_main_job(
     `{"train": ..., "heldout": ...}` of [`evaluate_generator`] results, and [`heldout_samples`].
     """
     scores = {
-        "train": evaluate_generator(pipeline, TRAIN_PROMPTS, 2, seed=seed + 1, sampler=sampler),
-        "heldout": evaluate_generator(pipeline, HELDOUT_PROMPTS, num_seeds, seed=seed + 1, sampler=sampler),
+        "train": evaluation.evaluate_generator(pipeline, TRAIN_PROMPTS, 2, seed=seed + 1, sampler=sampler),
+        "heldout": evaluation.evaluate_generator(pipeline, HELDOUT_PROMPTS, num_seeds, seed=seed + 1, sampler=sampler),
     }
     return scores, heldout_samples(pipeline, sampler)
 
 
 def heldout_samples(pipeline, sampler: str | None = None) -> torch.Tensor:
     """One video per held-out prompt, seeds 0..11: the report's `samples.gif`. `[12, F, C, H, W]`."""
-    return generate_videos(pipeline, HELDOUT_PROMPTS, list(range(len(HELDOUT_PROMPTS))), sampler=sampler)
+    return evaluation.generate_videos(pipeline, HELDOUT_PROMPTS, list(range(len(HELDOUT_PROMPTS))), sampler=sampler)
 
 
 def difference_rows(before: dict, after: dict) -> list[str]:
     """Markdown rows: trained − base per seed set, its mean ± std, the base's spread and their ratio."""
     rows = ["| trained − base | per seed set | mean ± std | base spread | mean / spread |", "| --- |" + " --- |" * 4]
     for name, key in REPORTED_DIFFERENCES:
-        diff = paired_difference(before, after, key=key)
+        diff = evaluation.paired_difference(before, after, key=key)
         per_seed = ", ".join(f"{d:+.3f}" for d in diff["by_seed"])
         ratio = diff["mean"] / diff["base_spread"] if diff["base_spread"] > 0 else float("nan")
         rows.append(
@@ -96,7 +88,7 @@ def write_report(
         json.dump({"base": before, "trained": after}, f, indent=2)
     lines = ["# Moving Shapes: base vs AR-CoPO", ""]
     for split, title in (("train", "RL-training prompts (60)"), ("heldout", "held-out prompts (12)")):
-        table = format_table({"base": before[split], "AR-CoPO": after[split]}, keys=REPORT_KEYS)
+        table = evaluation.format_table({"base": before[split], "AR-CoPO": after[split]}, keys=REPORT_KEYS)
         lines += [f"## {title}", "", table, "", *difference_rows(before[split], after[split])]
         noise = before[split]["prominence"].get("within_prompt_std")
         if noise is not None:
@@ -110,15 +102,17 @@ def write_report(
     with open(os.path.join(output_dir, "eval_table.md"), "w") as f:
         f.write(table + "\n")
     grid = {"base": videos_before, "AR-CoPO": videos_after}
-    save_video_grid(os.path.join(output_dir, "samples.gif"), grid, list(HELDOUT_PROMPTS))
+    evaluation.save_video_grid(os.path.join(output_dir, "samples.gif"), grid, list(HELDOUT_PROMPTS))
     steps = [h["step"] for h in log_history if "reward" in h]
     curves = {}  # each reward on its own scale ([0, 1] for the Moving Shapes rewards), not their weighted sum
     for name in reward_names:
         values = [h[f"rewards/{name}/mean"] for h in log_history if f"rewards/{name}/mean" in h]
         if len(values) == len(steps):
-            curves[name.replace("_reward", "")] = (steps, smooth(values), None)
+            curves[name.replace("_reward", "")] = (steps, evaluation.smooth(values), None)
     if not curves:
-        curves["reward"] = (steps, smooth([h["reward"] for h in log_history if "reward" in h]), None)
+        curves["reward"] = (steps, evaluation.smooth([h["reward"] for h in log_history if "reward" in h]), None)
     title = "training reward (moving average of 5 steps)"
-    plot_curves(os.path.join(output_dir, "reward_curve.png"), curves, "step", title, "AR-CoPO on Moving Shapes")
+    evaluation.plot_curves(
+        os.path.join(output_dir, "reward_curve.png"), curves, "step", title, "AR-CoPO on Moving Shapes"
+    )
     return table
