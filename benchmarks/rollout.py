@@ -28,12 +28,12 @@ and checks that both ways give the same video.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
 
 from trl_arcopo import RolloutNoise, SelfForcingPipeline, block_causal_mask, forked_rollout, neighbor_noise
-from trl_arcopo.models import transformer_flops
 from trl_arcopo.sampling import self_forcing_scheduler
 from trl_arcopo.testing_utils import tiny_text_encoder, tiny_tokenizer, tiny_transformer
 
@@ -47,6 +47,25 @@ CONFIGS = {
 }
 CHUNK = 3
 TEXT_TOKENS = 16
+
+
+def transformer_flops(config, num_query_tokens: int, num_key_tokens: int, text_tokens: int) -> float:
+    """
+    Approximate multiply-add FLOPs (x2) of one transformer forward on `num_query_tokens` tokens attending to
+    `num_key_tokens` keys (its own included): projections, attention and FFN of every block. The ideal
+    time ratios are ratios of these counts.
+    """
+    d = config.num_attention_heads * config.attention_head_dim
+    per_layer = (
+        2 * num_query_tokens * d * d * 4  # self-attention q, k, v, o
+        + 2 * num_query_tokens * num_key_tokens * d * 2  # QK^T and AV
+        + 2 * num_query_tokens * d * d * 2  # cross-attention q, o
+        + 2 * text_tokens * d * d * 2  # cross-attention k, v (text)
+        + 2 * num_query_tokens * text_tokens * d * 2  # cross-attention scores
+        + 2 * num_query_tokens * d * config.ffn_dim * 2  # FFN
+    )
+    head = 2 * num_query_tokens * d * config.out_channels * math.prod(config.patch_size) * 2
+    return config.num_layers * per_layer + head
 
 
 def build(cfg) -> SelfForcingPipeline:

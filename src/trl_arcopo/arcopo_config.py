@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
-from .loss import check_delta
+from .loss import DISTANCE_REDUCTIONS, SCALE_REWARDS, check_delta
 from .sampling import SAMPLERS, SELF_FORCING_SIGMAS
 
 
 LOSS_TYPES = ("arcopo", "sde_grpo")
 TRAINING_MODES = ("on_policy", "semi_on_policy")
-SCALE_REWARDS = ("group", "batch", "none")
 
 
 @dataclass
@@ -325,7 +324,7 @@ class ARCoPOConfig(TrainingArguments):
             )
         if self.reward_weights is not None and not all(math.isfinite(w) for w in self.reward_weights):
             raise ValueError(f"`reward_weights={list(self.reward_weights)}` must be finite numbers.")
-        if self.distance_reduction not in ("mean", "sum"):
+        if self.distance_reduction not in DISTANCE_REDUCTIONS:
             raise ValueError(f"`distance_reduction={self.distance_reduction!r}` must be 'mean' or 'sum'.")
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"`scale_rewards={self.scale_rewards!r}` is not one of {SCALE_REWARDS}.")

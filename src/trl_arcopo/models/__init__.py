@@ -3,6 +3,5 @@ from .causal_wan import (
     CausalWanX0Transformer3DModel,
     block_causal_mask,
     teacher_forcing_mask,
-    transformer_flops,
 )
 from .frame_packing import FramePackingAutoencoder

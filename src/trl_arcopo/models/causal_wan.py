@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -366,25 +365,6 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
-
-
-def transformer_flops(config, num_query_tokens: int, num_key_tokens: int, text_tokens: int) -> float:
-    """
-    Approximate multiply-add FLOPs (x2) of one transformer forward on `num_query_tokens` tokens attending to
-    `num_key_tokens` keys (its own included): projections, attention and FFN of every block. Used by the benchmarks
-    to give the ideal time ratios.
-    """
-    d = config.num_attention_heads * config.attention_head_dim
-    per_layer = (
-        2 * num_query_tokens * d * d * 4  # self-attention q, k, v, o
-        + 2 * num_query_tokens * num_key_tokens * d * 2  # QK^T and AV
-        + 2 * num_query_tokens * d * d * 2  # cross-attention q, o
-        + 2 * text_tokens * d * d * 2  # cross-attention k, v (text)
-        + 2 * num_query_tokens * text_tokens * d * 2  # cross-attention scores
-        + 2 * num_query_tokens * d * config.ffn_dim * 2  # FFN
-    )
-    head = 2 * num_query_tokens * d * config.out_channels * math.prod(config.patch_size) * 2
-    return config.num_layers * per_layer + head
 
 
 class CausalWanX0Transformer3DModel(CausalWanTransformer3DModel):
