@@ -285,3 +285,21 @@ def test_pipeline_defaults_for_sampler_and_schedule_are_used_and_saved(tmp_path)
         SelfForcingPipeline(
             source.tokenizer, source.text_encoder, source.transformer, source.scheduler, default_sampler="sde"
         )
+
+
+def test_check_inputs_refuses_unusable_arguments_before_any_work():
+    pipe = tiny_pipeline()
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    cases = [
+        (dict(prompt="a fox", output_type="mp4"), "output_type='mp4'"),
+        (dict(prompt=None), "exactly one of `prompt` and `prompt_embeds`"),
+        (dict(prompt=3), "`prompt` must be a string or a list of strings, got int"),
+        (dict(prompt="a fox", sampler="sde"), "`sampler='sde'` is not a sampler"),
+        (dict(prompt="a fox", guidance_scale=0.5), r"`guidance_scale=0.5` must be at least 1"),
+        (dict(prompt="a fox", num_videos_per_prompt=0), "`num_videos_per_prompt=0` must be at least 1"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            pipe(**kwargs)
+    assert calls == []  # refused before the transformer ran

@@ -22,7 +22,7 @@ import torch
 from transformers import TrainingArguments
 
 from .loss import DISTANCE_REDUCTIONS, SCALE_REWARDS, check_delta
-from .sampling import SAMPLERS, SELF_FORCING_SIGMAS
+from .sampling import SELF_FORCING_SIGMAS, check_sampler
 
 
 LOSS_TYPES = ("arcopo", "sde_grpo")
@@ -291,8 +291,8 @@ class ARCoPOConfig(TrainingArguments):
             raise ValueError(f"`fork_noise_scale={self.fork_noise_scale}` must be in (0, 1] (paper: 0.5).")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"`loss_type={self.loss_type!r}` is not one of {LOSS_TYPES}.")
-        if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise ValueError(f"`sampler={self.sampler!r}` is not one of {SAMPLERS}.")
+        if self.sampler is not None:
+            check_sampler(self.sampler)
         if self.loss_type == "sde_grpo" and (
             self.sampler == "ode" or (self.denoising_sigmas is not None and len(self.denoising_sigmas) < 2)
         ):

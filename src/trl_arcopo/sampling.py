@@ -31,6 +31,12 @@ SAMPLERS = ("consistency", "ode")
 SELF_FORCING_SIGMAS = (1.0, 0.75, 0.5, 0.25)
 
 
+def check_sampler(sampler: str, name: str = "sampler") -> None:
+    """Refuse a sampler name that is not one of `SAMPLERS`, naming the argument (`name`) and the choices."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"`{name}={sampler!r}` is not a sampler; use one of {SAMPLERS}.")
+
+
 def self_forcing_scheduler(shift: float = 5.0) -> FlowMatchEulerDiscreteScheduler:
     """The scheduler whose `set_timesteps(sigmas=[1, .75, .5, .25])` gives Self-Forcing's warped 4-step schedule."""
     return FlowMatchEulerDiscreteScheduler(shift=shift, stochastic_sampling=True)
@@ -129,8 +135,7 @@ class RolloutNoise:
         noise of the whole video (unless `latents` is given), then the re-noise of chunk 0 step 0, chunk 0 step 1, ...
         chunk by chunk. Drawing lazily in the same order would give the same tensors.
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"Unknown sampler {sampler!r}; use one of {SAMPLERS}.")
+        check_sampler(sampler)
         b, c, f, h, w = shape
         if f % num_frames_per_chunk:
             raise ValueError(f"{f} latent frames are not a multiple of `num_frames_per_chunk={num_frames_per_chunk}`.")

@@ -33,7 +33,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..kv_cache import KVCache
 from ..models.causal_wan import CausalWanTransformer3DModel
 from ..models.frame_packing import FramePackingAutoencoder
-from ..sampling import SAMPLERS, RolloutNoise, SamplerType, consistency_step, get_schedule, ode_step, x0_from_velocity
+from ..sampling import (
+    RolloutNoise,
+    SamplerType,
+    check_sampler,
+    consistency_step,
+    get_schedule,
+    ode_step,
+    x0_from_velocity,
+)
 
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
@@ -131,8 +139,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         default_num_frames_per_chunk: int = 3,
     ):
         super().__init__()
-        if default_sampler not in SAMPLERS:
-            raise ValueError(f"Unknown `default_sampler={default_sampler!r}`; use one of {SAMPLERS}.")
+        check_sampler(default_sampler, "default_sampler")
         transformer = CausalWanTransformer3DModel.from_wan(transformer)
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler, vae=vae
@@ -387,8 +394,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         `sampler="ode"`: Euler steps of the flow ODE. The output is the last step's `x̂0`. With
         `record_trajectory=True` the per-step states and clean estimates are returned too (what AR-CoPO stores).
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"Unknown sampler {sampler!r}; use one of {SAMPLERS}.")
+        check_sampler(sampler)
         num_steps = len(timesteps)
         if sampler == "consistency" and num_steps > 1 and (renoise is None or renoise.shape[1] != num_steps - 1):
             raise ValueError(
@@ -497,6 +503,28 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         return self.video_processor.postprocess_video(video.float(), output_type=output_type)
 
     # ------------------------------------------------------------------ __call__
+    def check_inputs(
+        self,
+        prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        output_type: str,
+        sampler: str,
+        guidance_scale: float = 1.0,
+        num_videos_per_prompt: int = 1,
+    ) -> None:
+        """Refuse, before any work, arguments `__call__` cannot use, with an error naming the value and the fix."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"Unknown `output_type={output_type!r}`; use one of {OUTPUT_TYPES}.")
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("Pass exactly one of `prompt` and `prompt_embeds`.")
+        if prompt is not None and not isinstance(prompt, str | list):
+            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
+        check_sampler(sampler)
+        if not guidance_scale >= 1.0:
+            raise ValueError(f"`guidance_scale={guidance_scale}` must be at least 1 (1 disables guidance).")
+        if num_videos_per_prompt < 1:
+            raise ValueError(f"`num_videos_per_prompt={num_videos_per_prompt}` must be at least 1.")
+
     @torch.no_grad()
     def __call__(
         self,
@@ -551,18 +579,16 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         Returns:
             [`SelfForcingPipelineOutput`] or a tuple `(frames,)`.
         """
+        # 1. Defaults and input checks
         height = height or self.config.default_height
         width = width or self.config.default_width
         num_frames = num_frames or self.config.default_num_frames
         if num_frames_per_chunk is None:
             num_frames_per_chunk = getattr(self.config, "default_num_frames_per_chunk", 3)
         sampler = sampler or getattr(self.config, "default_sampler", "consistency")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"Unknown `output_type={output_type!r}`; use one of {OUTPUT_TYPES}.")
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("Pass exactly one of `prompt` and `prompt_embeds`.")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"Unknown sampler {sampler!r}; use one of {SAMPLERS}.")
+        self.check_inputs(prompt, prompt_embeds, output_type, sampler, guidance_scale, num_videos_per_prompt)
+
+        # 2. Text embeddings
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
@@ -575,15 +601,20 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             max_sequence_length=max_sequence_length,
             device=device,
         )
+        # 3. Schedule and every noise of the rollout, drawn up front
         batch_size = prompt_embeds.shape[0]
         shape = self.latent_shape(batch_size, height, width, num_frames, num_frames_per_chunk)
         timesteps, sigmas_t = self.get_schedule(sigmas)
         noise = RolloutNoise.sample(
             shape, num_frames_per_chunk, len(timesteps), sampler, generator, latents, device=device
         )
+
+        # 4. The KV cache of the committed chunks
         cache = self.prepare_cache(
             batch_size * (2 if do_cfg else 1), shape[2], shape[3], shape[4], local_attn_frames, sink_frames
         )
+
+        # 5. Chunk by chunk: denoise, then commit to the cache
         video_latents = self.generate_latents(
             prompt_embeds,
             noise,
@@ -597,6 +628,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             progress=True,
             callback_on_chunk_end=callback_on_chunk_end,
         )
+        # 6. Decode
         frames = self.decode_latents(video_latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
