@@ -195,19 +195,25 @@ def random_reward(prompts: Sequence[str], videos: torch.Tensor, **kwargs) -> lis
 def load_reward_func(name: str) -> RewardFunc:
     """
     The reward function a name denotes, the one place names resolve: `"redness"` and `"random"` (the toy rewards
-    above), a reward of the Moving Shapes world (`"prominence_reward"`, `"shape_reward"`, ... from
-    `trl_arcopo.shapes`), or a dotted import path `"package.module.function"`.
+    above), `"motion_magnitude"`, `"flicker"` and `"sharpness"` (the weight-free video metrics, default settings), a
+    reward of the Moving Shapes world (`"prominence_reward"`, `"shape_reward"`, ... from `trl_arcopo.shapes`), or a
+    dotted import path `"package.module.function"`.
     """
-    from . import shapes
+    from .. import shapes
+    from .video_metrics import FlickerReward, MotionMagnitudeReward, SharpnessReward
 
     if name in ("redness", "random"):
         return redness if name == "redness" else random_reward
+    metrics = {"motion_magnitude": MotionMagnitudeReward, "flicker": FlickerReward, "sharpness": SharpnessReward}
+    if name in metrics:
+        return metrics[name]()
     if not name.startswith("_") and callable(getattr(shapes, name, None)) and name.endswith("_reward"):
         return getattr(shapes, name)
     module, _, attr = name.rpartition(".")
     if not module:
         raise ValueError(
-            f"Unknown reward {name!r}: use 'redness', 'random', a Moving Shapes reward (colour_reward, shape_reward, "
+            f"Unknown reward {name!r}: use 'redness', 'random', 'motion_magnitude', 'flicker', 'sharpness', a Moving "
+            "Shapes reward (colour_reward, shape_reward, "
             "direction_reward, temporal_quality_reward, prominence_reward, combined_reward) or a dotted path "
             "'package.module.function'."
         )

@@ -1,0 +1,48 @@
+# Copyright 2026 The trl_arcopo contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Rewards: the reward-function type, how the trainer calls and combines them (`base`), and ready-made reward functions
+(`video_metrics`: weight-free motion, flicker and sharpness).
+"""
+
+from .base import (
+    GroupRewards,
+    RewardFunc,
+    call_reward_funcs,
+    check_reward_funcs,
+    combine_rewards,
+    load_reward_func,
+    random_reward,
+    redness,
+    reward_func_name,
+    score_group,
+)
+from .video_metrics import FlickerReward, MotionMagnitudeReward, SharpnessReward
+
+
+__all__ = [
+    "FlickerReward",
+    "GroupRewards",
+    "MotionMagnitudeReward",
+    "RewardFunc",
+    "SharpnessReward",
+    "call_reward_funcs",
+    "check_reward_funcs",
+    "combine_rewards",
+    "load_reward_func",
+    "random_reward",
+    "redness",
+    "reward_func_name",
+    "score_group",
+]
