@@ -13,7 +13,7 @@
 # limitations under the License.
 """
 Rewards: the reward-function type, how the trainer calls and combines them (`base`), and ready-made reward functions
-(`video_metrics`: weight-free motion, flicker and sharpness).
+(`video_metrics`: weight-free motion, flicker and sharpness; `clip`: CLIP score and PickScore on the frames).
 """
 
 from .base import (
@@ -28,10 +28,12 @@ from .base import (
     reward_func_name,
     score_group,
 )
+from .clip import CLIPScoreReward
 from .video_metrics import FlickerReward, MotionMagnitudeReward, SharpnessReward
 
 
 __all__ = [
+    "CLIPScoreReward",
     "FlickerReward",
     "GroupRewards",
     "MotionMagnitudeReward",

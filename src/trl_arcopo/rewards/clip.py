@@ -1,0 +1,92 @@
+# Copyright 2026 The trl_arcopo contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""CLIP-family rewards (CLIP score, PickScore) on the frames of a video, with a transformers `CLIPModel`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .frames import CLIP_MEAN, CLIP_STD, frame_indices, resize_center_crop
+
+
+def _features(output) -> torch.Tensor:
+    """transformers 5 returns a `BaseModelOutputWithPooling` from `get_*_features`; older versions a tensor."""
+    return output.pooler_output if hasattr(output, "pooler_output") else output
+
+
+class CLIPScoreReward:
+    r"""
+    Text-video alignment: the cosine between the prompt's and each selected frame's CLIP embeddings, averaged over the
+    frames, times `scale`. With `use_logit_scale=True` the scale is the model's own `logit_scale.exp()`: that is
+    PickScore with the PickScore model (`yuvalkirstain/PickScore_v1` and its `laion/CLIP-ViT-H-14` processor).
+
+    Args:
+        model (`transformers.CLIPModel`): the model, on the device the reward should run on (it is put in `eval()`).
+        tokenizer: its tokenizer (any transformers tokenizer whose ids the text encoder takes).
+        frames (`str`, defaults to `"uniform"`): `"first"`, `"uniform"` (`num_frames` evenly spaced) or `"fps"`
+            ([`~trl_arcopo.rewards.frames.frame_indices`]).
+        num_frames (`int`, defaults to `4`), fps (`float`, *optional*), video_fps (`float`, defaults to `16`).
+        image_size (`int`, *optional*): defaults to the model's `vision_config.image_size`.
+        mean, std: the image normalisation (OpenAI CLIP's by default).
+        scale (`float`, defaults to `1.0`), use_logit_scale (`bool`, defaults to `False`).
+        max_length (`int`, *optional*): text truncation (defaults to the text encoder's positions).
+    """
+
+    __name__ = "clip_score"
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        frames: str = "uniform",
+        num_frames: int = 4,
+        fps: float | None = None,
+        video_fps: float = 16.0,
+        image_size: int | None = None,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        scale: float = 1.0,
+        use_logit_scale: bool = False,
+        max_length: int | None = None,
+    ):
+        self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
+        self.frame_policy = dict(policy=frames, k=num_frames, fps=fps, video_fps=video_fps)
+        frame_indices(num_frames, **self.frame_policy)  # refuse a bad policy now, not at the first rollout
+        self.image_size = image_size or model.config.vision_config.image_size
+        self.mean, self.std, self.scale, self.use_logit_scale = tuple(mean), tuple(std), scale, use_logit_scale
+        self.max_length = max_length or model.config.text_config.max_position_embeddings
+        if use_logit_scale:
+            self.__name__ = "pick_score"
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], videos: torch.Tensor, **kwargs) -> list[float]:
+        if videos.ndim != 5 or videos.shape[2] != 3:
+            raise ValueError(f"`videos` must be [N, F, 3, H, W] in [0, 1], got shape {tuple(videos.shape)}.")
+        device = self.model.device
+        n = videos.shape[0]
+        index = frame_indices(videos.shape[1], **self.frame_policy)
+        frames = videos[:, index].flatten(0, 1).to(device)  # [N * K, 3, H, W]
+        pixels = resize_center_crop(frames, self.image_size, self.mean, self.std).to(self.model.dtype)
+        image = F.normalize(_features(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+        text_inputs = self.tokenizer(
+            list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(device)
+        text = _features(self.model.get_text_features(**text_inputs))
+        text = F.normalize(text.float(), dim=-1)  # [N, D]
+        cosine = (image.view(n, len(index), -1) * text[:, None]).sum(dim=-1)  # [N, K]
+        scale = self.model.logit_scale.exp().float() if self.use_logit_scale else self.scale
+        return (cosine.mean(dim=1) * scale).tolist()

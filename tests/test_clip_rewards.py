@@ -1,0 +1,78 @@
+"""CLIP-family rewards on a tiny random `CLIPModel` (offline): preprocessing, frame policy, calibration, invariances."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import CLIPConfig, CLIPModel
+
+from trl_arcopo.rewards import CLIPScoreReward
+from trl_arcopo.rewards.frames import CLIP_MEAN, CLIP_STD, frame_indices, resize_center_crop
+from trl_arcopo.testing_utils import tiny_tokenizer
+
+
+def _tiny_clip():
+    tokenizer = tiny_tokenizer()
+    text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+                max_position_embeddings=32, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=None)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)), tokenizer
+
+
+PROMPTS = ["a red fox jumps", "a dog in snow", "a blue car at night"]
+
+
+def test_frame_policies():
+    assert frame_indices(81, "first") == [0]
+    assert frame_indices(81, "uniform", k=5) == [0, 20, 40, 60, 80]
+    assert frame_indices(3, "uniform", k=5) == [0, 1, 2]
+    assert frame_indices(16, "fps", fps=2, video_fps=16) == [0, 8]
+    with pytest.raises(ValueError, match="`frames='random'` is not a frame policy"):
+        frame_indices(8, "random")
+    with pytest.raises(ValueError, match="`fps=None` must be in"):
+        frame_indices(8, "fps")
+
+
+def test_resize_center_crop_sizes_and_normalisation():
+    images = torch.full((2, 3, 48, 64), 0.5)
+    out = resize_center_crop(images, 32)
+    assert out.shape == (2, 3, 32, 32)  # short side 48 -> 32, width 64 -> 43, then the center 32
+    expected = (0.5 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    assert torch.allclose(out[0, :, 5, 7], expected, atol=1e-5)
+
+
+def test_clip_score_calibration_aggregation_and_invariances():
+    model, tokenizer = _tiny_clip()
+    videos = torch.rand(3, 9, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    reward = CLIPScoreReward(model, tokenizer, frames="uniform", num_frames=3)
+    scores = reward(PROMPTS, videos)
+    assert len(scores) == 3 and all(-1 <= s <= 1 for s in scores)
+    assert reward(PROMPTS, videos) == scores  # deterministic
+    alone = [reward(PROMPTS[i : i + 1], videos[i : i + 1])[0] for i in range(3)]
+    assert scores == pytest.approx(alone, abs=1e-5)  # a video's score does not depend on its batch mates
+    # aggregation: the mean of the per-frame scores of the selected frames 0, 4 and 8
+    first = CLIPScoreReward(model, tokenizer, frames="first")
+    per_frame = [first(PROMPTS, videos[:, j : j + 1]) for j in (0, 4, 8)]
+    assert scores == pytest.approx([sum(f[i] for f in per_frame) / 3 for i in range(3)], abs=1e-5)
+    # a hand-computed value: the cosine of the normalised embeddings of frame 0, by the model's own calls
+    pixels = resize_center_crop(videos[:1, 0], 32)
+    with torch.no_grad():
+        image = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        text = F.normalize(
+            model.get_text_features(**tokenizer(PROMPTS[:1], return_tensors="pt")).pooler_output, dim=-1
+        )
+    assert first(PROMPTS[:1], videos[:1])[0] == pytest.approx((image * text).sum().item(), abs=1e-5)
+    # PickScore's calibration: the model's logit scale
+    pick = CLIPScoreReward(model, tokenizer, frames="uniform", num_frames=3, use_logit_scale=True)
+    assert pick.__name__ == "pick_score"
+    assert pick(PROMPTS, videos) == pytest.approx([s * model.logit_scale.exp().item() for s in scores], rel=1e-5)
+
+
+def test_clip_score_refuses_bad_input():
+    model, tokenizer = _tiny_clip()
+    with pytest.raises(ValueError, match="is not a frame policy"):
+        CLIPScoreReward(model, tokenizer, frames="middle")
+    with pytest.raises(ValueError, match=r"must be \[N, F, 3, H, W\]"):
+        CLIPScoreReward(model, tokenizer)(["a"], torch.rand(1, 2, 1, 32, 32))
