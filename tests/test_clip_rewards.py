@@ -76,3 +76,36 @@ def test_clip_score_refuses_bad_input():
         CLIPScoreReward(model, tokenizer, frames="middle")
     with pytest.raises(ValueError, match=r"must be \[N, F, 3, H, W\]"):
         CLIPScoreReward(model, tokenizer)(["a"], torch.rand(1, 2, 1, 32, 32))
+
+
+def test_aesthetic_head_on_clip_embeddings_and_safe_loading(tmp_path):
+    from trl_arcopo.rewards import AestheticMLP, AestheticReward, load_aesthetic_head
+
+    model, _ = _tiny_clip()
+    torch.manual_seed(2)
+    head = AestheticMLP(embedding_dim=16)
+    path = tmp_path / "head.pth"
+    torch.save(head.state_dict(), path)  # the released file's layout: a plain state dict
+    loaded = load_aesthetic_head(path)
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), loaded.state_dict().values()))
+
+    videos = torch.rand(3, 9, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    reward = AestheticReward(model, loaded, frames="uniform", num_frames=3, scale=0.1)
+    scores = reward(PROMPTS, videos)
+    alone = [reward(PROMPTS[i : i + 1], videos[i : i + 1])[0] for i in range(3)]
+    assert scores == pytest.approx(alone, abs=1e-5) and reward(PROMPTS, videos) == scores
+    # hand-computed: the head on the normalised embeddings of frames 0, 4, 8, averaged, times 0.1
+    with torch.no_grad():
+        pixels = resize_center_crop(videos[0, [0, 4, 8]], 32)
+        embeddings = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        expected = head.eval()(embeddings).mean().item() * 0.1
+    assert scores[0] == pytest.approx(expected, abs=1e-6)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    crafted = tmp_path / "crafted.pth"
+    torch.save({"layers.0.weight": Payload()}, crafted)
+    with pytest.raises(ValueError, match="holds objects other than tensors"):
+        load_aesthetic_head(crafted)

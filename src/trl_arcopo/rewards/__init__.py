@@ -13,7 +13,7 @@
 # limitations under the License.
 """
 Rewards: the reward-function type, how the trainer calls and combines them (`base`), and ready-made reward functions
-(`video_metrics`: weight-free motion, flicker and sharpness; `clip`: CLIP score and PickScore on the frames).
+(`video_metrics`: weight-free motion, flicker and sharpness; `clip`: CLIP score, PickScore and the LAION aesthetic predictor on the frames).
 """
 
 from .base import (
@@ -28,11 +28,13 @@ from .base import (
     reward_func_name,
     score_group,
 )
-from .clip import CLIPScoreReward
+from .clip import AestheticMLP, AestheticReward, CLIPScoreReward, load_aesthetic_head
 from .video_metrics import FlickerReward, MotionMagnitudeReward, SharpnessReward
 
 
 __all__ = [
+    "AestheticMLP",
+    "AestheticReward",
     "CLIPScoreReward",
     "FlickerReward",
     "GroupRewards",
@@ -42,6 +44,7 @@ __all__ = [
     "call_reward_funcs",
     "check_reward_funcs",
     "combine_rewards",
+    "load_aesthetic_head",
     "load_reward_func",
     "random_reward",
     "redness",

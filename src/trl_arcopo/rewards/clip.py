@@ -11,14 +11,20 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""CLIP-family rewards (CLIP score, PickScore) on the frames of a video, with a transformers `CLIPModel`."""
+"""
+CLIP-family rewards on the frames of a video, with a transformers `CLIPModel`: CLIP score, PickScore, and the LAION
+aesthetic predictor.
+"""
 
 from __future__ import annotations
 
+import os
+import pickle
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .frames import CLIP_MEAN, CLIP_STD, frame_indices, resize_center_crop
 
@@ -26,6 +32,17 @@ from .frames import CLIP_MEAN, CLIP_STD, frame_indices, resize_center_crop
 def _features(output) -> torch.Tensor:
     """transformers 5 returns a `BaseModelOutputWithPooling` from `get_*_features`; older versions a tensor."""
     return output.pooler_output if hasattr(output, "pooler_output") else output
+
+
+def image_embeddings(model, videos: torch.Tensor, frame_policy: dict, size: int, mean, std) -> torch.Tensor:
+    """L2-normalised CLIP image embeddings of the selected frames of `videos` `[N, F, 3, H, W]`: `[N, K, D]`."""
+    if videos.ndim != 5 or videos.shape[2] != 3:
+        raise ValueError(f"`videos` must be [N, F, 3, H, W] in [0, 1], got shape {tuple(videos.shape)}.")
+    index = frame_indices(videos.shape[1], **frame_policy)
+    frames = videos[:, index].flatten(0, 1).to(model.device)  # [N * K, 3, H, W]
+    pixels = resize_center_crop(frames, size, mean, std).to(model.dtype)
+    image = F.normalize(_features(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+    return image.view(videos.shape[0], len(index), -1)
 
 
 class CLIPScoreReward:
@@ -74,19 +91,86 @@ class CLIPScoreReward:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], videos: torch.Tensor, **kwargs) -> list[float]:
-        if videos.ndim != 5 or videos.shape[2] != 3:
-            raise ValueError(f"`videos` must be [N, F, 3, H, W] in [0, 1], got shape {tuple(videos.shape)}.")
         device = self.model.device
-        n = videos.shape[0]
-        index = frame_indices(videos.shape[1], **self.frame_policy)
-        frames = videos[:, index].flatten(0, 1).to(device)  # [N * K, 3, H, W]
-        pixels = resize_center_crop(frames, self.image_size, self.mean, self.std).to(self.model.dtype)
-        image = F.normalize(_features(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+        image = image_embeddings(self.model, videos, self.frame_policy, self.image_size, self.mean, self.std)
         text_inputs = self.tokenizer(
             list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(device)
         text = _features(self.model.get_text_features(**text_inputs))
         text = F.normalize(text.float(), dim=-1)  # [N, D]
-        cosine = (image.view(n, len(index), -1) * text[:, None]).sum(dim=-1)  # [N, K]
+        cosine = (image * text[:, None]).sum(dim=-1)  # [N, K]
         scale = self.model.logit_scale.exp().float() if self.use_logit_scale else self.scale
         return (cosine.mean(dim=1) * scale).tolist()
+
+
+class AestheticMLP(nn.Module):
+    """
+    The LAION aesthetic predictor's head (v2): an MLP from an L2-normalised CLIP image embedding to a score of about
+    1-10, with the released layout (`layers.{0,2,4,6,7}`; the dropouts are inactive in `eval()`).
+    """
+
+    def __init__(self, embedding_dim: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(embedding_dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.layers(embeddings).squeeze(-1)
+
+
+def load_aesthetic_head(path: str | os.PathLike) -> AestheticMLP:
+    """
+    The released head (`sac+logos+ava1-l14-linearMSE.pth`, a state dict) read with `weights_only=True`: tensors only,
+    so a crafted file cannot run code. The embedding size is read from the first layer.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} is not an aesthetic-predictor state dict: it holds objects other than tensors, which are not "
+            f"loaded (that could run code). ({str(error).splitlines()[0]})"
+        ) from None
+    if "layers.0.weight" not in state:
+        raise ValueError(f"{path} has no `layers.0.weight`: keys {sorted(state)[:5]}...; expected the LAION v2 head.")
+    head = AestheticMLP(state["layers.0.weight"].shape[1])
+    head.load_state_dict(state)
+    return head.eval()
+
+
+class AestheticReward:
+    r"""
+    Aesthetic quality: the LAION aesthetic predictor ([`AestheticMLP`] on the L2-normalised CLIP ViT-L/14 image
+    embedding) on each selected frame, averaged over the frames, times `scale` (e.g. `0.1` for about `[0, 1]`).
+
+    Args:
+        model (`transformers.CLIPModel`): the CLIP model whose image embedding the head was trained on.
+        head ([`AestheticMLP`]): e.g. `load_aesthetic_head("sac+logos+ava1-l14-linearMSE.pth")`, on the model's device.
+        frames, num_frames, fps, video_fps, image_size, mean, std: as in [`CLIPScoreReward`].
+        scale (`float`, defaults to `1.0`).
+    """
+
+    __name__ = "aesthetic"
+
+    def __init__(self, model, head: nn.Module, frames: str = "uniform", num_frames: int = 4, fps: float | None = None,
+                 video_fps: float = 16.0, image_size: int | None = None, mean: Sequence[float] = CLIP_MEAN,
+                 std: Sequence[float] = CLIP_STD, scale: float = 1.0):  # fmt: skip
+        self.model, self.head = model.eval().requires_grad_(False), head.eval().requires_grad_(False)
+        self.frame_policy = dict(policy=frames, k=num_frames, fps=fps, video_fps=video_fps)
+        frame_indices(num_frames, **self.frame_policy)
+        self.image_size = image_size or model.config.vision_config.image_size
+        self.mean, self.std, self.scale = tuple(mean), tuple(std), scale
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], videos: torch.Tensor, **kwargs) -> list[float]:
+        image = image_embeddings(self.model, videos, self.frame_policy, self.image_size, self.mean, self.std)
+        weight = next(self.head.parameters())
+        scores = self.head(image.to(weight.device, weight.dtype)).float()  # [N, K]
+        return (scores.mean(dim=1) * self.scale).tolist()
