@@ -420,11 +420,11 @@ class ARCoPOTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {
-            k: sum(v) / len(v)
-            for k, v in ((k, [x for x in v if not math.isnan(x)]) for k, v in self._metrics[mode].items())
-            if v
-        }
+        metrics = {}
+        for key, values in self._metrics[mode].items():
+            values = [v for v in values if not math.isnan(v)]  # NaN: no opinion in this window
+            if values:
+                metrics[key] = sum(values) / len(values)
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
         else:

@@ -41,7 +41,7 @@ def reference_policy(transformer: torch.nn.Module):
 
 def check_trainable_peft_config(config: PeftConfig, adapter_name: str) -> None:
     """
-    Refuse a PEFT config whose trainable parameters the trainer would not train or save: only LoRA (with DoRA and
+    Refuse a PEFT config whose trainable parameters the trainer would not train or save: only LoRA (with
     `modules_to_save`) is supported, without trainable biases or token indices.
     """
     if not isinstance(config, LoraConfig):
