@@ -119,7 +119,7 @@ class ARCoPOTrainer(Trainer):
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if dataset is not None:
                 check_prompt_dataset(dataset, name)
-        check_train_dataset(train_dataset, args.per_device_train_batch_size * args.world_size, args.world_size)
+        check_train_dataset(train_dataset, args.per_device_train_batch_size, args.world_size)
         if args.training_mode == "semi_on_policy" and not isinstance(train_dataset, Dataset):
             raise ValueError(
                 "`training_mode='semi_on_policy'` collects its replay buffer from a map-style `datasets.Dataset`; "

@@ -48,14 +48,15 @@ def check_prompt_dataset(dataset: Dataset | IterableDataset, name: str) -> None:
         )
 
 
-def check_train_dataset(dataset: Dataset | IterableDataset | None, prompts_per_step: int, processes: int) -> None:
-    """A training dataset is required and must hold at least one step's prompts."""
+def check_train_dataset(dataset: Dataset | IterableDataset | None, per_device_batch_size: int, processes: int) -> None:
+    """A training dataset is required and must hold at least one step's prompts (`per_device_batch_size × processes`)."""
     if dataset is None:
         raise ValueError("`train_dataset` is required: a datasets.Dataset with a 'prompt' column.")
+    prompts_per_step = per_device_batch_size * processes
     if isinstance(dataset, Dataset) and len(dataset) < prompts_per_step:
         raise ValueError(
             f"`train_dataset` has {len(dataset)} prompts but one step takes {prompts_per_step} "
-            f"(`per_device_train_batch_size={prompts_per_step // processes}` x {processes} processes); "
+            f"(`per_device_train_batch_size={per_device_batch_size}` x {processes} processes); "
             "lower `per_device_train_batch_size` or add prompts."
         )
 

@@ -92,9 +92,8 @@ CARD_FIELDS = (
 
 
 def card_training_config(args: Any) -> dict[str, Any]:
-    """The `CARD_FIELDS` of a training config, as plain values."""
-    plain = int | float | str | bool | list | type(None)
-    return {k: v for k, v in args.to_dict().items() if k in CARD_FIELDS and isinstance(v, plain)}
+    """The `CARD_FIELDS` of a training config (the card keeps what YAML can show: `_plain_config`)."""
+    return {k: v for k, v in args.to_dict().items() if k in CARD_FIELDS}
 
 
 def args_without_token(args: Any) -> Any:

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from .io_utils import atomic_path
 from .kv_cache import KVCache
 from .loss import group_temperature
 from .rollout import RolloutGroup, RolloutSpec
@@ -143,13 +144,8 @@ class ReplayBuffer:
         self.entries = [BufferEntry(**e) for e in state["entries"]]
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
+        with atomic_path(path) as tmp:
             torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
     @classmethod
     def load(cls, path: str) -> ReplayBuffer:
@@ -355,19 +351,14 @@ def link_or_save(buffer: ReplayBuffer, dest: str, source: str | None = None) -> 
     Write `buffer` to `dest` atomically (a checkpoint's copy). If `source` is a file holding exactly this buffer, it
     is hard-linked (no extra disk) or copied instead of serialised again.
     """
-    tmp = f"{dest}.tmp-{os.getpid()}"
-    try:
-        if source is not None and os.path.exists(source):
-            try:
-                os.link(source, tmp)
-            except OSError:
-                shutil.copyfile(source, tmp)
-            os.replace(tmp, dest)
-        else:
-            buffer.save(dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if source is None or not os.path.exists(source):
+        buffer.save(dest)
+        return
+    with atomic_path(dest) as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
 
 
 class ReplaySource:

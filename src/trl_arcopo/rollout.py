@@ -19,7 +19,6 @@ the group a training step learns from ([`RolloutGroup`], drawn by [`sample_group
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .io_utils import atomic_path
 from .kv_cache import KVCache
 from .loss import group_advantages, group_temperature
 from .sampling import RolloutNoise, SamplerType, neighbor_noise
@@ -273,13 +273,8 @@ class RolloutGroup:
                 }
             ),
         }
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
     @classmethod
     def load(cls, path: str, device: torch.device | str = "cpu") -> RolloutGroup:

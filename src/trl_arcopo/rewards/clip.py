@@ -34,15 +34,30 @@ def _features(output) -> torch.Tensor:
     return output.pooler_output if hasattr(output, "pooler_output") else output
 
 
-def image_embeddings(model, videos: torch.Tensor, frame_policy: dict, size: int, mean, std) -> torch.Tensor:
-    """L2-normalised CLIP image embeddings of the selected frames of `videos` `[N, F, 3, H, W]`: `[N, K, D]`."""
-    if videos.ndim != 5 or videos.shape[2] != 3:
-        raise ValueError(f"`videos` must be [N, F, 3, H, W] in [0, 1], got shape {tuple(videos.shape)}.")
-    index = frame_indices(videos.shape[1], **frame_policy)
-    frames = videos[:, index].flatten(0, 1).to(model.device)  # [N * K, 3, H, W]
-    pixels = resize_center_crop(frames, size, mean, std).to(model.dtype)
-    image = F.normalize(_features(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
-    return image.view(videos.shape[0], len(index), -1)
+class FrameEmbedder:
+    """
+    L2-normalised CLIP image embeddings of the frames of `[N, F, 3, H, W]` videos in `[0, 1]`, selected by a frame
+    policy ([`~trl_arcopo.rewards.frames.frame_indices`]) and preprocessed in plain torch: `embed(videos)` -> `[N, K, D]`.
+    The policy is checked when the embedder is built, not at the first rollout.
+    """
+
+    def __init__(self, model, frames: str = "uniform", num_frames: int = 4, fps: float | None = None,
+                 video_fps: float = 16.0, image_size: int | None = None, mean: Sequence[float] = CLIP_MEAN,
+                 std: Sequence[float] = CLIP_STD):  # fmt: skip
+        self.model = model.eval().requires_grad_(False)
+        self.policy = dict(policy=frames, k=num_frames, fps=fps, video_fps=video_fps)
+        frame_indices(num_frames, **self.policy)
+        self.image_size = image_size or model.config.vision_config.image_size
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def embed(self, videos: torch.Tensor) -> torch.Tensor:
+        if videos.ndim != 5 or videos.shape[2] != 3:
+            raise ValueError(f"`videos` must be [N, F, 3, H, W] in [0, 1], got shape {tuple(videos.shape)}.")
+        index = frame_indices(videos.shape[1], **self.policy)
+        frames = videos[:, index].flatten(0, 1).to(self.model.device)  # [N * K, 3, H, W]
+        pixels = resize_center_crop(frames, self.image_size, self.mean, self.std).to(self.model.dtype)
+        image = _features(self.model.get_image_features(pixel_values=pixels)).float()
+        return F.normalize(image, dim=-1).view(videos.shape[0], len(index), -1)
 
 
 class CLIPScoreReward:
@@ -80,11 +95,9 @@ class CLIPScoreReward:
         use_logit_scale: bool = False,
         max_length: int | None = None,
     ):
-        self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
-        self.frame_policy = dict(policy=frames, k=num_frames, fps=fps, video_fps=video_fps)
-        frame_indices(num_frames, **self.frame_policy)  # refuse a bad policy now, not at the first rollout
-        self.image_size = image_size or model.config.vision_config.image_size
-        self.mean, self.std, self.scale, self.use_logit_scale = tuple(mean), tuple(std), scale, use_logit_scale
+        self.model, self.tokenizer = model, tokenizer
+        self.frames = FrameEmbedder(model, frames, num_frames, fps, video_fps, image_size, mean, std)
+        self.scale, self.use_logit_scale = scale, use_logit_scale
         self.max_length = max_length or model.config.text_config.max_position_embeddings
         if use_logit_scale:
             self.__name__ = "pick_score"
@@ -92,7 +105,7 @@ class CLIPScoreReward:
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], videos: torch.Tensor, **kwargs) -> list[float]:
         device = self.model.device
-        image = image_embeddings(self.model, videos, self.frame_policy, self.image_size, self.mean, self.std)
+        image = self.frames.embed(videos)  # [N, K, D]
         text_inputs = self.tokenizer(
             list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(device)
@@ -162,15 +175,12 @@ class AestheticReward:
     def __init__(self, model, head: nn.Module, frames: str = "uniform", num_frames: int = 4, fps: float | None = None,
                  video_fps: float = 16.0, image_size: int | None = None, mean: Sequence[float] = CLIP_MEAN,
                  std: Sequence[float] = CLIP_STD, scale: float = 1.0):  # fmt: skip
-        self.model, self.head = model.eval().requires_grad_(False), head.eval().requires_grad_(False)
-        self.frame_policy = dict(policy=frames, k=num_frames, fps=fps, video_fps=video_fps)
-        frame_indices(num_frames, **self.frame_policy)
-        self.image_size = image_size or model.config.vision_config.image_size
-        self.mean, self.std, self.scale = tuple(mean), tuple(std), scale
+        self.head, self.scale = head.eval().requires_grad_(False), scale
+        self.frames = FrameEmbedder(model, frames, num_frames, fps, video_fps, image_size, mean, std)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], videos: torch.Tensor, **kwargs) -> list[float]:
-        image = image_embeddings(self.model, videos, self.frame_policy, self.image_size, self.mean, self.std)
+        image = self.frames.embed(videos)  # [N, K, D]
         weight = next(self.head.parameters())
         scores = self.head(image.to(weight.device, weight.dtype)).float()  # [N, K]
         return (scores.mean(dim=1) * self.scale).tolist()

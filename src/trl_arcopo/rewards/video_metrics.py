@@ -29,10 +29,14 @@ import torch.nn.functional as F
 _LUMA = (0.299, 0.587, 0.114)
 
 
-def _luma(videos: torch.Tensor) -> torch.Tensor:
-    """`[N, F, C, H, W]` -> `[N, F, H, W]`: luma for RGB, the channel mean otherwise."""
+def _check_videos(videos: torch.Tensor) -> None:
     if videos.ndim != 5:
         raise ValueError(f"`videos` must be [N, F, C, H, W] in [0, 1], got shape {tuple(videos.shape)}.")
+
+
+def _luma(videos: torch.Tensor) -> torch.Tensor:
+    """`[N, F, C, H, W]` -> `[N, F, H, W]`: luma for RGB, the channel mean otherwise."""
+    _check_videos(videos)
     videos = videos.float()
     if videos.shape[2] == 3:
         weights = torch.tensor(_LUMA, device=videos.device).view(1, 1, 3, 1, 1)
@@ -63,8 +67,7 @@ class MotionMagnitudeReward:
         self.scale = scale
 
     def __call__(self, prompts: Sequence[str], videos: torch.Tensor, **kwargs) -> list[float]:
-        if videos.ndim != 5:
-            raise ValueError(f"`videos` must be [N, F, C, H, W] in [0, 1], got shape {tuple(videos.shape)}.")
+        _check_videos(videos)
         _needs_frames(videos, "Motion magnitude")
         videos = videos.float()
         magnitude = (videos[:, 1:] - videos[:, :-1]).abs().mean(dim=(1, 2, 3, 4))  # [N]
