@@ -3,15 +3,9 @@ import torch
 from diffusers import WanTransformer3DModel
 from peft import LoraConfig
 
-from trl_arcopo import (
-    CausalWanTransformer3DModel,
-    CausalWanX0Transformer3DModel,
-    KVCache,
-    SelfForcingPipeline,
-    block_causal_mask,
-    teacher_forcing_mask,
-)
+from trl_arcopo import CausalWanTransformer3DModel, KVCache, SelfForcingPipeline, block_causal_mask
 from trl_arcopo.sampling import x0_from_velocity
+from trl_arcopo.shapes import CausalWanX0Transformer3DModel, teacher_forcing_mask
 from trl_arcopo.testing_utils import tiny_pipeline, tiny_transformer
 
 
@@ -186,40 +180,3 @@ def test_x0_head_gives_velocity_whose_clean_estimate_is_the_head_output(tmp_path
     a = pipe("a red fox", generator=torch.Generator().manual_seed(0), output_type="pt").frames
     b = reloaded("a red fox", generator=torch.Generator().manual_seed(0), output_type="pt").frames
     assert torch.equal(a, b)
-
-
-def test_pooled_text_modulation_starts_as_wan_then_conditions_every_block(tmp_path):
-    torch.manual_seed(0)
-    base = tiny_transformer(in_channels=3, patch_size=(1, 2, 2))
-    plain = CausalWanX0Transformer3DModel.from_config(base.config).eval()
-    plain.load_state_dict(base.state_dict())
-    pooled = CausalWanX0Transformer3DModel.from_config({**base.config, "pooled_text_modulation": True}).eval()
-    missing, unexpected = pooled.load_state_dict(base.state_dict(), strict=False)
-    assert not unexpected and sorted(missing) == [f"text_pooler.{i}.{p}" for i in (0, 2) for p in ("bias", "weight")]
-    x_t, text = torch.randn(2, 3, 6, 8, 8), torch.randn(2, 4, 32)
-    timestep = torch.tensor([600.0, 300.0])
-    with torch.no_grad():
-        # the zero-initialised last layer: exactly the model without pooling
-        assert torch.equal(pooled(x_t, timestep, text).sample, plain(x_t, timestep, text).sample)
-        pooled.text_pooler[2].weight.normal_(std=0.1)
-        conditioned = pooled(x_t, timestep, text).sample
-        assert (conditioned - plain(x_t, timestep, text).sample).abs().max() > 1e-2
-        # still causal: streaming with a cache == the block-causal full sequence
-        mask = block_causal_mask(6, 3, 16)
-        full = pooled(x_t, timestep, text, attention_mask=mask).sample
-        cache = KVCache.from_transformer(pooled, batch_size=2, num_frames=6, latent_height=8, latent_width=8)
-        streamed = [
-            pooled(x_t[:, :, c * 3 : (c + 1) * 3], timestep, text, kv_cache=cache, frame_offset=c * 3,
-                   update_cache=True).sample
-            for c in range(2)
-        ]  # fmt: skip
-        assert (torch.cat(streamed, dim=2) - full).abs().max() <= 1e-5
-    # the pooler trains: a loss reaches both its layers
-    pooled.train()
-    pooled(x_t, timestep, text).sample.pow(2).mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pooled.text_pooler.parameters())
-    pooled.save_pretrained(tmp_path)
-    reloaded = CausalWanX0Transformer3DModel.from_pretrained(tmp_path).eval()
-    assert reloaded.config.pooled_text_modulation
-    with torch.no_grad():
-        assert torch.equal(reloaded(x_t, timestep, text).sample, conditioned)

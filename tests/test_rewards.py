@@ -1,11 +1,12 @@
 """`trl_arcopo.rewards` on its own: calling, validating and combining reward functions, with closed-form values."""
 
 import math
+import threading
 
 import pytest
 import torch
 
-from trl_arcopo.rewards import call_reward_funcs, check_reward_funcs, combine_rewards, score_group
+from trl_arcopo.rewards import RewardScorer, call_reward_funcs, check_reward_funcs, combine_rewards, score_group
 
 
 ROWS = [{"prompt": "a", "colour": "red"}, {"prompt": "b", "colour": "blue"}]
@@ -19,7 +20,7 @@ def test_every_function_is_called_once_with_repeated_columns():
         calls.append((prompts, colour, step, videos.shape[0]))
         return [1.0, None, 3.0, 4.0]
 
-    values, nonfinite = call_reward_funcs([f], ROWS, VIDEOS, 2, step=7)
+    values, nonfinite, _ = call_reward_funcs([f], ROWS, VIDEOS, 2, step=7)
     assert calls == [(["a", "a", "b", "b"], ["red", "red", "blue", "blue"], 7, 4)]
     assert values.dtype == torch.float64 and nonfinite is None
     assert values[:, 0].tolist()[0] == 1.0 and math.isnan(values[1, 0])
@@ -65,3 +66,59 @@ def test_bad_functions_and_weights_are_refused_with_the_fix():
     assert funcs == [len] and weights.tolist() == [1.0]
     with pytest.raises(ValueError, match="returned 3 values for 4 videos"):
         call_reward_funcs([lambda prompts, videos, **kw: [0.0] * 3], ROWS, VIDEOS, 2)
+
+
+def test_normalize_then_sum_standardises_each_reward_within_its_group():
+    # group 0: reward a in [0, 10], reward b in [0, 0.1]; group 1: a constant (no signal), b varies
+    per_func = torch.tensor([[0.0, 0.1], [10.0, 0.0], [5.0, 1.0], [5.0, 3.0]], dtype=torch.float64)
+    weights = torch.tensor([1.0, 2.0])
+    got = combine_rewards(per_func, weights, num_generations=2, aggregation="normalize_then_sum")
+    s = math.sqrt(2) / 2 * 10  # sample std of (0, 10) is 7.071...; of (0.1, 0) 0.0707...
+    z = lambda d, std: d / (std + 1e-4)  # noqa: E731
+    expected = [
+        [z(-5.0, s) + 2 * z(0.05, s / 100), z(5.0, s) + 2 * z(-0.05, s / 100)],
+        [0.0 + 2 * z(-1.0, math.sqrt(2)), 0.0 + 2 * z(1.0, math.sqrt(2))],
+    ]
+    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+    # the plain weighted sum would let reward a decide group 0 alone; standardised, both rewards count the same
+    assert combine_rewards(per_func, weights, 2)[0].argmax() == 1 and got[0].argmax() == 0
+    with pytest.raises(ValueError, match="`aggregation='mean'` is not one of"):
+        combine_rewards(per_func, weights, 2, aggregation="mean")
+
+
+def test_score_group_logs_the_weighted_sum_and_per_function_timings():
+    def a(prompts, videos, **kwargs):
+        return [0.0, 10.0, 5.0, 5.0]
+
+    def b(prompts, videos, **kwargs):
+        return [0.1, 0.0, 1.0, 3.0]
+
+    rewards = score_group([a, b], torch.ones(2), ROWS, VIDEOS, 2, aggregation="normalize_then_sum")
+    metrics = rewards.metrics(["a", "b"])
+    assert metrics["reward"] == pytest.approx((0.1 + 10.0 + 6.0 + 8.0) / 4)  # not the standardised values
+    assert set(metrics) >= {"timing/rewards/a", "timing/rewards/b", "timing/reward_seconds"}
+    assert rewards.combined[1].tolist() == pytest.approx([-1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4)])
+
+
+def test_async_scorer_runs_the_functions_concurrently_with_the_same_values():
+    barrier = threading.Barrier(2, timeout=5)
+    threads = []
+
+    def make(offset, wait):
+        def f(prompts, videos, **kwargs):
+            threads.append(threading.current_thread().name)
+            if wait:
+                barrier.wait()  # returns only when both functions run at once (else BrokenBarrierError after 5 s)
+            return [offset + videos[i].sum().item() + i for i in range(len(prompts))]
+
+        f.__name__ = f"f{offset}"
+        return f
+
+    scorer = RewardScorer([make(0, True), make(10, True)], [1.0, 0.5], async_rewards=True)
+    pending = scorer.start(ROWS, VIDEOS, 2)
+    got = pending()
+    scorer.close()
+    assert all(name.startswith("reward") for name in threads)
+    expected = RewardScorer([make(0, False), make(10, False)], [1.0, 0.5]).start(ROWS, VIDEOS, 2)()
+    assert torch.equal(got.per_func, expected.per_func) and torch.equal(got.combined, expected.combined)
+    assert len(got.seconds_per_func) == 2

@@ -3,6 +3,8 @@ The trainer as wiring: a loss variant is one override, the micro-steps of one op
 `save_model` writes the model card next to the adapter, and the public building blocks are exported.
 """
 
+import threading
+
 import pytest
 import torch
 from helpers import PROMPTS, redness, tiny_trainer
@@ -85,3 +87,50 @@ def test_building_blocks_are_exported():
     assert trl_arcopo.combine_adapters is combine_adapters
     assert trl_arcopo.sample_group is sample_group and trl_arcopo.RolloutGroup is RolloutGroup
     assert trl_arcopo.RolloutSpec is RolloutSpec and trl_arcopo.AnchorBatch is AnchorBatch
+
+
+class EventTrainer(ARCoPOTrainer):
+    """Records when each rollout starts and when its rewards are collected."""
+
+    def _start_rollout(self, inputs, mode, generator=None):
+        self.events.append(("rollout", inputs[0]["prompt"]))
+        return super()._start_rollout(inputs, mode, generator)
+
+    def _finish_group(self, group, *args):
+        self.events.append(("rewards", group.prompts[0]))
+        return super()._finish_group(group, *args)
+
+
+def test_async_rewards_equal_sync_overlap_the_next_rollout_and_log_per_reward_timings(tmp_path):
+    def brightness(prompts, videos, **kwargs):
+        threads.append(threading.current_thread().name)
+        return videos.mean(dim=(1, 2, 3, 4)).tolist()
+
+    kwargs = dict(
+        cls=EventTrainer, reward_funcs=(redness, brightness), per_device_train_batch_size=1, num_iterations=1,
+        gradient_accumulation_steps=2, max_steps=2, logging_steps=1,
+    )  # fmt: skip
+    runs = {}
+    for mode in ("sync", "async"):
+        threads = []
+        trainer = _trainer(tmp_path / mode, async_rewards=mode == "async", **kwargs)
+        trainer.events = []
+        trainer.train()
+        trainer.scorer.close()
+        runs[mode] = trainer, threads
+    (sync, sync_threads), (asynchronous, async_threads) = runs["sync"], runs["async"]
+    expected, got = sync.adapter_state_dict(), asynchronous.adapter_state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert sync_threads == ["MainThread"] * 4 and all(name.startswith("reward") for name in async_threads)
+    # within an optimizer step, the second rollout starts before the first one's rewards are collected
+    order = [kind for kind, _ in sync.events]
+    assert order == ["rollout", "rewards"] * 4
+    assert [kind for kind, _ in asynchronous.events] == ["rollout", "rollout", "rewards", "rewards"] * 2
+    assert sorted(asynchronous.events) == sorted(sync.events)
+    for trainer in (sync, asynchronous):
+        logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+        assert len(logged) == 2
+        assert all(entry["timing/rewards/redness"] >= 0 and "timing/rewards/brightness" in entry for entry in logged)
+    assert [e["reward"] for e in asynchronous.state.log_history if "loss" in e] == [
+        e["reward"] for e in sync.state.log_history if "loss" in e
+    ]

@@ -45,15 +45,17 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from trl_arcopo import (
+from trl_arcopo import FramePackingAutoencoder, SelfForcingPipeline
+from trl_arcopo.sampling import get_schedule, self_forcing_scheduler
+from trl_arcopo.shapes import (
+    ALL_PROMPTS,
     CausalWanX0Transformer3DModel,
-    FramePackingAutoencoder,
-    SelfForcingPipeline,
+    render_batch,
+    score_videos,
+    shapes_text_encoder,
+    shapes_tokenizer,
     teacher_forcing_mask,
 )
-from trl_arcopo.sampling import get_schedule, self_forcing_scheduler
-from trl_arcopo.shapes import ALL_PROMPTS, render_batch, score_videos, vocabulary
-from trl_arcopo.testing_utils import tiny_text_encoder, tiny_tokenizer
 
 
 FRAMES, CHUNK, SIZE, PATCH = 12, 3, 32, 4
@@ -69,19 +71,16 @@ SAMPLING_SIGMAS = [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
 def build_pipeline(
     seed: int,
     pack_frames: bool = False,
-    pooled_text: bool = False,
     width: int = 128,
     ffn_dim: int = 512,
     layers: int = 4,
 ) -> SelfForcingPipeline:
     """
-    The untrained pipeline; with `pack_frames`, a `FramePackingAutoencoder` makes every chunk one latent frame; with
-    `pooled_text`, the transformer's adaLN modulation also depends on the prompt (`pooled_text_modulation`).
+    The untrained pipeline; with `pack_frames`, a `FramePackingAutoencoder` makes every chunk one latent frame.
     """
     vae = FramePackingAutoencoder(in_channels=3, scale_factor_temporal=CHUNK) if pack_frames else None
     channels = 3 * CHUNK if pack_frames else 3
-    tokenizer = tiny_tokenizer(vocabulary())
-    text_encoder = tiny_text_encoder(d_model=64, vocab_size=len(tokenizer.get_vocab()), seed=seed, d_kv=16, d_ff=128)
+    tokenizer, text_encoder = shapes_tokenizer(), shapes_text_encoder(seed)
     transformer = CausalWanX0Transformer3DModel(  # the head predicts x0 (see its docstring)
         patch_size=(1, PATCH, PATCH),
         num_attention_heads=width // 32,
@@ -95,7 +94,6 @@ def build_pipeline(
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=64,
-        pooled_text_modulation=pooled_text,
     )
     pipe = SelfForcingPipeline(
         tokenizer,
@@ -249,12 +247,6 @@ def main():
         help="Pack each 3-frame chunk into the channels of one latent frame (`FramePackingAutoencoder`): 3x fewer "
         "tokens, about 5x faster steps at the same width.",
     )
-    parser.add_argument(
-        "--pooled_text",
-        action="store_true",
-        help="Condition every block's adaLN modulation on the mean prompt embedding too (`pooled_text_modulation`), "
-        "as DiT does with class labels. Not used by the shipped model (see docs/moving_shapes.md).",
-    )
     parser.add_argument("--width", type=int, default=128, help="Transformer width (heads of 32).")
     parser.add_argument("--ffn_dim", type=int, default=512)
     parser.add_argument("--num_layers", type=int, default=4)
@@ -266,7 +258,7 @@ def main():
         torch.set_num_threads(args.num_threads)
     os.makedirs(args.output_dir, exist_ok=True)
 
-    pipe = build_pipeline(args.seed, args.pack_frames, args.pooled_text, args.width, args.ffn_dim, args.num_layers)
+    pipe = build_pipeline(args.seed, args.pack_frames, args.width, args.ffn_dim, args.num_layers)
     pack = pipe.vae.encode if args.pack_frames else (lambda video: video)  # [B, C, F, H, W] -> latents
     # Latent frames per video and per chunk (packed: one latent frame per chunk)
     frames, chunk = (FRAMES // CHUNK, 1) if args.pack_frames else (FRAMES, CHUNK)
@@ -280,9 +272,8 @@ def main():
     if args.init_from and not os.path.exists(ckpt_path):
         init = torch.load(args.init_from, weights_only=True)  # tensors and plain containers only
         for module in (model, ema):
-            # a run without `--pooled_text` can be continued with it: the new pooler starts at zero (no change)
             missing, unexpected = module.load_state_dict(init["ema"], strict=False)
-            if unexpected or any(not key.startswith("text_pooler.") for key in missing):
+            if missing or unexpected:
                 raise ValueError(
                     f"{args.init_from} does not match this model (missing {missing}, unexpected {unexpected}): use "
                     "the same --pack_frames, --width, --ffn_dim and --num_layers as the run that wrote it."

@@ -20,13 +20,7 @@ from .arcopo_trainer import ARCoPOTrainer
 from .kv_cache import KVCache
 from .loss import LossStats, arcopo_loss, group_advantages, sde_grpo_loss, sde_transition_log_prob
 from .merging import combine_adapters
-from .models import (
-    CausalWanTransformer3DModel,
-    CausalWanX0Transformer3DModel,
-    FramePackingAutoencoder,
-    block_causal_mask,
-    teacher_forcing_mask,
-)
+from .models import CausalWanTransformer3DModel, FramePackingAutoencoder, block_causal_mask
 from .pipelines import ChunkDenoisingOutput, SelfForcingPipeline, SelfForcingPipelineOutput
 from .rewards import RewardFunc
 from .rollout import AnchorBatch, ForkedRollout, RolloutGroup, RolloutSpec, forked_rollout, sample_group
@@ -38,7 +32,6 @@ __all__ = [
     "ARCoPOTrainer",
     "AnchorBatch",
     "CausalWanTransformer3DModel",
-    "CausalWanX0Transformer3DModel",
     "ChunkDenoisingOutput",
     "ForkedRollout",
     "FramePackingAutoencoder",
@@ -61,5 +54,4 @@ __all__ = [
     "sde_grpo_loss",
     "sde_transition_log_prob",
     "self_forcing_scheduler",
-    "teacher_forcing_mask",
 ]

@@ -22,6 +22,7 @@ import torch
 from transformers import TrainingArguments
 
 from .loss import DISTANCE_REDUCTIONS, SCALE_REWARDS, check_delta
+from .rewards.base import MULTI_OBJECTIVE_AGGREGATIONS
 from .sampling import SELF_FORCING_SIGMAS, check_sampler
 
 
@@ -116,6 +117,19 @@ class ARCoPOConfig(TrainingArguments):
             same reason.
         reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
             Weights of the reward functions; `None` weighs them equally (1.0).
+        multi_objective_aggregation (`str`, *optional*, defaults to `"sum_then_normalize"`):
+            How several rewards become one, as in TRL: `"sum_then_normalize"` (the weighted sum, then the group
+            advantage) or `"normalize_then_sum"` (each reward standardised within its group first, then the weighted
+            sum and the group advantage: GDPO / DanceGRPO's per-reward advantages, which keep a reward with large
+            values from drowning the others).
+        async_rewards (`bool`, *optional*, defaults to `False`):
+            Score in a thread pool: the reward functions run concurrently with each other, and with
+            `gradient_accumulation_steps > num_iterations` the next rollout of the same optimizer step runs while
+            the previous one is being scored. The policy is the same in both (it changes only at the optimizer
+            step), so the result equals synchronous scoring for reward functions that do not share global state.
+            Worth it for rewards that wait (a reward server, a judge) or run on another device.
+        reward_num_workers (`int` or `None`, *optional*, defaults to `None`):
+            Threads of the `async_rewards` pool; `None`: one per reward function plus one.
 
         > Parameters that control the training mode (on-policy or semi-on-policy)
 
@@ -237,6 +251,16 @@ class ARCoPOConfig(TrainingArguments):
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "Weights of the reward functions; None: all 1.0."}
     )
+    multi_objective_aggregation: str = field(
+        default="sum_then_normalize",
+        metadata={"help": "'sum_then_normalize' or 'normalize_then_sum' (each reward standardised per group first)."},
+    )
+    async_rewards: bool = field(
+        default=False, metadata={"help": "Score in a thread pool, overlapping reward functions and the next rollout."}
+    )
+    reward_num_workers: int | None = field(
+        default=None, metadata={"help": "Threads for async_rewards; None: one per reward function plus one."}
+    )
 
     # Training mode
     training_mode: str = field(default="on_policy", metadata={"help": "'on_policy' or 'semi_on_policy'."})
@@ -326,6 +350,13 @@ class ARCoPOConfig(TrainingArguments):
             raise ValueError(f"`reward_weights={list(self.reward_weights)}` must be finite numbers.")
         if self.distance_reduction not in DISTANCE_REDUCTIONS:
             raise ValueError(f"`distance_reduction={self.distance_reduction!r}` must be 'mean' or 'sum'.")
+        if self.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+            raise ValueError(
+                f"`multi_objective_aggregation={self.multi_objective_aggregation!r}` is not one of "
+                f"{MULTI_OBJECTIVE_AGGREGATIONS}."
+            )
+        if self.reward_num_workers is not None and self.reward_num_workers < 1:
+            raise ValueError(f"`reward_num_workers={self.reward_num_workers}` must be at least 1 (or None).")
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"`scale_rewards={self.scale_rewards!r}` is not one of {SCALE_REWARDS}.")
         if self.quasi_norm_p is not None and not 0 < self.quasi_norm_p <= 2:

@@ -21,43 +21,25 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
 from peft import PeftConfig
 from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
-from transformers.utils.hub import PushInProgress
 
 from .arcopo_config import ARCoPOConfig
-from .checkpointing import (
-    between_iterations,
-    checkpoint_problems,
-    remove_stale_temporaries,
-    resolve_resume,
-    rollout_file,
-    rollout_requirement,
-)
+from .checkpointing import CheckpointMixin, between_iterations
 from .data import EpochRepeatSampler, check_prompt_dataset, check_train_dataset, seeded_generator
-from .hub import (
-    args_without_token,
-    card_training_config,
-    create_model_card,
-    load_lora_adapter_weights,
-    push_checkpoint,
-    save_lora_adapter,
-    save_sample_gif,
-    upload_training_folder,
-)
+from .hub import HubMixin, save_sample_gif
 from .loss import LossStats, arcopo_loss, sde_grpo_anchor_loss, x0_penalty
-from .nonfinite import NonFiniteGuard, check_finite_parameters
+from .nonfinite import NonFiniteGuard
 from .pipelines import SelfForcingPipeline
 from .policy import add_policy_adapter, check_adapters_in_sync, prepare_for_training, reference_policy
 from .replay_buffer import ReplayBuffer, ReplaySource
-from .rewards import RewardFunc, check_reward_funcs, reward_func_name, score_group
+from .rewards import RewardFunc, RewardScorer
 from .rollout import AnchorBatch, RolloutGroup, RolloutSpec, sample_group
 
 
@@ -67,7 +49,7 @@ _OWNERS = {"train": "policy", "eval": "eval", "collect": "reference"}
 _ROLLOUT, _ANCHORS, _EVAL, _BUFFER_DRAW, _COLLECT = 1, 2, 3, 4, 5  # purposes of the seeded generators
 
 
-class ARCoPOTrainer(Trainer):
+class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
     r"""
     Trainer for AR-CoPO ([AR-CoPO: Align Autoregressive Video Generation with Contrastive Policy
     Optimization](https://huggingface.co/papers/2603.17461)): on-policy alignment of a streaming autoregressive video
@@ -114,8 +96,11 @@ class ARCoPOTrainer(Trainer):
         args = args if args is not None else ARCoPOConfig("arcopo-output")
         if not isinstance(pipeline, SelfForcingPipeline):
             raise TypeError(f"`pipeline` must be a SelfForcingPipeline, got {type(pipeline).__name__}.")
-        self.reward_funcs, self.reward_weights = check_reward_funcs(reward_funcs, args.reward_weights)
-        self.reward_func_names = [reward_func_name(f) for f in self.reward_funcs]
+        self.scorer = RewardScorer(
+            reward_funcs, args.reward_weights, args.multi_objective_aggregation, args.async_rewards,
+            args.reward_num_workers,
+        )  # fmt: skip
+        self.reward_funcs = self.scorer.funcs
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if dataset is not None:
                 check_prompt_dataset(dataset, name)
@@ -153,6 +138,7 @@ class ARCoPOTrainer(Trainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list), "collect": defaultdict(list)}
         self._step = 0  # micro-steps done
         self._buffered_rollout: RolloutGroup | None = None
+        self._window, self._window_position, self._prefetched = [], 0, {}  # async_rewards: the next rollout
         self._resume_checkpoint: str | None = None
         #: Groups of `num_generations` videos rolled out, by who made them: the policy being trained (`"policy"`),
         #: the reference for the replay buffer (`"reference"`), the policy during evaluation (`"eval"`).
@@ -196,7 +182,6 @@ class ARCoPOTrainer(Trainer):
         return seeded_generator(self.args.seed, step, self.accelerator.process_index, purpose, device)
 
     # ------------------------------------------------------------------ rollout and rewards
-    @torch.no_grad()
     def generate_and_score(
         self, inputs: list[dict[str, Any]], mode: str = "train", generator: torch.Generator | None = None
     ) -> RolloutGroup:
@@ -206,6 +191,11 @@ class ARCoPOTrainer(Trainer):
         buffer). `generator` defaults to the run's seeded one for this step. With [`accumulate_gradients`], the
         building blocks of a custom loop or an analysis.
         """
+        return self._start_rollout(inputs, mode, generator)()
+
+    @torch.no_grad()
+    def _start_rollout(self, inputs: list[dict[str, Any]], mode: str, generator: torch.Generator | None = None):
+        """Roll out and start scoring ([`~trl_arcopo.rewards.RewardScorer`]); returns what finishes the group."""
         args, device = self.args, self.accelerator.device
         prompts = [row["prompt"] for row in inputs]
         if generator is None:
@@ -225,26 +215,25 @@ class ARCoPOTrainer(Trainer):
         videos = self.pipeline.decode_latents(group.latents.flatten(0, 1), output_type="pt")  # [N * G, F, C, H, W]
         rollout_seconds = time.perf_counter() - start
         finite = bool(torch.isfinite(group.latents).all())  # rewards are not asked to judge non-finite videos
-        rewards = score_group(
-            self.reward_funcs, self.reward_weights, inputs, videos if finite else None, args.num_generations,
-            trainer_state=self.state,
-        )  # fmt: skip
+        rewards = self.scorer.start(inputs, videos if finite else None, args.num_generations, trainer_state=self.state)
+        return partial(self._finish_group, group, rewards, videos, mode, rollout_seconds, finite)
+
+    def _finish_group(self, group: RolloutGroup, rewards, videos, mode: str, rollout_seconds: float, finite: bool):
+        args, rewards = self.args, rewards()
         nonfinite = rewards.nonfinite if finite else f"the rollout's latents are not finite (pivot {group.pivot})"
-        group.with_rewards(rewards.combined.to(device), args.scale_rewards, args.quasi_norm_p, nonfinite)
+        group.with_rewards(
+            rewards.combined.to(self.accelerator.device), args.scale_rewards, args.quasi_norm_p, nonfinite
+        )
         if group.nonfinite is not None and mode == "collect":
             raise ValueError(f"A reference rollout for the replay buffer cannot be used: {group.nonfinite}.")
         if group.nonfinite is not None:
             logger.warning(f"Rollout at step {self.state.global_step} ({mode}): {group.nonfinite}.")
-        metrics = {
-            **group.metrics(),
-            **rewards.metrics(self.reward_func_names),
-            "timing/rollout_seconds": rollout_seconds,
-        }
+        metrics = {**group.metrics(), **rewards.metrics(self.scorer.names), "timing/rollout_seconds": rollout_seconds}
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
         if args.log_completions and self.accelerator.is_main_process and mode == "train":
             folder, name = os.path.join(args.output_dir, "completions"), f"step_{self.state.global_step:06d}"
-            save_sample_gif(folder, name, prompts[0], videos[: args.num_generations], group.rewards[0])
+            save_sample_gif(folder, name, group.prompts[0], videos[: args.num_generations], group.rewards[0])
         if mode != "collect":
             group.latents = None  # only the replay buffer keeps them (the prefix)
         return group
@@ -283,9 +272,21 @@ class ARCoPOTrainer(Trainer):
         return [g.with_rewards(g.rewards.double(), args.scale_rewards, args.quasi_norm_p) for g in groups]
 
     # ------------------------------------------------------------------ training step
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._window, self._window_position = batch_samples, 0  # the rows of this optimizer step's micro-steps
+        return batch_samples, num_items
+
     def _prepare_inputs(self, inputs: list[dict[str, Any]]) -> RolloutGroup:
-        if self._step % self.args.num_iterations == 0 or self._buffered_rollout is None:
-            self._buffered_rollout = self.generate_and_score(inputs)
+        step, iterations = self._step, self.args.num_iterations
+        if step % iterations == 0 or self._buffered_rollout is None:
+            finish = self._prefetched.pop(step, None) or self._start_rollout(inputs, "train")
+            later = self._window_position + iterations  # the next rollout, if this optimizer step has one
+            if self.args.async_rewards and self.args.training_mode == "on_policy" and later < len(self._window):
+                # same policy (it changes at the optimizer step): roll it out while this one is being scored
+                rng = self._rng(_ROLLOUT, step=step + iterations)
+                self._prefetched[step + iterations] = self._start_rollout(self._window[later], "train", rng)
+            self._buffered_rollout = finish()
         return self._buffered_rollout
 
     def training_step(self, model: torch.nn.Module, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -311,7 +312,7 @@ class ARCoPOTrainer(Trainer):
             for i, g in enumerate(groups)
         )
         self._metrics["train"]["timing/update_seconds"].append(time.perf_counter() - start)
-        self._step += 1
+        self._step, self._window_position = self._step + 1, self._window_position + 1
         return torch.full_like(loss, math.nan) if self._guard.pending else loss  # a skipped step has no loss
 
     def _update(self, model, group: RolloutGroup, iteration: int | None, weight: float = 1.0, final: bool = True):
@@ -434,118 +435,3 @@ class ARCoPOTrainer(Trainer):
                 logs = {**logs, "loss": math.nan}
         super().log({**logs, **metrics}, start_time)
         self._metrics[mode].clear()
-
-    # ------------------------------------------------------------------ saving and resuming
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        output_dir = output_dir or self.args.output_dir
-        check_finite_parameters(self.adapter_state_dict(), "when saving", self.state.global_step)
-        os.makedirs(output_dir, exist_ok=True)
-        save_lora_adapter(self.accelerator.unwrap_model(self.model), output_dir, adapter_name=self.adapter_name)
-        torch.save(args_without_token(self.args), os.path.join(output_dir, "training_args.bin"))
-        self.create_model_card(folder=output_dir)  # next to the weights, as diffusers' training scripts do
-
-    def _save_checkpoint(self, model, trial):
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        os.makedirs(folder, exist_ok=True)
-        if self.args.should_save:
-            # `trainer_state.json` is written last: a folder with a readable one is complete. A leftover from a killed
-            # save of the same step must not vouch for the files about to be written.
-            if os.path.exists(os.path.join(folder, TRAINER_STATE_NAME)):
-                os.remove(os.path.join(folder, TRAINER_STATE_NAME))
-            self.create_model_card()
-        path = self._rollout_file(folder)  # between two updates on one rollout, the checkpoint carries it
-        if (
-            between_iterations(self._step, self.args.num_iterations, self.args.training_mode)
-            and self._buffered_rollout
-        ):
-            self._buffered_rollout.save(path)
-        elif os.path.exists(path):  # left by a killed save of this step
-            os.remove(path)
-        if self.replay is not None:
-            self.replay.save_to(folder)
-        super()._save_checkpoint(model, trial)
-
-    def _rollout_file(self, folder: str) -> str:
-        return rollout_file(folder, self.accelerator.process_index, self.accelerator.num_processes)
-
-    def checkpoint_problems(self, folder: str) -> list[str]:
-        """What keeps `folder` from resuming this run exactly (an empty list: it can)."""
-        args, rank, processes = self.args, self.accelerator.process_index, self.accelerator.num_processes
-        ga, iterations, mode = args.gradient_accumulation_steps, args.num_iterations, args.training_mode
-        optimizer_in_folder = not (args.save_only_model or self.is_deepspeed_enabled or self.is_fsdp_enabled)
-        required = lambda step: rollout_requirement(folder, step, ga, iterations, mode, rank, processes)  # noqa: E731
-        return checkpoint_problems(folder, optimizer_in_folder, required)
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """
-        As [`~transformers.Trainer.train`]. `resume_from_checkpoint=True` takes the newest *complete* checkpoint of
-        `output_dir`, skipping (with a warning naming them) folders a killed save left incomplete; a path is checked
-        the same way and refused with the list of what is missing. Temporary files a killed save left behind in
-        `output_dir` are removed first.
-        """
-        if self.is_world_process_zero() and os.path.isdir(self.args.output_dir):
-            remove_stale_temporaries(self.args.output_dir)
-        self._resume_checkpoint = resolve_resume(
-            resume_from_checkpoint, self.args.output_dir, self.checkpoint_problems
-        )
-        return super().train(self._resume_checkpoint, trial, ignore_keys_for_eval, **kwargs)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        transformer = self.accelerator.unwrap_model(model if model is not None else self.model)
-        load_lora_adapter_weights(transformer, resume_from_checkpoint, adapter_name=self.adapter_name)
-        if self.replay is not None:
-            self.replay.restore_from(resume_from_checkpoint)
-
-    # ------------------------------------------------------------------ the Hub and the model card
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token: str | None = None,
-                    revision: str | None = None, private: bool | None = None, sample_videos: bool = False, **kwargs):  # fmt: skip
-        """
-        Save the adapter and its model card, then upload those two files to `args.hub_model_id` and nothing else of
-        `output_dir` ([`~trl_arcopo.hub.upload_training_folder`]); `sample_videos=True` adds the sample videos of
-        `log_completions`. `kwargs` go to [`~ARCoPOTrainer.create_model_card`] (e.g. `dataset_name`).
-        """
-        self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        default_name = (self.args.hub_model_id or self.args.output_dir.rstrip("/")).split("/")[-1]
-        token = token if token is not None else self.args.hub_token
-        if self.hub_model_id is None:
-            self.init_hf_repo(token=token, private=private)
-        self.save_model(_internal_call=True)
-        if not self.is_world_process_zero():
-            return None
-        self.create_model_card(model_name=kwargs.pop("model_name", None) or default_name, **kwargs)
-        self._finish_current_push()
-        revision = revision if revision is not None else self.args.hub_revision
-        return upload_training_folder(
-            self.hub_model_id, self.args.output_dir, token, commit_message, revision, blocking, sample_videos
-        )
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """`hub_strategy` pushes during training upload the same two files as [`~ARCoPOTrainer.push_to_hub`]."""
-        args = self.args
-        if not self.is_world_process_zero() or args.hub_strategy == "end":
-            return
-        if not args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
-            return
-        self.callback_handler.on_push_begin(args, self.state, self.control)
-        step, folder = self.state.global_step, checkpoint_folder
-        job = push_checkpoint(folder, args.output_dir, self.hub_model_id, step, args.hub_token, args.hub_revision)
-        if self.push_in_progress is None or self.push_in_progress.is_done():
-            self.push_in_progress = PushInProgress([job])
-        else:
-            self.push_in_progress.jobs.append(job)
-
-    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
-                          tags: str | list[str] | None = None, folder: str | None = None, **kwargs) -> None:  # fmt: skip
-        """Write the model card (`README.md`, into `output_dir` or `folder`): base model, tags, configuration, citations."""
-        if not self.is_world_process_zero():
-            return
-        create_model_card(
-            folder or self.args.output_dir,
-            base_model=self.pipeline.name_or_path or None,
-            model_name=model_name or os.path.basename(self.args.output_dir.rstrip("/")),
-            hub_model_id=self.args.hub_model_id,
-            training_config=card_training_config(self.args),
-            tags=[tags] if isinstance(tags, str) else list(tags or []),
-            dataset_name=dataset_name,
-            adapter_names=[self.adapter_name],
-        )

@@ -29,7 +29,7 @@ from transformers.trainer import OPTIMIZER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .hub import LORA_WEIGHT_NAME
+from .hub import LORA_WEIGHT_NAME, load_lora_adapter_weights
 
 
 logger = logging.get_logger(__name__)
@@ -166,3 +166,64 @@ def rollout_requirement(folder: str, step: int, micro_steps_per_step: int, num_i
         return {}
     why = f"it was saved between two updates on one rollout (step {step}, `num_iterations={num_iterations}`)"
     return {os.path.basename(rollout_file(folder, rank, num_processes)): why}
+
+
+class CheckpointMixin:
+    """
+    [`~trl_arcopo.ARCoPOTrainer`]'s checkpoint hooks on `transformers.Trainer`: a checkpoint carries the rollout being
+    updated between inner iterations and the replay-buffer copy, `trainer_state.json` is written last, and a resume
+    takes the newest complete checkpoint. Needs the trainer's `_step`, `_buffered_rollout`, `replay` and
+    `adapter_name`.
+    """
+
+    def _save_checkpoint(self, model, trial):
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        if self.args.should_save:
+            # `trainer_state.json` is written last: a folder with a readable one is complete. A leftover from a killed
+            # save of the same step must not vouch for the files about to be written.
+            if os.path.exists(os.path.join(folder, TRAINER_STATE_NAME)):
+                os.remove(os.path.join(folder, TRAINER_STATE_NAME))
+            self.create_model_card()
+        path = self._rollout_file(folder)  # between two updates on one rollout, the checkpoint carries it
+        if (
+            between_iterations(self._step, self.args.num_iterations, self.args.training_mode)
+            and self._buffered_rollout
+        ):
+            self._buffered_rollout.save(path)
+        elif os.path.exists(path):  # left by a killed save of this step
+            os.remove(path)
+        if self.replay is not None:
+            self.replay.save_to(folder)
+        super()._save_checkpoint(model, trial)
+
+    def _rollout_file(self, folder: str) -> str:
+        return rollout_file(folder, self.accelerator.process_index, self.accelerator.num_processes)
+
+    def checkpoint_problems(self, folder: str) -> list[str]:
+        """What keeps `folder` from resuming this run exactly (an empty list: it can)."""
+        args, rank, processes = self.args, self.accelerator.process_index, self.accelerator.num_processes
+        ga, iterations, mode = args.gradient_accumulation_steps, args.num_iterations, args.training_mode
+        optimizer_in_folder = not (args.save_only_model or self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        required = lambda step: rollout_requirement(folder, step, ga, iterations, mode, rank, processes)  # noqa: E731
+        return checkpoint_problems(folder, optimizer_in_folder, required)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """
+        As [`~transformers.Trainer.train`]. `resume_from_checkpoint=True` takes the newest *complete* checkpoint of
+        `output_dir`, skipping (with a warning naming them) folders a killed save left incomplete; a path is checked
+        the same way and refused with the list of what is missing. Temporary files a killed save left behind in
+        `output_dir` are removed first.
+        """
+        if self.is_world_process_zero() and os.path.isdir(self.args.output_dir):
+            remove_stale_temporaries(self.args.output_dir)
+        self._resume_checkpoint = resolve_resume(
+            resume_from_checkpoint, self.args.output_dir, self.checkpoint_problems
+        )
+        return super().train(self._resume_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        transformer = self.accelerator.unwrap_model(model if model is not None else self.model)
+        load_lora_adapter_weights(transformer, resume_from_checkpoint, adapter_name=self.adapter_name)
+        if self.replay is not None:
+            self.replay.restore_from(resume_from_checkpoint)

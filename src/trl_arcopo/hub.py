@@ -34,7 +34,9 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
+from transformers.utils.hub import PushInProgress
 
+from .nonfinite import check_finite_parameters
 from .pipelines import SelfForcingPipeline
 
 
@@ -572,3 +574,72 @@ def push_checkpoint(checkpoint_folder: str, output_dir: str, repo_id: str, step:
             shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(output_dir, name))
     message = f"Training in progress, step {step}"
     return upload_training_folder(repo_id, output_dir, token, message, revision, blocking=False)
+
+
+class HubMixin:
+    """
+    [`~trl_arcopo.ARCoPOTrainer`]'s saving and sharing hooks on `transformers.Trainer`: the saved model is the adapter
+    and its model card, and only those (plus sample videos on request) reach the Hub. Needs the trainer's
+    `pipeline`, `adapter_name` and `adapter_state_dict()`.
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        check_finite_parameters(self.adapter_state_dict(), "when saving", self.state.global_step)
+        os.makedirs(output_dir, exist_ok=True)
+        save_lora_adapter(self.accelerator.unwrap_model(self.model), output_dir, adapter_name=self.adapter_name)
+        torch.save(args_without_token(self.args), os.path.join(output_dir, "training_args.bin"))
+        self.create_model_card(folder=output_dir)  # next to the weights, as diffusers' training scripts do
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token: str | None = None,
+                    revision: str | None = None, private: bool | None = None, sample_videos: bool = False, **kwargs):  # fmt: skip
+        """
+        Save the adapter and its model card, then upload those two files to `args.hub_model_id` and nothing else of
+        `output_dir` ([`~trl_arcopo.hub.upload_training_folder`]); `sample_videos=True` adds the sample videos of
+        `log_completions`. `kwargs` go to [`~trl_arcopo.ARCoPOTrainer.create_model_card`] (e.g. `dataset_name`).
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        default_name = (self.args.hub_model_id or self.args.output_dir.rstrip("/")).split("/")[-1]
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(model_name=kwargs.pop("model_name", None) or default_name, **kwargs)
+        self._finish_current_push()
+        revision = revision if revision is not None else self.args.hub_revision
+        return upload_training_folder(
+            self.hub_model_id, self.args.output_dir, token, commit_message, revision, blocking, sample_videos
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """`hub_strategy` pushes during training upload the same two files as [`~trl_arcopo.ARCoPOTrainer.push_to_hub`]."""
+        args = self.args
+        if not self.is_world_process_zero() or args.hub_strategy == "end":
+            return
+        if not args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(args, self.state, self.control)
+        step, folder = self.state.global_step, checkpoint_folder
+        job = push_checkpoint(folder, args.output_dir, self.hub_model_id, step, args.hub_token, args.hub_revision)
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress([job])
+        else:
+            self.push_in_progress.jobs.append(job)
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None, folder: str | None = None, **kwargs) -> None:  # fmt: skip
+        """Write the model card (`README.md`, into `output_dir` or `folder`): base model, tags, configuration, citations."""
+        if not self.is_world_process_zero():
+            return
+        create_model_card(
+            folder or self.args.output_dir,
+            base_model=self.pipeline.name_or_path or None,
+            model_name=model_name or os.path.basename(self.args.output_dir.rstrip("/")),
+            hub_model_id=self.args.hub_model_id,
+            training_config=card_training_config(self.args),
+            tags=[tags] if isinstance(tags, str) else list(tags or []),
+            dataset_name=dataset_name,
+            adapter_names=[self.adapter_name],
+        )

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from diffusers import ModelMixin, WanTransformer3DModel  # noqa: F401  (diffusers finds a custom component's
 
 # loader by looking up `ModelMixin` in the component's module when a pipeline is loaded)
-from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale
 
@@ -53,24 +52,6 @@ def block_causal_mask(
     chunk = torch.arange(num_frames, device=device) // num_frames_per_chunk  # [F]
     chunk = chunk.repeat_interleave(tokens_per_frame)  # [N]
     return chunk[:, None] >= chunk[None, :]  # [N, N]
-
-
-def teacher_forcing_mask(
-    num_frames: int, num_frames_per_chunk: int, tokens_per_frame: int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """
-    Boolean mask `[2N, 2N]` for a sequence `[noisy frames ; clean frames]` (each `N` tokens): noisy chunk `c` attends
-    to the clean chunks before it and to itself; clean chunk `c` attends to the clean chunks up to itself. One forward
-    then gives, for every chunk, the prediction streaming would make for it with a cache of the clean chunks before.
-    Use it with `frame_indices = cat([arange(F), arange(F)])` so both copies share RoPE positions.
-    """
-    causal = block_causal_mask(num_frames, num_frames_per_chunk, tokens_per_frame, device)  # [N, N]
-    chunk = (torch.arange(num_frames, device=device) // num_frames_per_chunk).repeat_interleave(tokens_per_frame)
-    same_chunk = chunk[:, None] == chunk[None, :]  # [N, N]
-    strictly_before = chunk[:, None] > chunk[None, :]  # [N, N]
-    top = torch.cat([same_chunk, strictly_before], dim=1)  # noisy queries: [N, 2N]
-    bottom = torch.cat([torch.zeros_like(causal), causal], dim=1)  # clean queries: [N, 2N]
-    return torch.cat([top, bottom], dim=0)  # [2N, 2N]
 
 
 class CausalWanTransformer3DModel(WanTransformer3DModel):
@@ -142,12 +123,6 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             f_w = f_w[:ppw].view(1, 1, ppw, -1).expand(ppf, pph, ppw, -1)
             out.append(torch.cat([f_t, f_h, f_w], dim=-1).reshape(1, ppf * pph * ppw, 1, -1))  # [1, N, 1, head_dim]
         return out[0], out[1]
-
-    def _condition_on_text(
-        self, temb: torch.Tensor, timestep_proj: torch.Tensor, text: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hook for a text-dependent modulation (`temb` `[B, F, D]`, `timestep_proj` `[B, F, 6D]`); Wan has none."""
-        return temb, timestep_proj
 
     @staticmethod
     def _modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -324,11 +299,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             raise ValueError(
                 f"`timestep` must be [B] or [B, F] = [{batch_size}, {num_frames}], got {list(timestep.shape)}."
             )
-        text = encoder_hidden_states  # [B, S, text_dim]
         temb, timestep_proj, encoder_hidden_states, _ = self.condition_embedder(
             timestep.flatten(), encoder_hidden_states, None, timestep_seq_len=num_frames
         )  # temb: [B, F, D]; timestep_proj: [B, F, 6 * D]
-        temb, timestep_proj = self._condition_on_text(temb, timestep_proj, text)
         timestep_proj = timestep_proj.unflatten(2, (6, -1))  # [B, F, 6, D]
 
         if attention_mask is not None:
@@ -365,94 +338,3 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
-
-
-class CausalWanX0Transformer3DModel(CausalWanTransformer3DModel):
-    r"""
-    [`CausalWanTransformer3DModel`] whose output head predicts the clean sample `x̂0` instead of the flow velocity;
-    `forward` converts it to the velocity every caller expects, `v = (x_t - x̂0) / σ` with `σ = timestep / 1000` per
-    frame, so pipelines, samplers and trainers use it unchanged (and `x_t - σ·v` gives back `x̂0`).
-
-    Same parameters and checkpoint layout as Wan. It is meant for small models trained from scratch in pixel space
-    (the Moving Shapes generator): predicting the velocity `ε - x0` there means copying the input noise through the
-    network, which a tiny transformer does imprecisely, and the error shows up as speckle in every `x̂0`. Predicting
-    `x0` needs no such copy. At `timestep = 0` (the cache-commit pass, whose output is not used) `σ` is clamped to
-    `1e-3`.
-
-    Args:
-        pooled_text_modulation (`bool`, defaults to `False`): also condition every block's adaLN modulation on the
-            prompt: the mean of the prompt embeddings goes through an MLP (`text_pooler`, last layer zero-initialised)
-            and is added to the time embedding, as a class label is in DiT. Wan conditions on text by cross-attention
-            only, which a small model trained from scratch learns slowly for anything but colour. The other arguments
-            are `WanTransformer3DModel`'s.
-    """
-
-    @register_to_config
-    def __init__(
-        self,
-        patch_size: tuple[int, ...] = (1, 2, 2),
-        num_attention_heads: int = 40,
-        attention_head_dim: int = 128,
-        in_channels: int = 16,
-        out_channels: int = 16,
-        text_dim: int = 4096,
-        freq_dim: int = 256,
-        ffn_dim: int = 13824,
-        num_layers: int = 40,
-        cross_attn_norm: bool = True,
-        qk_norm: str | None = "rms_norm_across_heads",
-        eps: float = 1e-6,
-        image_dim: int | None = None,
-        added_kv_proj_dim: int | None = None,
-        rope_max_seq_len: int = 1024,
-        pos_embed_seq_len: int | None = None,
-        pooled_text_modulation: bool = False,
-    ):
-        super().__init__(
-            patch_size=patch_size,
-            num_attention_heads=num_attention_heads,
-            attention_head_dim=attention_head_dim,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            text_dim=text_dim,
-            freq_dim=freq_dim,
-            ffn_dim=ffn_dim,
-            num_layers=num_layers,
-            cross_attn_norm=cross_attn_norm,
-            qk_norm=qk_norm,
-            eps=eps,
-            image_dim=image_dim,
-            added_kv_proj_dim=added_kv_proj_dim,
-            rope_max_seq_len=rope_max_seq_len,
-            pos_embed_seq_len=pos_embed_seq_len,
-        )
-        self.text_pooler = None
-        if pooled_text_modulation:
-            inner_dim = num_attention_heads * attention_head_dim
-            self.text_pooler = torch.nn.Sequential(
-                torch.nn.Linear(text_dim, inner_dim), torch.nn.SiLU(), torch.nn.Linear(inner_dim, inner_dim)
-            )
-            torch.nn.init.zeros_(self.text_pooler[2].weight)  # starts as plain Wan (adaLN-Zero style)
-            torch.nn.init.zeros_(self.text_pooler[2].bias)
-
-    def _condition_on_text(
-        self, temb: torch.Tensor, timestep_proj: torch.Tensor, text: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.text_pooler is None:
-            return temb, timestep_proj
-        # the prompt's mean token embedding (padding tokens are zero), added to the time embedding of every frame:
-        # every block's adaLN scale/shift/gate then depends on the prompt, as a class label does in DiT
-        temb = temb + self.text_pooler(text.mean(dim=1).type_as(temb))[:, None]  # [B, F, D]
-        embedder = self.condition_embedder
-        return temb, embedder.time_proj(embedder.act_fn(temb))
-
-    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, *args, return_dict: bool = True, **kwargs):
-        x0 = super().forward(hidden_states, timestep, *args, return_dict=False, **kwargs)[0]  # [B, C, F, H, W]
-        batch_size, _, num_frames = hidden_states.shape[:3]
-        sigma = timestep.float().expand(batch_size) if timestep.ndim == 0 else timestep.float()
-        sigma = sigma.reshape(batch_size, -1).expand(batch_size, num_frames) / 1000  # [B, F]
-        sigma = sigma.clamp_min(1e-3)[:, None, :, None, None].to(x0.dtype)  # [B, 1, F, 1, 1]
-        velocity = (hidden_states - x0) / sigma  # [B, C, F, H, W]
-        if not return_dict:
-            return (velocity,)
-        return Transformer2DModelOutput(sample=velocity)

@@ -328,25 +328,6 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             velocity = uncond + guidance_scale * (cond - uncond)
         return velocity
 
-    def _predict(
-        self,
-        x_t: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sigma: float | torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        kv_cache: KVCache,
-        frame_offset: int,
-        negative_prompt_embeds: torch.Tensor | None,
-        guidance_scale: float,
-        attention_kwargs: dict[str, Any] | None,
-        transformer: torch.nn.Module | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        velocity = self._velocity(
-            x_t, timestep, prompt_embeds, kv_cache, frame_offset, negative_prompt_embeds, guidance_scale, False,
-            attention_kwargs, transformer,
-        )  # fmt: skip
-        return x0_from_velocity(x_t, sigma, velocity), velocity
-
     def predict_x0(
         self,
         x_t: torch.Tensor,
@@ -363,14 +344,15 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         """
         The clean estimate `x̂0 = x_t - σ·v_θ(x_t, t)` `[B, C, Fc, H, W]` of a chunk starting at latent frame
         `frame_offset`, attending to the committed frames in `kv_cache` (nothing is committed). Runs with gradients
-        when they are enabled. `denoise_chunk` computes every step through the same function, so a recorded `x̂0`
+        when they are enabled. `denoise_chunk` computes every step with the same two calls, so a recorded `x̂0`
         and its recomputation are equal bit for bit. `transformer` replaces `self.transformer` for this call (e.g.
         the same module wrapped for distributed training).
         """
-        return self._predict(
-            x_t, timestep, sigma, prompt_embeds, kv_cache, frame_offset, negative_prompt_embeds, guidance_scale,
+        velocity = self._velocity(
+            x_t, timestep, prompt_embeds, kv_cache, frame_offset, negative_prompt_embeds, guidance_scale, False,
             attention_kwargs, transformer,
-        )[0]  # fmt: skip
+        )  # fmt: skip
+        return x0_from_velocity(x_t, sigma, velocity)
 
     def denoise_chunk(
         self,
@@ -405,10 +387,11 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         states, x0_preds = [], []
         for j in range(num_steps):
             sigma, sigma_next = sigmas[j].item(), sigmas[j + 1].item()
-            x0, velocity = self._predict(
-                x, timesteps[j], sigma, prompt_embeds, kv_cache, frame_offset, negative_prompt_embeds,
-                guidance_scale, attention_kwargs, None,
+            velocity = self._velocity(
+                x, timesteps[j], prompt_embeds, kv_cache, frame_offset, negative_prompt_embeds, guidance_scale,
+                False, attention_kwargs,
             )  # fmt: skip
+            x0 = x0_from_velocity(x, sigma, velocity)
             if record_trajectory:
                 states.append(x)
                 x0_preds.append(x0)

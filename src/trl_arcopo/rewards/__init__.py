@@ -17,12 +17,15 @@ Rewards: the reward-function type, how the trainer calls and combines them (`bas
 """
 
 from .base import (
+    MULTI_OBJECTIVE_AGGREGATIONS,
     GroupRewards,
     RewardFunc,
+    RewardScorer,
     call_reward_funcs,
     check_reward_funcs,
     combine_rewards,
     load_reward_func,
+    normalize_per_group,
     random_reward,
     redness,
     reward_func_name,
@@ -33,6 +36,7 @@ from .video_metrics import FlickerReward, MotionMagnitudeReward, SharpnessReward
 
 
 __all__ = [
+    "MULTI_OBJECTIVE_AGGREGATIONS",
     "AestheticMLP",
     "AestheticReward",
     "CLIPScoreReward",
@@ -40,12 +44,14 @@ __all__ = [
     "GroupRewards",
     "MotionMagnitudeReward",
     "RewardFunc",
+    "RewardScorer",
     "SharpnessReward",
     "call_reward_funcs",
     "check_reward_funcs",
     "combine_rewards",
     "load_aesthetic_head",
     "load_reward_func",
+    "normalize_per_group",
     "random_reward",
     "redness",
     "reward_func_name",

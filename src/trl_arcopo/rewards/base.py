@@ -23,11 +23,16 @@ import math
 import numbers
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 
+
+#: How several reward functions become one reward ([`combine_rewards`]), as TRL's `multi_objective_aggregation`.
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 #: A reward function: `fn(prompts, videos, **kwargs) -> list[float | None]`, with `videos` `[N, F, C, H, W]` in
 #: `[0, 1]`, one value per video; `None` means "no opinion". Extra dataset columns arrive as keyword lists.
@@ -62,25 +67,45 @@ class GroupRewards:
     Args:
         per_func (`torch.Tensor` of shape `[N * G, n_funcs]`): each function's values in float64, NaN where it had no
             opinion (or returned a non-finite value).
-        combined (`torch.Tensor` of shape `[N, G]`): the weighted sum, float64.
-        seconds (`float`): time spent in the reward functions.
+        combined (`torch.Tensor` of shape `[N, G]`): what the advantages are computed from, float64: the weighted sum,
+            or with `"normalize_then_sum"` the weighted sum of the rewards standardised within each group.
+        seconds (`float`): wall time of the scoring.
         nonfinite (`str`, *optional*): which function returned NaN or an infinity, for which video, or whether the
             weighted sum overflowed; `None` when every value is finite.
+        seconds_per_func (`list[float]`): time spent in each function.
+        weighted_sum (`torch.Tensor` of shape `[N, G]`, *optional*): the plain weighted sum (logged as `reward`);
+            `None` when it is `combined`.
     """
 
     per_func: torch.Tensor
     combined: torch.Tensor
     seconds: float
     nonfinite: str | None = None
+    seconds_per_func: list[float] = field(default_factory=list)
+    weighted_sum: torch.Tensor | None = None
 
     def metrics(self, names: Sequence[str]) -> dict[str, float]:
-        """`rewards/<name>/mean` and `/std` over the videos each function had an opinion on, and the time spent."""
+        """
+        `rewards/<name>/mean` and `/std` over the videos each function had an opinion on, `timing/rewards/<name>` (the
+        seconds in each function), the wall time of the scoring, and with `"normalize_then_sum"` the plain weighted
+        sum's `reward` and `reward_std` (not the standardised values the advantages come from).
+        """
         out = {"timing/reward_seconds": self.seconds}
-        for name, column in zip(names, self.per_func.T):
+        for name, column, seconds in zip(names, self.per_func.T, self.seconds_per_func):
             opinions = column[~column.isnan()]
             out[f"rewards/{name}/mean"] = opinions.mean().item() if opinions.numel() else math.nan
             out[f"rewards/{name}/std"] = opinions.std().item() if opinions.numel() > 1 else math.nan
+            out[f"timing/rewards/{name}"] = seconds
+        if self.weighted_sum is not None:
+            out["reward"] = self.weighted_sum.nanmean().item()
+            out["reward_std"] = self.weighted_sum.std(dim=1).nanmean().item()
         return out
+
+
+def _timed_call(func: RewardFunc, prompts: list[str], videos: torch.Tensor, kwargs: dict[str, Any]):
+    start = time.perf_counter()
+    values = func(prompts=prompts, videos=videos, **kwargs)
+    return values, time.perf_counter() - start
 
 
 def call_reward_funcs(
@@ -88,23 +113,30 @@ def call_reward_funcs(
     inputs: list[dict[str, Any]],
     videos: torch.Tensor,
     num_generations: int,
+    executor: Executor | None = None,
     **kwargs,
-) -> tuple[torch.Tensor, str | None]:
+) -> tuple[torch.Tensor, str | None, list[float]]:
     """
     Call every reward function once on all videos: `videos` `[N * G, F, C, H, W]` of the `N` rows `inputs` (dicts
-    with a `"prompt"`; other keys reach the functions as keyword lists, repeated per video, next to `kwargs`).
+    with a `"prompt"`; other keys reach the functions as keyword lists, repeated per video, next to `kwargs`). With an
+    `executor` (e.g. a `ThreadPoolExecutor`), the functions run concurrently; the values do not depend on it.
 
-    Returns the values `[N * G, n_funcs]` in float64 (`None` becomes NaN) and, if a function returned NaN or an
-    infinity, which one and for which video (else `None`). A wrong number of values or a value that is not a number
-    raises a `ValueError` naming the function and the prompt.
+    Returns the values `[N * G, n_funcs]` in float64 (`None` becomes NaN); if a function returned NaN or an infinity,
+    which one and for which video (else `None`); and the seconds spent in each function. A wrong number of values or
+    a value that is not a number raises a `ValueError` naming the function and the prompt.
     """
     prompts = [row["prompt"] for row in inputs for _ in range(num_generations)]
     columns = {k: [row[k] for row in inputs for _ in range(num_generations)] for k in inputs[0] if k != "prompt"}
+    arguments = {**kwargs, **columns}
+    if executor is None:
+        results = [_timed_call(func, prompts, videos, arguments) for func in reward_funcs]
+    else:
+        futures = [executor.submit(_timed_call, func, prompts, videos, arguments) for func in reward_funcs]
+        results = [future.result() for future in futures]
     out = torch.full((len(prompts), len(reward_funcs)), math.nan, dtype=torch.float64)
     nonfinite = None
-    for i, func in enumerate(reward_funcs):
+    for i, (func, (values, _)) in enumerate(zip(reward_funcs, results)):
         name = reward_func_name(func)
-        values = func(prompts=prompts, videos=videos, **kwargs, **columns)
         if values is None or len(values) != len(prompts):
             got = "None" if values is None else len(values)
             raise ValueError(
@@ -128,15 +160,42 @@ def call_reward_funcs(
                     )
                 continue
             out[j, i] = value
-    return out, nonfinite
+    return out, nonfinite, [seconds for _, seconds in results]
 
 
-def combine_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_generations: int) -> torch.Tensor:
+def normalize_per_group(rewards_per_func: torch.Tensor, num_generations: int, eps: float = 1e-4) -> torch.Tensor:
+    """
+    Each function's values standardised within each group, `[N * G, n_funcs]` -> same shape: `(r - mean) / (std +
+    eps)` over the group's opinions (NaN stays NaN), so that every reward moves the advantages on the same scale
+    whatever its units (GDPO, TRL's `"normalize_then_sum"`). A group of one video gets 0.
+    """
+    grouped = rewards_per_func.view(-1, num_generations, rewards_per_func.shape[1])  # [N, G, n_funcs]
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)  # [N, 1, n_funcs]
+    if num_generations > 1:
+        count = (~grouped.isnan()).sum(dim=1, keepdim=True)
+        variance = torch.nansum((grouped - mean) ** 2, dim=1, keepdim=True) / (count - 1).clamp_min(1)
+        std = variance.sqrt()
+    else:
+        std = torch.zeros_like(mean)
+    return ((grouped - mean) / (std + eps)).view_as(rewards_per_func)
+
+
+def combine_rewards(
+    rewards_per_func: torch.Tensor,
+    weights: torch.Tensor,
+    num_generations: int,
+    aggregation: str = "sum_then_normalize",
+) -> torch.Tensor:
     """
     Weighted sum over the functions that gave an opinion, `[N * G, n_funcs] -> [N, G]` in the dtype of
-    `rewards_per_func` (float64 keeps sums of large rewards finite). A video without any opinion gets its group's
-    mean (zero advantage); a group without any opinion gets 0.
+    `rewards_per_func` (float64 keeps sums of large rewards finite); with `aggregation="normalize_then_sum"`, of the
+    values standardised within each group first ([`normalize_per_group`]). A video without any opinion gets its
+    group's mean (zero advantage); a group without any opinion gets 0.
     """
+    if aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+        raise ValueError(f"`aggregation={aggregation!r}` is not one of {MULTI_OBJECTIVE_AGGREGATIONS}.")
+    if aggregation == "normalize_then_sum":
+        rewards_per_func = normalize_per_group(rewards_per_func, num_generations)
     weights = weights.to(rewards_per_func.device, rewards_per_func.dtype)
     combined = torch.nansum(rewards_per_func * weights, dim=1)  # [N * G]
     grouped = combined.view(-1, num_generations)  # [N, G]
@@ -154,27 +213,78 @@ def score_group(
     inputs: list[dict[str, Any]],
     videos: torch.Tensor | None,
     num_generations: int,
+    aggregation: str = "sum_then_normalize",
+    executor: Executor | None = None,
     **kwargs,
 ) -> GroupRewards:
     """
-    Score the `N * G` videos of `N` groups: every function called once ([`call_reward_funcs`]), then combined
-    ([`combine_rewards`]). `videos=None` (a rollout that is not finite) asks no function and gives NaN opinions.
+    Score the `N * G` videos of `N` groups: every function called once ([`call_reward_funcs`], concurrently with an
+    `executor`), then combined ([`combine_rewards`] with `aggregation`). `videos=None` (a rollout that is not finite)
+    asks no function and gives NaN opinions.
     """
     start = time.perf_counter()
     n = len(inputs) * num_generations
     if videos is None:
         per_func, nonfinite = torch.full((n, len(reward_funcs)), math.nan, dtype=torch.float64), None
+        seconds_per_func = [0.0] * len(reward_funcs)
     else:
-        per_func, nonfinite = call_reward_funcs(reward_funcs, inputs, videos, num_generations, **kwargs)
-    combined = combine_rewards(per_func, reward_weights, num_generations)  # [N, G]
-    if nonfinite is None and not torch.isfinite(combined).all():
+        per_func, nonfinite, seconds_per_func = call_reward_funcs(
+            reward_funcs, inputs, videos, num_generations, executor, **kwargs
+        )
+    weighted_sum = combine_rewards(per_func, reward_weights, num_generations)  # [N, G]
+    if nonfinite is None and not torch.isfinite(weighted_sum).all():
         largest = per_func.abs().nan_to_num(0.0).amax(dim=0)  # [n_funcs]
         nonfinite = (
             "the weighted sum of the rewards overflowed (largest |value| per function: "
             + ", ".join(f"{reward_func_name(f)}={v:.3g}" for f, v in zip(reward_funcs, largest.tolist()))
             + ")"
         )
-    return GroupRewards(per_func, combined, time.perf_counter() - start, nonfinite)
+    if aggregation == "sum_then_normalize":
+        combined, weighted_sum = weighted_sum, None
+    else:
+        combined = combine_rewards(per_func, reward_weights, num_generations, aggregation)  # [N, G]
+    seconds = time.perf_counter() - start
+    return GroupRewards(per_func, combined, seconds, nonfinite, seconds_per_func, weighted_sum)
+
+
+class RewardScorer:
+    """
+    The reward functions of a run, their weights and how they are combined: `start(...)` scores a rollout's videos
+    now, or with `async_rewards=True` in a background thread (the functions concurrently with each other, in a pool
+    of `num_workers` threads, one per function plus one by default), and returns the function that waits for the
+    [`GroupRewards`]. The values never depend on the mode.
+    """
+
+    def __init__(self, reward_funcs: RewardFunc | Sequence[RewardFunc], reward_weights: Sequence[float] | None = None,
+                 aggregation: str = "sum_then_normalize", async_rewards: bool = False,
+                 num_workers: int | None = None):  # fmt: skip
+        self.funcs, self.weights = check_reward_funcs(reward_funcs, reward_weights)
+        self.names = [reward_func_name(f) for f in self.funcs]
+        if aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+            raise ValueError(f"`aggregation={aggregation!r}` is not one of {MULTI_OBJECTIVE_AGGREGATIONS}.")
+        self.aggregation = aggregation
+        self._functions_pool = self._scoring_thread = None
+        if async_rewards:
+            self._functions_pool = ThreadPoolExecutor(num_workers or len(self.funcs) + 1, "reward")
+            self._scoring_thread = ThreadPoolExecutor(1, "reward-scoring")
+
+    def start(self, inputs: list[dict[str, Any]], videos: torch.Tensor | None, num_generations: int,
+              **kwargs) -> Callable[[], GroupRewards]:  # fmt: skip
+        """Start scoring `videos` `[N * G, F, C, H, W]` ([`score_group`]); call the result to get the rewards."""
+        score = partial(
+            score_group, self.funcs, self.weights, inputs, videos, num_generations, self.aggregation,
+            self._functions_pool, **kwargs,
+        )  # fmt: skip
+        if self._scoring_thread is None:
+            rewards = score()
+            return lambda: rewards
+        return self._scoring_thread.submit(score).result
+
+    def close(self) -> None:
+        """Stop the threads of `async_rewards` (after the pending scores)."""
+        for pool in (self._functions_pool, self._scoring_thread):
+            if pool is not None:
+                pool.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------------- toy rewards

@@ -21,6 +21,7 @@ from .evaluation import (
     plot_curves,
     save_video_grid,
 )
+from .model import CausalWanX0Transformer3DModel, shapes_text_encoder, shapes_tokenizer, teacher_forcing_mask
 from .pretrained import PRETRAINED_PATH, load_pretrained_pipeline
 from .report import REPORT_KEYS, REPORTED_DIFFERENCES, evaluate_main_job, heldout_samples, write_report
 from .rewards import (
@@ -67,6 +68,7 @@ __all__ = [
     "SHAPES",
     "TRAIN_PROMPTS",
     "VERIFIABLE_REWARDS",
+    "CausalWanX0Transformer3DModel",
     "Motion",
     "VideoAnalysis",
     "all_correct",
@@ -92,6 +94,9 @@ __all__ = [
     "save_video_grid",
     "score_videos",
     "shape_reward",
+    "shapes_text_encoder",
+    "shapes_tokenizer",
+    "teacher_forcing_mask",
     "temporal_quality_reward",
     "vocabulary",
     "write_report",

@@ -354,13 +354,6 @@ def colour_reward(prompts: Sequence[str], videos: torch.Tensor, **kwargs) -> lis
     A pixel's hue is its RGB divided by its brightest channel; "nearest" is the Euclidean distance to the six palette
     colours. 1 on ground truth, 0 for a pure wrong colour or no object; `>= 0.5` means the prompt's colour is the
     majority. Extra keyword arguments are ignored.
-
-    Args:
-        prompts (`Sequence[str]`): one Moving Shapes prompt per video.
-        videos (`torch.Tensor` of shape `[N, F, 3, H, W]`): values in `[0, 1]`.
-
-    Returns:
-        `list[float]`: `N` scores in `[0, 1]`.
     """
     a = analyse_videos(videos)
     colour, _, _ = _prompt_indices(prompts, videos.shape[0], a.present.device)
@@ -376,13 +369,6 @@ def shape_reward(prompts: Sequence[str], videos: torch.Tensor, **kwargs) -> list
     triangle `(1 / 2, 1 / 2)` before weighting. An object filling less than `MIN_SHAPE_FILL` of its box or with a box
     more elongated than `MAX_ASPECT_RATIO` has no shape. 0 when no frame has an object. Extra keyword arguments are
     ignored.
-
-    Args:
-        prompts (`Sequence[str]`): one Moving Shapes prompt per video.
-        videos (`torch.Tensor` of shape `[N, F, 3, H, W]`): values in `[0, 1]`.
-
-    Returns:
-        `list[float]`: `N` scores in `[0, 1]`.
     """
     a = analyse_videos(videos)
     _, shape, _ = _prompt_indices(prompts, videos.shape[0], a.present.device)
@@ -398,13 +384,6 @@ def direction_reward(prompts: Sequence[str], videos: torch.Tensor, **kwargs) -> 
     reward is 1 when the displacement along the prompt's direction is at least `MIN_DISPLACEMENT` (3) pixels (times
     `max(H, W) / 32`) and larger than the displacement across it, so that both the dominant axis and the sign match.
     Image `y` points down: "up" is a negative `y` slope. Extra keyword arguments are ignored.
-
-    Args:
-        prompts (`Sequence[str]`): one Moving Shapes prompt per video.
-        videos (`torch.Tensor` of shape `[N, F, 3, H, W]`): values in `[0, 1]`.
-
-    Returns:
-        `list[float]`: `N` scores, each `0.0` or `1.0`.
     """
     a = analyse_videos(videos)
     _, _, direction = _prompt_indices(prompts, videos.shape[0], a.present.device)
@@ -427,13 +406,6 @@ def temporal_quality_reward(prompts: Sequence[str], videos: torch.Tensor, **kwar
       there is none; 1 for clips shorter than 3 frames).
 
     Extra keyword arguments (and the prompts) are ignored.
-
-    Args:
-        prompts (`Sequence[str]`): one prompt per video (only counted).
-        videos (`torch.Tensor` of shape `[N, F, 3, H, W]`): values in `[0, 1]`.
-
-    Returns:
-        `list[float]`: `N` scores in `[0, 1]`.
     """
     if len(prompts) != videos.shape[0]:
         raise ValueError(f"Got {len(prompts)} prompts for {videos.shape[0]} videos; give one prompt per video.")
@@ -451,13 +423,6 @@ def prominence_reward(prompts: Sequence[str], videos: torch.Tensor, **kwargs) ->
     Like a learned preference model it can be hacked: it only counts bright pixels, so a frame-filling blob scores 1
     while it has no shape and no object (`all_correct` is 0). Train it next to the attribute and quality rewards.
     Extra keyword arguments are ignored.
-
-    Args:
-        prompts (`Sequence[str]`): one prompt per video (only counted).
-        videos (`torch.Tensor` of shape `[N, F, C=3, H, W]`): values in `[0, 1]` (NaN counts as 0).
-
-    Returns:
-        `list[float]`: `N` scores in `[0, 1]`.
     """
     if videos.ndim != 5 or videos.shape[2] != 3:
         raise ValueError(f"Expected videos of shape [N, F, 3, H, W], got {tuple(videos.shape)}.")
@@ -470,13 +435,6 @@ def combined_reward(prompts: Sequence[str], videos: torch.Tensor, **kwargs) -> l
     r"""
     `(colour + shape + direction + temporal_quality) / 4`, each the reward of the same name. Extra keyword arguments
     are ignored.
-
-    Args:
-        prompts (`Sequence[str]`): one Moving Shapes prompt per video.
-        videos (`torch.Tensor` of shape `[N, F, 3, H, W]`): values in `[0, 1]`.
-
-    Returns:
-        `list[float]`: `N` scores in `[0, 1]`.
     """
     return _to_list(score_videos(prompts, videos)["combined"])
 
@@ -485,12 +443,5 @@ def all_correct(prompts: Sequence[str], videos: torch.Tensor, **kwargs) -> list[
     r"""
     1 if colour, shape and direction are all correct (each reward `>= 0.5`), else 0: the success rate metric. Extra
     keyword arguments are ignored.
-
-    Args:
-        prompts (`Sequence[str]`): one Moving Shapes prompt per video.
-        videos (`torch.Tensor` of shape `[N, F, 3, H, W]`): values in `[0, 1]`.
-
-    Returns:
-        `list[float]`: `N` scores, each `0.0` or `1.0`.
     """
     return _to_list(score_videos(prompts, videos)["all_correct"])
