@@ -13,7 +13,9 @@
 # limitations under the License.
 """
 Rewards: the reward-function type, how the trainer calls and combines them (`base`), and ready-made reward functions
-(`video_metrics`: weight-free motion, flicker and sharpness; `clip`: CLIP score, PickScore and the LAION aesthetic predictor on the frames).
+(`video_metrics`: weight-free motion, flicker and sharpness; `clip`: CLIP score, PickScore and the LAION aesthetic
+predictor on the frames), and rewards computed elsewhere (`judge`: a VLM behind an OpenAI-compatible server;
+`server`: any reward function served over HTTP, and its client; `remote`: their timeout, retry and failure policy).
 """
 
 from .base import (
@@ -32,6 +34,9 @@ from .base import (
     score_group,
 )
 from .clip import AestheticMLP, AestheticReward, CLIPScoreReward, load_aesthetic_head
+from .judge import VLMJudgeReward
+from .remote import RemoteReward, RemoteRewardError
+from .server import RewardServer, RewardServerClient, serve
 from .video_metrics import FlickerReward, MotionMagnitudeReward, SharpnessReward
 
 
@@ -43,9 +48,14 @@ __all__ = [
     "FlickerReward",
     "GroupRewards",
     "MotionMagnitudeReward",
+    "RemoteReward",
+    "RemoteRewardError",
     "RewardFunc",
     "RewardScorer",
+    "RewardServer",
+    "RewardServerClient",
     "SharpnessReward",
+    "VLMJudgeReward",
     "call_reward_funcs",
     "check_reward_funcs",
     "combine_rewards",
@@ -56,4 +66,5 @@ __all__ = [
     "redness",
     "reward_func_name",
     "score_group",
+    "serve",
 ]
