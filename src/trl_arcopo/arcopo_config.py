@@ -160,6 +160,16 @@ class ARCoPOConfig(TrainingArguments):
             `peft_config` is given, otherwise `"on_policy"` or `"semi"` according to `training_mode`, so that the two
             adapters can be loaded side by side and merged.
 
+        > Parameters that control the moving average of the adapter
+
+        ema_decay (`float` or `None`, *optional*, defaults to `None`):
+            Keep an exponential moving average of the adapter, `ema ← decay · ema + (1 - decay) · θ` after every
+            optimizer step, in float32 (e.g. `0.99`: about the last 100 steps). Checkpoints carry it
+            (`adapter_ema.safetensors`), so a resumed run continues it exactly. `None`: off.
+        use_ema_weights (`bool`, *optional*, defaults to `True`):
+            With `ema_decay` set, evaluation and the saved model (`save_model`, `push_to_hub`) use the average
+            instead of the last weights. Checkpoints always hold the last weights (to resume) next to the average.
+
         > Parameters that control failure handling
 
         max_nonfinite_steps (`int`, *optional*, defaults to `3`):
@@ -282,6 +292,14 @@ class ARCoPOConfig(TrainingArguments):
         default=None, metadata={"help": "Name of the trained adapter; None: 'on_policy' or 'semi' by training_mode."}
     )
 
+    # Moving average of the adapter
+    ema_decay: float | None = field(
+        default=None, metadata={"help": "Decay of an EMA of the adapter (e.g. 0.99); None: off."}
+    )
+    use_ema_weights: bool = field(
+        default=True, metadata={"help": "With ema_decay: evaluate and save the EMA weights instead of the last ones."}
+    )
+
     # Failure handling
     max_nonfinite_steps: int = field(
         default=3,
@@ -387,6 +405,8 @@ class ARCoPOConfig(TrainingArguments):
                 "that produced the samples. Use it only for the off-policy ablation.",
                 stacklevel=2,
             )
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"`ema_decay={self.ema_decay}` must be in [0, 1) (e.g. 0.99), or None to turn it off.")
         if self.max_nonfinite_steps < 1:
             raise ValueError(
                 f"`max_nonfinite_steps={self.max_nonfinite_steps}` must be at least 1 (consecutive skipped steps "

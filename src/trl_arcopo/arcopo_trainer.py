@@ -32,7 +32,8 @@ from transformers.utils import logging
 
 from .arcopo_config import ARCoPOConfig
 from .checkpointing import CheckpointMixin, between_iterations
-from .data import EpochRepeatSampler, check_prompt_dataset, check_train_dataset, seeded_generator
+from .data import EpochRepeatSampler, check_datasets, seeded_generator
+from .ema import AdapterEMA
 from .hub import HubMixin, save_sample_gif
 from .loss import LossStats, arcopo_loss, sde_grpo_anchor_loss, x0_penalty
 from .nonfinite import NonFiniteGuard
@@ -101,15 +102,9 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
             args.reward_num_workers,
         )  # fmt: skip
         self.reward_funcs = self.scorer.funcs
-        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            if dataset is not None:
-                check_prompt_dataset(dataset, name)
-        check_train_dataset(train_dataset, args.per_device_train_batch_size, args.world_size)
-        if args.training_mode == "semi_on_policy" and not isinstance(train_dataset, Dataset):
-            raise ValueError(
-                "`training_mode='semi_on_policy'` collects its replay buffer from a map-style `datasets.Dataset`; "
-                f"got {type(train_dataset).__name__}."
-            )
+        check_datasets(
+            train_dataset, eval_dataset, args.per_device_train_batch_size, args.world_size, args.training_mode
+        )
         self.pipeline, self.spec = pipeline, RolloutSpec.from_config(pipeline, args)  # checked before any rollout
         args.num_frames_per_chunk = self.spec.num_frames_per_chunk
 
@@ -143,18 +138,20 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         #: Groups of `num_generations` videos rolled out, by who made them: the policy being trained (`"policy"`),
         #: the reference for the replay buffer (`"reference"`), the policy during evaluation (`"eval"`).
         self.rollout_counts = {"policy": 0, "reference": 0, "eval": 0}
-        self.replay: ReplaySource | None = None  # semi-on-policy: the replay buffer and its file
-        if args.training_mode == "semi_on_policy":
-            capacity = math.ceil(args.replay_buffer_size / self.accelerator.num_processes)
-            rank, processes = self.accelerator.process_index, self.accelerator.num_processes
-            self.replay = ReplaySource(
-                capacity, self.spec, args.num_generations, args.output_dir, args.replay_buffer_path, rank, processes
-            )
+        #: Semi-on-policy: the replay buffer of this process and its file (`None` on-policy).
+        self.replay = ReplaySource.from_args(
+            args, self.spec, self.accelerator.process_index, self.accelerator.num_processes
+        )
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
         self.current_gradient_accumulation_steps = 1  # `train()` sets it per optimizer step
         self._guard = NonFiniteGuard(args.max_nonfinite_steps, self.accelerator, self.adapter_state_dict)
         self.add_callback(self._guard)
+        self._saving_checkpoint = False
+        #: The moving average of the adapter (`ema_decay`), else `None`.
+        self.ema = AdapterEMA(self._adapter_parameters(), args.ema_decay) if args.ema_decay is not None else None
+        if self.ema is not None:
+            self.add_callback(self.ema)
 
     @property
     def skipped_steps(self) -> list[dict[str, Any]]:
@@ -405,16 +402,28 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
             loss = loss + args.beta * penalty
         return loss
 
+    def _adapter_parameters(self) -> dict[str, torch.nn.Parameter]:
+        transformer = self.accelerator.unwrap_model(self.model)
+        return {n: p for n, p in transformer.named_parameters() if f".{self.adapter_name}." in n}
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained adapter's parameters (PEFT names), detached."""
-        transformer = self.accelerator.unwrap_model(self.model)
-        return {n: p.detach() for n, p in transformer.named_parameters() if f".{self.adapter_name}." in n}
+        return {n: p.detach() for n, p in self._adapter_parameters().items()}
+
+    def ema_weights(self):
+        """A context in which the adapter holds its moving average (`ema_decay` and `use_ema_weights`), else a no-op."""
+        use = self.ema is not None and self.args.use_ema_weights and not self._saving_checkpoint
+        return self.ema.swapped() if use else nullcontext()
 
     def check_adapters_in_sync(self) -> bool:
         """Check that every process holds the same adapter ([`~trl_arcopo.policy.check_adapters_in_sync`])."""
         return check_adapters_in_sync(self.accelerator, self.adapter_state_dict())
 
     # ------------------------------------------------------------------ evaluation and logging
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        with self.ema_weights():
+            return super().evaluate(*args, **kwargs)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         self.generate_and_score(inputs, mode="eval")
         return torch.zeros((), device=self.accelerator.device), None, None

@@ -29,6 +29,7 @@ from transformers.trainer import OPTIMIZER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .ema import EMA_FILE
 from .hub import LORA_WEIGHT_NAME, load_lora_adapter_weights
 
 
@@ -172,8 +173,8 @@ class CheckpointMixin:
     """
     [`~trl_arcopo.ARCoPOTrainer`]'s checkpoint hooks on `transformers.Trainer`: a checkpoint carries the rollout being
     updated between inner iterations and the replay-buffer copy, `trainer_state.json` is written last, and a resume
-    takes the newest complete checkpoint. Needs the trainer's `_step`, `_buffered_rollout`, `replay` and
-    `adapter_name`.
+    takes the newest complete checkpoint. Needs the trainer's `_step`, `_buffered_rollout`, `replay`, `ema`,
+    `_saving_checkpoint` and `adapter_name`.
     """
 
     def _save_checkpoint(self, model, trial):
@@ -195,7 +196,13 @@ class CheckpointMixin:
             os.remove(path)
         if self.replay is not None:
             self.replay.save_to(folder)
-        super()._save_checkpoint(model, trial)
+        if self.ema is not None and self.args.should_save:
+            self.ema.save(folder)
+        self._saving_checkpoint = True  # the adapter of a checkpoint is the last weights, whatever `use_ema_weights`
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
 
     def _rollout_file(self, folder: str) -> str:
         return rollout_file(folder, self.accelerator.process_index, self.accelerator.num_processes)
@@ -205,7 +212,11 @@ class CheckpointMixin:
         args, rank, processes = self.args, self.accelerator.process_index, self.accelerator.num_processes
         ga, iterations, mode = args.gradient_accumulation_steps, args.num_iterations, args.training_mode
         optimizer_in_folder = not (args.save_only_model or self.is_deepspeed_enabled or self.is_fsdp_enabled)
-        required = lambda step: rollout_requirement(folder, step, ga, iterations, mode, rank, processes)  # noqa: E731
+        ema = {EMA_FILE: "the run keeps an EMA of the adapter (`ema_decay`)"} if self.ema is not None else {}
+
+        def required(step: int) -> dict[str, str]:
+            return {**rollout_requirement(folder, step, ga, iterations, mode, rank, processes), **ema}
+
         return checkpoint_problems(folder, optimizer_in_folder, required)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -227,3 +238,5 @@ class CheckpointMixin:
         load_lora_adapter_weights(transformer, resume_from_checkpoint, adapter_name=self.adapter_name)
         if self.replay is not None:
             self.replay.restore_from(resume_from_checkpoint)
+        if self.ema is not None:
+            self.ema.load(resume_from_checkpoint)

@@ -48,6 +48,19 @@ def check_prompt_dataset(dataset: Dataset | IterableDataset, name: str) -> None:
         )
 
 
+def check_datasets(train_dataset, eval_dataset, per_device_batch_size: int, processes: int, training_mode: str):
+    """Both datasets ([`check_prompt_dataset`]), the training one required, and what the training mode needs of it."""
+    for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+        if dataset is not None:
+            check_prompt_dataset(dataset, name)
+    check_train_dataset(train_dataset, per_device_batch_size, processes)
+    if training_mode == "semi_on_policy" and not isinstance(train_dataset, Dataset):
+        raise ValueError(
+            "`training_mode='semi_on_policy'` collects its replay buffer from a map-style `datasets.Dataset`; "
+            f"got {type(train_dataset).__name__}."
+        )
+
+
 def check_train_dataset(dataset: Dataset | IterableDataset | None, per_device_batch_size: int, processes: int) -> None:
     """A training dataset is required and must hold at least one step's prompts (`per_device_batch_size × processes`)."""
     if dataset is None:

@@ -580,14 +580,16 @@ class HubMixin:
     """
     [`~trl_arcopo.ARCoPOTrainer`]'s saving and sharing hooks on `transformers.Trainer`: the saved model is the adapter
     and its model card, and only those (plus sample videos on request) reach the Hub. Needs the trainer's
-    `pipeline`, `adapter_name` and `adapter_state_dict()`.
+    `pipeline`, `adapter_name`, `adapter_state_dict()` and `ema_weights()` (the context in which the adapter holds the
+    weights to save).
     """
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
-        check_finite_parameters(self.adapter_state_dict(), "when saving", self.state.global_step)
         os.makedirs(output_dir, exist_ok=True)
-        save_lora_adapter(self.accelerator.unwrap_model(self.model), output_dir, adapter_name=self.adapter_name)
+        with self.ema_weights():
+            check_finite_parameters(self.adapter_state_dict(), "when saving", self.state.global_step)
+            save_lora_adapter(self.accelerator.unwrap_model(self.model), output_dir, adapter_name=self.adapter_name)
         torch.save(args_without_token(self.args), os.path.join(output_dir, "training_args.bin"))
         self.create_model_card(folder=output_dir)  # next to the weights, as diffusers' training scripts do
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import shutil
@@ -380,6 +381,14 @@ class ReplaySource:
         self.spec, self.num_generations, self.output_dir, self.path = spec, num_generations, output_dir, path
         self.rank, self.num_processes = rank, num_processes
         self.source: str | None = None  # the file holding exactly the in-memory buffer
+
+    @classmethod
+    def from_args(cls, args, spec: RolloutSpec, rank: int = 0, num_processes: int = 1) -> ReplaySource | None:
+        """The source of a run's `ARCoPOConfig` (its share of `replay_buffer_size`), or `None` unless semi-on-policy."""
+        if args.training_mode != "semi_on_policy":
+            return None
+        capacity = math.ceil(args.replay_buffer_size / num_processes)
+        return cls(capacity, spec, args.num_generations, args.output_dir, args.replay_buffer_path, rank, num_processes)
 
     def file(self, folder: str | None = None) -> str:
         """This process's buffer file: the configured one, or the one in `folder` (a checkpoint)."""
