@@ -40,6 +40,7 @@ from trl import TrlParser
 
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer, SelfForcingPipeline, shapes
 from trl_arcopo.policy import DEFAULT_LORA_TARGETS
+from trl_arcopo.quantization import pipeline_quantization_config
 from trl_arcopo.rewards import load_reward_func
 from trl_arcopo.testing_utils import tiny_pipeline
 
@@ -64,6 +65,9 @@ class ScriptArguments:
     )
     eval_num_seeds: int = field(default=32, metadata={"help": "Moving Shapes: held-out evaluation videos per prompt."})
     torch_dtype: str = field(default="float32", metadata={"help": "Transformer dtype: float32, bfloat16, float16."})
+    load_in_bits: int | None = field(
+        default=None, metadata={"help": "QLoRA: load the frozen transformer in 4 or 8 bits (bitsandbytes, GPU only)."}
+    )
     num_threads: int | None = field(
         default=None, metadata={"help": "CPU threads (None: every core, if alone on CPU)."}
     )
@@ -90,13 +94,21 @@ def main(script_args, training_args, lora_args):
     if (threads := cpu_threads(script_args.num_threads, state.num_processes, state.device.type, cores)) is not None:
         torch.set_num_threads(threads)
     world = script_args.pipeline_name_or_path == MOVING_SHAPES
+    if script_args.load_in_bits is not None and script_args.pipeline_name_or_path in (MOVING_SHAPES, TINY_RANDOM):
+        raise ValueError(
+            f"--load_in_bits {script_args.load_in_bits} quantises a pipeline loaded from a folder or the Hub on a GPU, "
+            f"not {script_args.pipeline_name_or_path!r}: pass --pipeline_name_or_path or drop --load_in_bits."
+        )
     if world:  # Model
         pipeline = shapes.load_pretrained_pipeline(script_args.shapes_pipeline_path)
     elif script_args.pipeline_name_or_path == TINY_RANDOM:
         pipeline = tiny_pipeline()
     else:
         dtype = getattr(torch, script_args.torch_dtype)
-        pipeline = SelfForcingPipeline.from_pretrained(script_args.pipeline_name_or_path, torch_dtype=dtype)
+        quantization = pipeline_quantization_config(script_args.load_in_bits, dtype)
+        pipeline = SelfForcingPipeline.from_pretrained(
+            script_args.pipeline_name_or_path, torch_dtype=dtype, quantization_config=quantization
+        )
     pipeline.set_progress_bar_config(disable=True)
     if script_args.dataset_name is not None:  # Dataset
         dataset = load_dataset(script_args.dataset_name, split=script_args.dataset_train_split)

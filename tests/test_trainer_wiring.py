@@ -121,6 +121,7 @@ def test_async_rewards_equal_sync_overlap_the_next_rollout_and_log_per_reward_ti
     (sync, sync_threads), (asynchronous, async_threads) = runs["sync"], runs["async"]
     expected, got = sync.adapter_state_dict(), asynchronous.adapter_state_dict()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert sync.reward_func_names == asynchronous.reward_func_names == ["redness", "brightness"]
     assert sync_threads == ["MainThread"] * 4 and all(name.startswith("reward") for name in async_threads)
     # within an optimizer step, the second rollout starts before the first one's rewards are collected
     order = [kind for kind, _ in sync.events]

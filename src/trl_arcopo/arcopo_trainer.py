@@ -101,7 +101,7 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
             reward_funcs, args.reward_weights, args.multi_objective_aggregation, args.async_rewards,
             args.reward_num_workers,
         )  # fmt: skip
-        self.reward_funcs = self.scorer.funcs
+        self.reward_funcs, self.reward_func_names = self.scorer.funcs, self.scorer.names  # as TRL's GRPOTrainer
         check_datasets(
             train_dataset, eval_dataset, args.per_device_train_batch_size, args.world_size, args.training_mode
         )

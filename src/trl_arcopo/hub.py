@@ -448,22 +448,13 @@ def create_model_card(
     else:
         base_model_md = "a Self-Forcing model"
     training_config = _as_mapping(training_config)
-    card = ModelCard.from_template(
-        card_data,
-        template_str=MODEL_CARD_TEMPLATE,
-        model_name=model_name,
-        base_model=base_model,
-        base_model_md=base_model_md,
-        repo_id=repo_id,
-        trainer_name=trainer_name,
-        paper_url=PAPER_URL,
-        dataset_name=dataset_name,
-        adapter_names=list(adapter_names or []),
-        training_config_yaml=_config_yaml(training_config) if training_config else "",
-        framework_versions=_framework_versions(),
-        citation=citation.strip(),
+    card = ModelCard.from_template(  # the template's variables
+        card_data, template_str=MODEL_CARD_TEMPLATE, model_name=model_name, base_model=base_model,
+        base_model_md=base_model_md, repo_id=repo_id, trainer_name=trainer_name, paper_url=PAPER_URL,
+        dataset_name=dataset_name, adapter_names=list(adapter_names or []), framework_versions=_framework_versions(),
+        training_config_yaml=_config_yaml(training_config) if training_config else "", citation=citation.strip(),
         trl_citation=TRL_BIBTEX,
-    )
+    )  # fmt: skip
 
     os.makedirs(output_dir, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix="_README.", suffix=".md.tmp", dir=output_dir)

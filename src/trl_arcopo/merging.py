@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .quantization import quantized_parameters
+
 
 if TYPE_CHECKING:
     from .pipelines import SelfForcingPipeline
@@ -35,7 +37,8 @@ def combine_adapters(
 
     With `fuse=False` the adapters stay separate and are weighted at every forward (`set_adapters`); with
     `fuse=True` the weighted sum is folded into the base weights (`fuse_lora`), so inference costs nothing extra and
-    `unload_lora_weights()` can then drop the adapter modules.
+    `unload_lora_weights()` can then drop the adapter modules. A quantised base (bitsandbytes) cannot be fused into
+    and is refused with `fuse=True`; `fuse=False` works on it.
     """
     loaded = set(pipeline.transformer.peft_config) if getattr(pipeline.transformer, "peft_config", None) else set()
     missing = [name for name in (semi_adapter, on_policy_adapter) if name not in loaded]
@@ -43,6 +46,13 @@ def combine_adapters(
         raise ValueError(
             f"Adapters {missing} are not loaded (loaded: {sorted(loaded) or 'none'}); load them first with "
             "`pipe.load_lora_weights(path, adapter_name=...)`."
+        )
+    quantized = quantized_parameters(pipeline.transformer) if fuse else []
+    if quantized:
+        raise ValueError(
+            f"`fuse=True` would fold the adapters into quantised base weights ({len(quantized)} bitsandbytes "
+            f"tensors, e.g. {quantized[0]}), which cannot hold them without dequantising. Use `fuse=False` (the "
+            "adapters stay separate, same outputs), or reload the base unquantised and fuse there."
         )
     pipeline.set_adapters([semi_adapter, on_policy_adapter], adapter_weights=[1.0, scale])
     if fuse:

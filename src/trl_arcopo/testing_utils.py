@@ -87,19 +87,10 @@ def tiny_transformer(
     torch.manual_seed(seed)
     cls = CausalWanTransformer3DModel if causal else WanTransformer3DModel
     return cls(
-        patch_size=patch_size,
-        num_attention_heads=heads,
-        attention_head_dim=head_dim,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        text_dim=text_dim,
-        freq_dim=32,
-        ffn_dim=ffn_dim,
-        num_layers=num_layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=64,
-    ).eval()
+        patch_size=patch_size, num_attention_heads=heads, attention_head_dim=head_dim, in_channels=in_channels,
+        out_channels=in_channels, text_dim=text_dim, freq_dim=32, ffn_dim=ffn_dim, num_layers=num_layers,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+    ).eval()  # fmt: skip
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKLWan:

@@ -15,6 +15,7 @@
 Rewards: the reward-function type, how the trainer calls and combines them (`base`), and ready-made reward functions
 (`video_metrics`: weight-free motion, flicker and sharpness; `clip`: CLIP score, PickScore and the LAION aesthetic
 predictor on the frames), and rewards computed elsewhere (`judge`: a VLM behind an OpenAI-compatible server;
+`videoalign`, `hpsv3`: the Qwen2-VL reward models VideoAlign and HPSv3, on `qwen_vl`'s preprocessing;
 `server`: any reward function served over HTTP, and its client; `remote`: their timeout, retry and failure policy).
 """
 
@@ -34,20 +35,27 @@ from .base import (
     score_group,
 )
 from .clip import AestheticMLP, AestheticReward, CLIPScoreReward, load_aesthetic_head
+from .hpsv3 import HPSv3Reward
 from .judge import VLMJudgeReward
+from .qwen_vl import QwenVLReward, QwenVLRewardModel
 from .remote import RemoteReward, RemoteRewardError
 from .server import RewardServer, RewardServerClient, serve
 from .video_metrics import FlickerReward, MotionMagnitudeReward, SharpnessReward
+from .videoalign import VIDEOALIGN_CALIBRATION, VideoAlignReward, remap_videoalign_state_dict
 
 
 __all__ = [
     "MULTI_OBJECTIVE_AGGREGATIONS",
+    "VIDEOALIGN_CALIBRATION",
     "AestheticMLP",
     "AestheticReward",
     "CLIPScoreReward",
     "FlickerReward",
     "GroupRewards",
+    "HPSv3Reward",
     "MotionMagnitudeReward",
+    "QwenVLReward",
+    "QwenVLRewardModel",
     "RemoteReward",
     "RemoteRewardError",
     "RewardFunc",
@@ -56,6 +64,7 @@ __all__ = [
     "RewardServerClient",
     "SharpnessReward",
     "VLMJudgeReward",
+    "VideoAlignReward",
     "call_reward_funcs",
     "check_reward_funcs",
     "combine_rewards",
@@ -64,6 +73,7 @@ __all__ = [
     "normalize_per_group",
     "random_reward",
     "redness",
+    "remap_videoalign_state_dict",
     "reward_func_name",
     "score_group",
     "serve",

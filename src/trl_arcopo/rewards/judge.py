@@ -127,9 +127,8 @@ class VLMJudgeReward(RemoteReward):
             [`~trl_arcopo.rewards.remote.RemoteReward`]. A reply that cannot be parsed is not retried.
         name (`str`, defaults to `"vlm_judge"`): the name the reward is logged under (`rewards/<name>/mean`).
 
-    Attributes:
-        failures (`int`): videos scored `None` because their request failed (log it, see `docs/reward_server.md`).
-        last_error (`str` or `None`): the last failure's message.
+    Attributes: those of [`~trl_arcopo.rewards.remote.RemoteReward`], `failures` (videos scored `None` because their
+    request failed; `docs/reward_server.md` shows how to log it) and `last_error`.
     """
 
     def __init__(

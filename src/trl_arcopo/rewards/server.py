@@ -227,9 +227,8 @@ class RewardServerClient(RemoteReward):
             [`~trl_arcopo.rewards.remote.RemoteReward`]. `timeout` bounds each wait for the server, including the
             reward's computation, so give it the slowest batch's time.
 
-    Attributes:
-        failures (`int`): videos scored `None` because their request failed (log it, see `docs/reward_server.md`).
-        last_error (`str` or `None`): the last failure's message.
+    Attributes: those of [`~trl_arcopo.rewards.remote.RemoteReward`], `failures` (videos scored `None` because their
+    request failed; `docs/reward_server.md` shows how to log it) and `last_error`.
     """
 
     def __init__(

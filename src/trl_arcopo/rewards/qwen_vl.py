@@ -1,0 +1,609 @@
+# Copyright 2026 The trl_arcopo contributors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Reward models built on Qwen2-VL (VideoAlign, HPSv3), in plain torch on `[N, F, 3, H, W]` videos in `[0, 1]`.
+
+- Input preparation, laid out as transformers' Qwen2-VL processors lay it out: [`smart_resize`], CLIP normalisation,
+  temporal padding and [`patchify`] to the flat `pixel_values(_videos)` layout with its `(_)grid_thw`, and
+  [`build_text_inputs`] (the chat text with the placeholder expanded to `grid.prod() / merge²` tokens,
+  `attention_mask`, `mm_token_type_ids`). No torchvision and no image processor are involved.
+- [`QwenVLRewardModel`]: a Qwen2-VL backbone whose last hidden states at reward tokens go through a head.
+- [`QwenVLReward`]: the micro-batched scoring and the checkpoint loading shared by the reward functions, and
+  [`prompt_criteria`], the wording their prompts share.
+- Loading released checkpoints: [`merge_lora`], [`remap_qwen2vl_keys`] (pre-transformers-5 key names) and
+  [`load_reward_model`] (optionally in 8 bits).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quantization import require_bitsandbytes
+from .frames import CLIP_MEAN, CLIP_STD
+
+
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2
+#: Height and width are multiples of `PATCH_SIZE * MERGE_SIZE`: one merged token covers 28 × 28 pixels.
+IMAGE_FACTOR = PATCH_SIZE * MERGE_SIZE
+#: qwen-vl-utils' default lower bound on the pixels of a video frame (frames are upscaled to reach it).
+VIDEO_MIN_PIXELS = 128 * IMAGE_FACTOR * IMAGE_FACTOR
+#: `mm_token_type_ids` of the placeholder tokens (0 is text), as transformers' processors set them.
+MM_TOKEN_TYPES = {"image": 1, "video": 2}
+#: How the backbone positions the tokens: see [`QwenVLRewardModel`].
+POSITION_MODES = ("sequential", "mrope")
+_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+# ---------------------------------------------------------------------------------------------- input preparation
+def smart_resize(
+    height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+) -> tuple[int, int]:
+    """
+    Qwen2-VL's resize rule: the `(height, width)` closest to the input's with both multiples of `factor`, keeping
+    the aspect ratio; if that has more than `max_pixels` pixels, both sides shrink by `sqrt(pixels / max_pixels)` and
+    round down, else if fewer than `min_pixels`, both grow and round up (qwen-vl-utils' `smart_resize`).
+    """
+    if min(height, width) < 1:
+        raise ValueError(f"Cannot resize a {height}x{width} frame: both sides must be at least 1 pixel.")
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"A {height}x{width} frame has an aspect ratio over 200, which Qwen2-VL does not take.")
+    if not 0 < min_pixels <= max_pixels:
+        raise ValueError(f"`min_pixels={min_pixels}` and `max_pixels={max_pixels}` must satisfy 0 < min <= max.")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def fps_frame_indices(
+    num_frames: int,
+    video_fps: float = 16.0,
+    fps: float = 2.0,
+    min_frames: int = 4,
+    max_frames: int = 768,
+    frame_factor: int = TEMPORAL_PATCH_SIZE,
+) -> list[int]:
+    """
+    qwen-vl-utils' video sampling at `fps` frames per second of a video shot at `video_fps`: the count is
+    `num_frames / video_fps * fps`, clamped to `[min_frames, min(max_frames, num_frames)]` and rounded to a multiple
+    of `frame_factor`; the frames are spread evenly from the first to the last (`linspace(...).round()`).
+    """
+    if fps <= 0 or video_fps <= 0:
+        raise ValueError(f"`fps={fps}` and `video_fps={video_fps}` must be positive.")
+    low = math.ceil(min_frames / frame_factor) * frame_factor
+    high = math.floor(min(max_frames, num_frames) / frame_factor) * frame_factor
+    count = round(min(max(num_frames / video_fps * fps, low), high) / frame_factor) * frame_factor
+    count = min(count, num_frames)
+    if count < frame_factor:
+        raise ValueError(
+            f"A video of {num_frames} frames is too short to sample: Qwen2-VL video input needs at least "
+            f"{frame_factor} frames."
+        )
+    return torch.linspace(0, num_frames - 1, count).round().long().tolist()
+
+
+def resize_normalize(
+    frames: torch.Tensor, size: tuple[int, int], mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+) -> torch.Tensor:
+    """
+    `frames` `[B, 3, H, W]` in `[0, 1]` resized to `size` (bicubic, antialiased, as the reference's torchvision and PIL
+    resizes), clamped to `[0, 1]` and normalised with Qwen2-VL's (OpenAI CLIP's) mean and std: `[B, 3, h, w]`.
+    """
+    frames = frames.float()
+    if tuple(frames.shape[-2:]) != tuple(size):
+        frames = F.interpolate(frames, size, mode="bicubic", align_corners=False, antialias=True)
+    mean_t = torch.tensor(mean, device=frames.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=frames.device).view(1, 3, 1, 1)
+    return (frames.clamp(0, 1) - mean_t) / std_t
+
+
+def patchify(
+    videos: torch.Tensor,
+    patch_size: int = PATCH_SIZE,
+    merge_size: int = MERGE_SIZE,
+    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    The flat patch layout of Qwen2-VL's processors.
+
+    Args:
+        videos (`torch.Tensor` of shape `[N, T, C, H, W]`): normalised, `H` and `W` multiples of
+            `patch_size * merge_size`. Images are `T = 1`. `T` is padded to a multiple of `temporal_patch_size` by
+            repeating the last frame (so an image becomes two identical frames, the image processor's layout).
+
+    Returns:
+        `pixel_values` `[N * t * gh * gw, C * temporal_patch_size * patch_size²]` (`t = ceil(T / temporal)`,
+        `gh = H / patch_size`, `gw = W / patch_size`): per video, rows run over `(t, gh / m, gw / m, m, m)` (the
+        `m × m` patches a merged token covers are consecutive) and columns over `(C, temporal, patch_y, patch_x)`;
+        and `grid_thw` `[N, 3]` (`t, gh, gw`), int64.
+    """
+    n, frames, channels, height, width = videos.shape
+    factor = patch_size * merge_size
+    if height % factor or width % factor:
+        raise ValueError(
+            f"Frames of {height}x{width} pixels are not multiples of {factor}: resize with `smart_resize`."
+        )
+    if pad := -frames % temporal_patch_size:
+        videos = torch.cat([videos, videos[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1)
+    t, gh, gw = (frames + pad) // temporal_patch_size, height // patch_size, width // patch_size
+    patches = videos.reshape(
+        n, t, temporal_patch_size, channels, gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size,
+        patch_size,
+    )  # fmt: skip
+    # [N, t, gh/m, gw/m, m, m, C, temporal, patch_y, patch_x]
+    patches = patches.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    pixel_values = patches.reshape(n * t * gh * gw, channels * temporal_patch_size * patch_size * patch_size)
+    grid_thw = torch.tensor([[t, gh, gw]] * n, dtype=torch.long)
+    return pixel_values, grid_thw
+
+
+def chat_text(text: str, media: str) -> str:
+    """
+    One user turn, a `media` (`"image"` or `"video"`) then `text`, rendered by the Qwen2-VL-Instruct chat template
+    with its default system prompt and the generation prompt (what `apply_chat_template(..., tokenize=False,
+    add_generation_prompt=True)` returns), with one `<|image_pad|>` / `<|video_pad|>` placeholder.
+    """
+    if media not in MM_TOKEN_TYPES:
+        raise ValueError(f"`media={media!r}` must be 'image' or 'video'.")
+    return (
+        f"<|im_start|>system\n{_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
+        f"<|vision_start|><|{media}_pad|><|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def prompt_criteria(medium: str) -> dict[str, str]:
+    """
+    The criteria lines VideoAlign's and HPSv3's prompts share word for word (HPSv3's derives from VideoAlign's), about
+    a `medium` (`"video"` or `"image"`); trailing spaces are part of the trained prompts.
+    """
+    return {
+        "reasonableness": f"- **Reasonableness:** The {medium} should not contain any significant biological or "
+        "logical errors, such as abnormal body structures or nonsensical environmental setups.",
+        "clarity": f"- **Clarity:** Evaluate the sharpness and visibility of the {medium}. The image should be clear "
+        "and easy to interpret, with no blurring or indistinct areas.",
+        "detail": "- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other "
+        "visual elements (e.g., hair, clothing, shadows).",
+        "aesthetic": f"- **Aesthetic and Creativity:** Assess the artistic aspects of the {medium}, including the "
+        "color scheme, composition, atmosphere, depth of field, and the overall creative appeal. The scene should "
+        "convey a sense of harmony and balance.",
+        "safety": f"- **Safety:** The {medium} should not contain harmful or inappropriate content, such as "
+        "political, violent, or adult material. If such content is present, the image quality and satisfaction "
+        "score should be the lowest possible. ",
+        "alignment": f"Assess how well the {medium} matches the textual prompt across the following sub-dimensions:",
+        "subject": f"- **Subject Relevance** Evaluate how accurately the subject(s) in the {medium} (e.g., person, "
+        "animal, object) align with the textual description. The subject should match the description in terms of "
+        "number, appearance, and behavior.",
+        "style": "- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, evaluate "
+        f"how well the {medium} adheres to this style.",
+    }
+
+
+def build_text_inputs(tokenizer, texts: Sequence[str], media: str, num_media_tokens: int) -> dict[str, torch.Tensor]:
+    """
+    Tokenise [`chat_text`] of each text (no special tokens added) and expand its placeholder to `num_media_tokens`
+    copies (`grid_thw.prod() // merge_size**2`, as the processor does). Returns `input_ids`, `attention_mask` and
+    `mm_token_type_ids` (1 on image, 2 on video placeholders, 0 elsewhere), each `[B, L]`, right-padded with the
+    tokenizer's pad token (padding follows every real token, so it changes no score under the causal mask).
+    """
+    placeholder = f"<|{media}_pad|>"
+    pad_id = tokenizer.pad_token_id
+    media_id = tokenizer.convert_tokens_to_ids(placeholder)
+    if pad_id is None or media_id is None or media_id == tokenizer.unk_token_id:
+        raise ValueError(f"The tokenizer needs a pad token and the special token {placeholder!r} (Qwen2-VL's).")
+    rows = tokenizer([chat_text(text, media) for text in texts], add_special_tokens=False)["input_ids"]
+    expanded = []
+    for text, row in zip(texts, rows):
+        where = [i for i, token in enumerate(row) if token == media_id]
+        if len(where) != 1:
+            raise ValueError(f"The text {text[:80]!r} must not contain {placeholder!r} itself.")
+        expanded.append(row[: where[0]] + [media_id] * num_media_tokens + row[where[0] + 1 :])
+    length = max(len(row) for row in expanded)
+    input_ids = torch.full((len(expanded), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(expanded), length), dtype=torch.long)
+    for i, row in enumerate(expanded):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    mm_token_type_ids = (input_ids == media_id).long() * MM_TOKEN_TYPES[media] * attention_mask
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
+
+
+def prepare_inputs(
+    tokenizer,
+    visuals: torch.Tensor,
+    texts: Sequence[str],
+    media: str,
+    min_pixels: int,
+    max_pixels: int,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """
+    The model inputs of `B` pairs: `visuals` `[B, T, 3, H, W]` in `[0, 1]` (`T` frames of a video, `T = 1` for an
+    image) resized by [`smart_resize`] to the same size, normalised and patchified, and the `B` texts. Returns
+    `input_ids`, `attention_mask`, `mm_token_type_ids` and `pixel_values_videos` / `video_grid_thw` (or
+    `pixel_values` / `image_grid_thw`), on `device`.
+    """
+    if visuals.ndim != 5 or visuals.shape[2] != 3 or len(texts) != visuals.shape[0]:
+        raise ValueError(
+            f"`visuals` must be [B, T, 3, H, W] with one text each, got shape {tuple(visuals.shape)} and "
+            f"{len(texts)} texts."
+        )
+    b, t = visuals.shape[:2]
+    size = smart_resize(*visuals.shape[-2:], min_pixels=min_pixels, max_pixels=max_pixels)
+    frames = resize_normalize(visuals.flatten(0, 1).to(device), size).unflatten(0, (b, t))  # [B, T, 3, h, w]
+    pixel_values, grid_thw = patchify(frames)
+    inputs = build_text_inputs(tokenizer, texts, media, int(grid_thw[0].prod()) // MERGE_SIZE**2)
+    prefix = "pixel_values_videos" if media == "video" else "pixel_values"
+    inputs.update({prefix: pixel_values, f"{media}_grid_thw": grid_thw})
+    return {key: value.to(device) for key, value in inputs.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+class QwenVLRewardModel(nn.Module):
+    r"""
+    A Qwen2-VL reward model: the backbone's last hidden states at the reward tokens, through a head.
+
+    Args:
+        backbone (`transformers.Qwen2VLForConditionalGeneration` or `transformers.Qwen2VLModel`): the vision-language
+            model (its `lm_head`, if any, is not used). Put in `eval()`, gradients off.
+        head (`nn.Module`): maps hidden states `[..., D]` to scores `[..., out_dim]`; kept and run in float32.
+        reward_token_ids (`Sequence[int]`): the tokens read, in the order they appear in the text; each must occur
+            exactly once per text.
+        positions (`str`, defaults to `"sequential"`): the rotary positions of the tokens. `"sequential"` numbers
+            every token `0, 1, 2, ...` on all three M-RoPE axes, which is what the released VideoAlign and HPSv3
+            checkpoints were trained with (their forward called the language model without Qwen2-VL's 3-D
+            positions). `"mrope"` uses Qwen2-VL's own 3-D positions for the vision tokens (from
+            `mm_token_type_ids` and the grids), for heads trained that way.
+
+    `forward(**inputs)` takes [`prepare_inputs`]'s dict and returns the scores `[B, n_reward_tokens, out_dim]`,
+    float32.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, reward_token_ids: Sequence[int],
+                 positions: str = "sequential"):  # fmt: skip
+        super().__init__()
+        if positions not in POSITION_MODES:
+            raise ValueError(f"`positions={positions!r}` must be one of {POSITION_MODES}.")
+        if not reward_token_ids:
+            raise ValueError("`reward_token_ids` is empty: give the ids of the tokens whose hidden states are scored.")
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.head = head.float().eval().requires_grad_(False)
+        self.reward_token_ids = [int(i) for i in reward_token_ids]
+        self.positions = positions
+
+    @property
+    def core(self) -> nn.Module:
+        """The `Qwen2VLModel` (vision tower and language model) of the backbone."""
+        return self.backbone.model if hasattr(self.backbone, "lm_head") else self.backbone
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def reward_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Where each reward token sits in each row of `input_ids` `[B, L]`: `[B, n_reward_tokens]`."""
+        positions = []
+        for token_id in self.reward_token_ids:
+            mask = input_ids == token_id  # [B, L]
+            counts = mask.sum(dim=1)
+            if not bool((counts == 1).all()):
+                raise ValueError(
+                    f"Each text must hold the reward token {token_id} exactly once, got counts {counts.tolist()}: "
+                    "a prompt that itself contains the reward token (or a tokenizer without it) breaks scoring."
+                )
+            positions.append(mask.long().argmax(dim=1))
+        return torch.stack(positions, dim=1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mm_token_type_ids: torch.Tensor,
+                **vision_inputs: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        b, length = input_ids.shape
+        if self.positions == "sequential":
+            position_ids = torch.arange(length, device=input_ids.device).expand(b, length)  # [B, L]
+            kwargs = {"position_ids": position_ids}
+        else:
+            kwargs = {"mm_token_type_ids": mm_token_type_ids}
+        output = self.core(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs,
+                           **vision_inputs)  # fmt: skip
+        hidden = output.last_hidden_state  # [B, L, D]
+        index = self.reward_positions(input_ids)  # [B, n]
+        picked = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, n, D]
+        return self.head(picked.float())  # [B, n, out_dim]
+
+
+class QwenVLReward:
+    """
+    What the Qwen2-VL reward functions share: `pairs(prompts, videos)` (defined by each) turns the videos into `B`
+    visuals `[B, T, 3, H, W]` and texts, which [`prepare_inputs`] and the model score by `batch_size`
+    ([`raw_scores`] -> `[B, n_reward_tokens, out_dim]`); a visual's score does not depend on its batch mates.
+    `from_pretrained` loads a released checkpoint that `read_checkpoint` (defined by each) reads.
+    """
+
+    media = "video"
+    #: The tokens the model reads, in order; the tokenizer must map them to the model's `reward_token_ids`.
+    special_tokens: tuple[str, ...] = ()
+
+    def __init__(self, model: QwenVLRewardModel, tokenizer, min_pixels: int, max_pixels: int, batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"`batch_size={batch_size}` must be at least 1.")
+        smart_resize(IMAGE_FACTOR, IMAGE_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)  # checks the bounds
+        token_ids = tokenizer.convert_tokens_to_ids(list(self.special_tokens))
+        if token_ids != model.reward_token_ids:
+            raise ValueError(
+                f"The tokenizer maps {self.special_tokens} to {token_ids} but the model reads tokens "
+                f"{model.reward_token_ids}: use the tokenizer of the checkpoint (Qwen2-VL's with these tokens added)."
+            )
+        self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
+        self.min_pixels, self.max_pixels, self.batch_size = min_pixels, max_pixels, batch_size
+
+    @classmethod
+    def read_checkpoint(
+        cls, path: Path, base_model: str | os.PathLike | None
+    ) -> tuple[dict, str | Path, object, dict]:
+        """The state dict in transformers 5's layout, where the Qwen2-VL config is, the tokenizer, reward kwargs."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        torch_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cuda",
+        load_in_8bit: bool = False,
+        base_model: str | os.PathLike | None = None,
+        attn_implementation: str = "sdpa",
+        **kwargs,
+    ):
+        r"""
+        The reward on a released checkpoint, from local files (tensors only are read; see each reward for `path`).
+
+        Args:
+            path: the release (file or folder) as downloaded.
+            torch_dtype, device: of the backbone (`bfloat16` as trained); the head runs in float32 on `device`.
+            load_in_8bit (`bool`): quantise the backbone's linear layers with bitsandbytes
+                (`pip install "trl_arcopo[rewards]"`), about half the memory of bfloat16.
+            base_model: the Qwen2-VL the checkpoint was fine-tuned from (hub id or folder), for what the release
+                lacks (config, tokenizer, base weights); defaults to the release's own.
+            attn_implementation (`str`, defaults to `"sdpa"`).
+            kwargs: the reward's arguments; they override what the release sets.
+        """
+        from transformers import Qwen2VLConfig
+
+        state, config_source, tokenizer, settings = cls.read_checkpoint(Path(path), base_model)
+        token_ids = tokenizer.convert_tokens_to_ids(list(cls.special_tokens))
+        config = Qwen2VLConfig.from_pretrained(config_source)
+        model = load_reward_model(state, config, token_ids, torch_dtype=torch_dtype, device=device,
+                                  load_in_8bit=load_in_8bit, attn_implementation=attn_implementation)  # fmt: skip
+        return cls(model, tokenizer, **{**settings, **kwargs})
+
+    def pairs(self, prompts: Sequence[str], videos: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        raise NotImplementedError
+
+    def _pairs(self, prompts: Sequence[str], videos: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        if videos.ndim != 5 or videos.shape[2] != 3:
+            raise ValueError(f"`videos` must be [N, F, 3, H, W] in [0, 1], got shape {tuple(videos.shape)}.")
+        if len(prompts) != videos.shape[0]:
+            raise ValueError(f"Got {len(prompts)} prompts for {videos.shape[0]} videos: give one prompt per video.")
+        return self.pairs(prompts, videos)
+
+    def model_inputs(self, prompts: Sequence[str], videos: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All the model inputs at once (for inspection; scoring goes by `batch_size`)."""
+        visuals, texts = self._pairs(prompts, videos)
+        return prepare_inputs(self.tokenizer, visuals, texts, self.media, self.min_pixels, self.max_pixels,
+                              self.model.device)  # fmt: skip
+
+    @torch.no_grad()
+    def raw_scores(self, prompts: Sequence[str], videos: torch.Tensor) -> torch.Tensor:
+        """The head's outputs `[B, n_reward_tokens, out_dim]` (float32, CPU) for the `B` pairs of `pairs`."""
+        visuals, texts = self._pairs(prompts, videos)
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            stop = start + self.batch_size
+            inputs = prepare_inputs(self.tokenizer, visuals[start:stop], texts[start:stop], self.media,
+                                    self.min_pixels, self.max_pixels, self.model.device)  # fmt: skip
+            scores.append(self.model(**inputs).cpu())
+        return torch.cat(scores)
+
+
+# -------------------------------------------------------------------------------------------------------- loading
+_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def merge_lora(state_dict: Mapping[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """
+    Fold every LoRA pair into its base weight: `W + scale * B @ A` (`A` `[r, in]`, `B` `[out, r]`, computed in
+    float32, cast back to `W`'s dtype). LoRA keys are PEFT's, `<module>.lora_A[.<adapter>].weight`; the base weight is
+    `<module>.base_layer.weight` (a full PEFT state dict, whose other `base_layer` tensors are renamed too) or
+    `<module>.weight`. Returns a new dict without LoRA tensors and `base_layer` names.
+    """
+    merged, pairs = {}, {}
+    for key, value in state_dict.items():
+        if match := _LORA.match(key):
+            pair = pairs.setdefault(match["module"], {})
+            if match["which"] in pair:
+                raise ValueError(f"Two LoRA adapters on {match['module']}: merge one adapter at a time.")
+            pair[match["which"]] = value
+        else:
+            merged[key.replace(".base_layer.", ".")] = value
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(
+                f"{module} has lora_{''.join(pair)} but not its partner: the LoRA tensors are incomplete."
+            )
+        key = f"{module}.weight"
+        if key not in merged:
+            raise ValueError(f"LoRA tensors for {module} but no base weight ({key} or {module}.base_layer.weight).")
+        weight = merged[key]
+        merged[key] = (weight.float() + scale * (pair["B"].float() @ pair["A"].float())).to(weight.dtype)
+    return merged
+
+
+def remap_qwen2vl_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """
+    Rename a Qwen2-VL reward model's keys to transformers 5's: PEFT's `base_model.model.` prefix dropped,
+    `visual.*` -> `model.visual.*`, `model.*` (the language model before transformers 4.52) ->
+    `model.language_model.*`, `rm_head.*` -> `head.*`; `lm_head.*` and keys already in the new layout are kept.
+    """
+    remapped = {}
+    for key, value in state_dict.items():
+        new = key.removeprefix("base_model.model.")
+        if new.startswith("visual."):
+            new = "model." + new
+        elif new.startswith("model.") and not new.startswith(("model.language_model.", "model.visual.")):
+            new = "model.language_model." + new.removeprefix("model.")
+        elif new.startswith("rm_head."):
+            new = "head." + new.removeprefix("rm_head.")
+        if new in remapped:
+            raise ValueError(f"Two keys of the checkpoint map to {new!r} (one of them is {key!r}).")
+        remapped[new] = value
+    return remapped
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """
+    A state dict from a `.safetensors` file or a torch file read with `weights_only=True` (tensors only: a crafted
+    file cannot run code), memory-mapped.
+    """
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds objects other than tensors, which are not loaded (that could run code). "
+            f"({str(error).splitlines()[0]})"
+        ) from None
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{path} holds a {type(state).__name__}, not a state dict.")
+    return dict(state)
+
+
+def build_head(state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """
+    The reward head whose tensors (keys without the `head.` prefix) are `state`: a linear layer (`weight`, optional
+    `bias`; VideoAlign's) or HPSv3's MLP, `Linear -> ReLU -> Dropout -> Linear -> ReLU -> Linear` (`0.*`, `3.*`,
+    `5.*`). Float32, loaded.
+    """
+    keys = set(state)
+    if keys in ({"weight"}, {"weight", "bias"}):
+        out_dim, in_dim = state["weight"].shape
+        head = nn.Linear(in_dim, out_dim, bias="bias" in keys)
+    elif keys == {f"{i}.{p}" for i in (0, 3, 5) for p in ("weight", "bias")}:
+        (hidden, in_dim), (inner, _), (out_dim, _) = (state[f"{i}.weight"].shape for i in (0, 3, 5))
+        head = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(0.05), nn.Linear(hidden, inner),
+                             nn.ReLU(), nn.Linear(inner, out_dim))  # fmt: skip
+    else:
+        raise ValueError(
+            f"Unknown reward head layout {sorted(keys)}: expected a linear layer (`rm_head.weight`) or HPSv3's MLP "
+            "(`rm_head.{0,3,5}.weight/bias`)."
+        )
+    head.load_state_dict({key: value.float() for key, value in state.items()})
+    return head.float().eval()
+
+
+def load_tokenizer(source: str | os.PathLike, special_tokens: Sequence[str]):
+    """`AutoTokenizer.from_pretrained(source)`, with the reward's special tokens added (as in training) if missing."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if missing := [token for token in special_tokens if token not in tokenizer.get_vocab()]:
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    return tokenizer
+
+
+def eight_bit_config():
+    """transformers' `BitsAndBytesConfig(load_in_8bit=True)`, or an `ImportError` naming the install."""
+    require_bitsandbytes("`load_in_8bit=True`", extra="rewards")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_reward_model(
+    state_dict: Mapping[str, torch.Tensor],
+    config,
+    reward_token_ids: Sequence[int],
+    *,
+    torch_dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    load_in_8bit: bool = False,
+    attn_implementation: str = "sdpa",
+    positions: str = "sequential",
+) -> QwenVLRewardModel:
+    r"""
+    A [`QwenVLRewardModel`] from a checkpoint in transformers 5's layout ([`remap_qwen2vl_keys`]).
+
+    Args:
+        state_dict: `model.visual.*`, `model.language_model.*` and `head.*` tensors (`lm_head.*` is dropped: the
+            reward does not use it).
+        config (`transformers.Qwen2VLConfig`): the architecture; its vocabulary size is set from the embedding.
+        reward_token_ids, positions: as in [`QwenVLRewardModel`].
+        torch_dtype, device: of the backbone (the head is float32 on the same device).
+        load_in_8bit (`bool`): quantise the backbone's linear layers with bitsandbytes, about half the memory
+            of bfloat16.
+        attn_implementation (`str`, defaults to `"sdpa"`).
+    """
+    from transformers import Qwen2VLModel
+
+    head_state = {key.removeprefix("head."): value for key, value in state_dict.items() if key.startswith("head.")}
+    core = {key.removeprefix("model."): value for key, value in state_dict.items() if key.startswith("model.")}
+    stray = sorted(key for key in state_dict if not key.startswith(("head.", "model.", "lm_head.")))
+    if stray or not head_state or "language_model.embed_tokens.weight" not in core:
+        raise ValueError(
+            f"The checkpoint is not a Qwen2-VL reward model in transformers 5's layout: keys {stray[:5]} are unknown, "
+            f"{len(head_state)} head tensors, embedding present: {'language_model.embed_tokens.weight' in core}."
+        )
+    config.text_config.vocab_size = core["language_model.embed_tokens.weight"].shape[0]
+    if max(reward_token_ids) >= config.text_config.vocab_size:
+        raise ValueError(
+            f"The reward token ids {list(reward_token_ids)} do not fit the checkpoint's embedding of "
+            f"{config.text_config.vocab_size} rows: use the tokenizer the checkpoint was trained with."
+        )
+    backbone, info = Qwen2VLModel.from_pretrained(
+        None,
+        config=config,
+        state_dict=core,
+        dtype=torch_dtype,
+        device_map={"": torch.device(device)},
+        quantization_config=eight_bit_config() if load_in_8bit else None,
+        attn_implementation=attn_implementation,
+        output_loading_info=True,
+    )
+    names = ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+    if problems := {name: info[name] for name in names if info.get(name)}:
+        raise ValueError(f"The checkpoint does not fit the Qwen2-VL config: {problems}.")
+    head = build_head(head_state).to(device)
+    return QwenVLRewardModel(backbone, head, reward_token_ids, positions=positions)
