@@ -122,3 +122,29 @@ def test_async_scorer_runs_the_functions_concurrently_with_the_same_values():
     expected = RewardScorer([make(0, False), make(10, False)], [1.0, 0.5]).start(ROWS, VIDEOS, 2)()
     assert torch.equal(got.per_func, expected.per_func) and torch.equal(got.combined, expected.combined)
     assert len(got.seconds_per_func) == 2
+
+
+def test_scorer_moves_reward_models_but_not_quantized_ones():
+    class ModelReward:
+        def __init__(self):
+            self.model = torch.nn.Linear(2, 2)
+            self.embedder = type("Embedder", (), {})()
+            self.embedder.model = torch.nn.Linear(2, 2)  # one level down, like `FrameEmbedder`
+
+        def __call__(self, prompts, videos, **kwargs):
+            return [0.0] * len(prompts)
+
+    class QuantizedReward(ModelReward):
+        def __init__(self):
+            super().__init__()
+            self.model.weight.__class__ = type("Int8Params", (torch.nn.Parameter,), {})  # what bitsandbytes loads
+
+    plain, quantized = ModelReward(), QuantizedReward()
+    RewardScorer([plain, quantized, redness_like]).to("meta")
+    assert plain.model.weight.is_meta and plain.embedder.model.weight.is_meta
+    assert not quantized.model.weight.is_meta  # left where it was loaded
+    assert quantized.embedder.model.weight.is_meta
+
+
+def redness_like(prompts, videos, **kwargs):
+    return [0.0] * len(prompts)

@@ -130,6 +130,7 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
             optimizers=optimizers,
         )
         pipeline.to(self.accelerator.device)
+        self.scorer.to(self.accelerator.device)  # reward models follow the accelerator, unless quantised
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list), "collect": defaultdict(list)}
         self._step = 0  # micro-steps done
         self._buffered_rollout: RolloutGroup | None = None

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from ..quantization import quantized_parameters
+
 
 #: How several reward functions become one reward ([`combine_rewards`]), as TRL's `multi_objective_aggregation`.
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
@@ -247,6 +249,17 @@ def score_group(
     return GroupRewards(per_func, combined, seconds, nonfinite, seconds_per_func, weighted_sum)
 
 
+def reward_modules(func: RewardFunc) -> list[torch.nn.Module]:
+    """The torch modules a reward function holds: its attributes that are modules, and theirs one level down."""
+    found = []
+    for value in getattr(func, "__dict__", {}).values():
+        if isinstance(value, torch.nn.Module):
+            found.append(value)
+        elif hasattr(value, "__dict__") and not isinstance(value, type):
+            found.extend(v for v in vars(value).values() if isinstance(v, torch.nn.Module))
+    return found
+
+
 class RewardScorer:
     """
     The reward functions of a run, their weights and how they are combined: `start(...)` scores a rollout's videos
@@ -279,6 +292,17 @@ class RewardScorer:
             rewards = score()
             return lambda: rewards
         return self._scoring_thread.submit(score).result
+
+    def to(self, device: torch.device | str) -> RewardScorer:
+        """
+        Move the torch modules the reward functions hold (their attributes, and their attributes' attributes, e.g. a
+        CLIP model) to `device`, as the trainer does with its accelerator's device. Quantised modules and modules
+        dispatched with a `device_map` stay where they were loaded.
+        """
+        for module in (m for func in self.funcs for m in reward_modules(func)):
+            if not quantized_parameters(module) and getattr(module, "hf_device_map", None) is None:
+                module.to(device)
+        return self
 
     def close(self) -> None:
         """Stop the threads of `async_rewards` (after the pending scores)."""
