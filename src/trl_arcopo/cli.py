@@ -16,6 +16,8 @@ The `trl-arcopo` command and its subcommands:
 
 - `trl-arcopo reward-server MODULE:CALLABLE [--host H] [--port N] [--kwargs JSON] [--max-concurrency N]`: serve a
   reward function over HTTP ([`~trl_arcopo.rewards.server.serve`]).
+- `trl-arcopo plan CONFIG.yaml [--preset NAME] [--gpu GPU ...] [--grid] [--json]`: predict the FLOPs, memory and
+  time of one iteration before a launch ([`~trl_arcopo.planning.plan`]).
 
 A subcommand is a function `_add_<name>(subparsers)` that adds its parser and sets `run=<function of the parsed
 arguments>`; `main` lists them in `SUBCOMMANDS`.
@@ -99,7 +101,100 @@ def _add_reward_server(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-SUBCOMMANDS = [_add_reward_server]
+# ---------------------------------------------------------------------------------------------------- plan
+def _add_plan(subparsers) -> None:
+    from .planning import GPUS, OPTIMIZERS_8BIT, PRESETS
+
+    parser = subparsers.add_parser(
+        "plan",
+        help="Predict FLOPs, memory and seconds of one AR-CoPO iteration on a GPU (no weights are loaded).",
+        description="Predict, from a config alone, one AR-CoPO iteration (one rollout and its inner updates) per "
+        "process: transformer FLOPs by phase, KV-cache, activation, parameter and optimizer bytes, the peak memory, "
+        "and seconds at an assumed MFU. See docs/planning.md.",
+    )
+    parser.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        help="YAML of examples/train_arcopo.py (e.g. examples/configs/self_forcing.yaml).",
+    )
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default=None,
+        help="The generator, instead of the YAML's pipeline_name_or_path (self-forcing-1.3b: Wan2.1-T2V-1.3B).",
+    )  # fmt: skip
+    parser.add_argument("--gpu", nargs="+", default=["h100"], choices=sorted(GPUS), help="One or more GPUs.")
+    parser.add_argument("--mfu", type=float, default=0.35, help="Assumed model FLOPs utilisation (default 0.35).")
+    parser.add_argument("--num_processes", type=int, default=None, help="Data-parallel processes (default 1).")
+    for name, kind in (
+        ("num_generations", int), ("num_anchors", int), ("num_iterations", int), ("per_device_train_batch_size", int),
+        ("lora_r", int), ("height", int), ("width", int), ("num_frames", int), ("num_frames_per_chunk", int),
+        ("pivot_chunk", int), ("beta", float), ("optim", str),
+    ):  # fmt: skip
+        parser.add_argument(f"--{name}", type=kind, default=None, help=f"Override the config's `{name}`.")
+    parser.add_argument("--torch_dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument(
+        "--mixed_precision", choices=["no", "bf16", "fp16"], default=None, help="Autocast (bf16: true)."
+    )
+    parser.add_argument(
+        "--gradient_checkpointing", choices=["true", "false"], default=None, help="Override activation checkpointing."
+    )
+    parser.add_argument(
+        "--grid", action="store_true",
+        help=f"Print one row per GPU x gradient checkpointing on/off x optimizer (the config's, {OPTIMIZERS_8BIT[0]}).",
+    )  # fmt: skip
+    parser.add_argument("--json", default=None, help="Also write the plan(s) as JSON to this file.")
+
+    def run(args: argparse.Namespace) -> None:
+        import sys
+
+        from .planning import grid_table, load_yaml, plan_config
+
+        overrides = {
+            k: getattr(args, k)
+            for k in ("num_generations", "num_anchors", "num_iterations", "per_device_train_batch_size", "lora_r",
+                      "pivot_chunk", "beta", "optim", "torch_dtype", "mixed_precision")
+            if getattr(args, k) is not None
+        }  # fmt: skip
+        if args.gradient_checkpointing is not None:
+            overrides["gradient_checkpointing"] = args.gradient_checkpointing == "true"
+        if not 0 < args.mfu <= 1:
+            parser.error(f"--mfu {args.mfu} must be in (0, 1], e.g. 0.35.")
+        try:
+            config = load_yaml(args.config) if args.config else {}
+            for key in ("height", "width", "num_frames", "num_frames_per_chunk"):
+                if getattr(args, key) is not None:
+                    config[key] = getattr(args, key)
+            variants = [{}]
+            if args.grid:
+                optim = overrides.get("optim") or config.get("optim") or "adamw_torch"
+                optims = [optim] + [o for o in (OPTIMIZERS_8BIT[0],) if o != optim]
+                variants = [{"gradient_checkpointing": c, "optim": o} for c in (False, True) for o in optims]
+            plans = [
+                plan_config(config, args.preset, gpu=gpu, mfu=args.mfu, num_processes=args.num_processes,
+                            **{**overrides, **variant})
+                for gpu in args.gpu
+                for variant in variants
+            ]  # fmt: skip
+        except (ValueError, TypeError, FileNotFoundError) as error:
+            parser.error(str(error))
+        if args.grid:
+            sys.stdout.write(plans[0].summary(per_run=False) + "\n" + grid_table(plans))
+            for gpu in dict.fromkeys(p.gpu.name for p in plans):
+                over = [p for p in plans if p.gpu.name == gpu and not p.fits]
+                if over:  # the warning of the row that comes closest says what still does not fit
+                    count = sum(p.gpu.name == gpu for p in plans)
+                    closest = min(over, key=lambda p: p.peak_memory_bytes)
+                    sys.stdout.write(f"> WARNING: {len(over)} of {count} rows do not fit; {closest.warnings[0]}\n")
+        else:
+            sys.stdout.write("\n".join(p.to_markdown() for p in plans))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([p.to_dict() for p in plans], f, indent=1)
+
+    parser.set_defaults(run=run)
+
+
+SUBCOMMANDS = [_add_reward_server, _add_plan]
 
 
 def main(argv: list[str] | None = None) -> None:
