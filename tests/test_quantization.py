@@ -109,3 +109,24 @@ def test_quantization_config_and_missing_bitsandbytes(monkeypatch):
         ImportError, match=r"Loading the transformer in 8 bits needs bitsandbytes.*trl_arcopo\[quantization\]"
     ):
         require_bitsandbytes("Loading the transformer in 8 bits")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="diffusers quantises only on a GPU")
+def test_qlora_through_diffusers_on_a_gpu(tmp_path):
+    """A saved pipeline reloaded with its transformer in 4 bits by diffusers trains a LoRA with the base frozen."""
+    from trl_arcopo import SelfForcingPipeline
+
+    tiny_pipeline(heads=2, head_dim=32, ffn_dim=64).save_pretrained(tmp_path / "pipe")
+    pipe = SelfForcingPipeline.from_pretrained(
+        tmp_path / "pipe", torch_dtype=torch.bfloat16, quantization_config=pipeline_quantization_config(4)
+    ).to("cuda")
+    quantized = quantized_parameters(pipe.transformer)
+    assert quantized
+    weights = [p for n, p in pipe.transformer.named_parameters() if n in quantized]
+    base = [p.detach().clone() for p in weights]
+    trainer = tiny_trainer(tmp_path / "run", pipe=pipe, max_steps=2, num_iterations=1, use_cpu=False, bf16=True)
+    before = {k: v.clone() for k, v in trainer.adapter_state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in trainer.adapter_state_dict().items())
+    assert all(torch.equal(p, b) for p, b in zip(weights, base))
