@@ -204,6 +204,19 @@ def test_prompts_are_the_trained_ones():
 
 
 # ------------------------------------------------------------------------------------------------------ VideoAlign
+def _last_hidden_by_hand(backbone, inputs):
+    """The backbone's last hidden states `[L, D]` of one prepared input, with positions 0, 1, 2, ... (as trained)."""
+    extra = {
+        k: inputs[k]
+        for k in ("video_grid_thw", "pixel_values_videos", "image_grid_thw", "pixel_values")
+        if k in inputs
+    }
+    positions = torch.arange(inputs["input_ids"].shape[1])[None]
+    return backbone.model(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], position_ids=positions, **extra
+    ).last_hidden_state[0]
+
+
 def test_videoalign_calibration_aggregation_and_invariances(tiny, videos):
     tokenizer, _, backbone, head = tiny
     reward = _videoalign(tiny)
@@ -216,11 +229,7 @@ def test_videoalign_calibration_aggregation_and_invariances(tiny, videos):
     # the head at each reward token, standardised with the release's mean and std, summed
     inputs = prepare_inputs(tokenizer, videos[1:2, [0, 3, 5, 8]], [videoalign_prompt(PROMPTS[1])], "video", **SMALL)
     with torch.no_grad():
-        hidden = backbone.model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-            position_ids=torch.arange(inputs["input_ids"].shape[1])[None], video_grid_thw=inputs["video_grid_thw"],
-            pixel_values_videos=inputs["pixel_values_videos"],
-        ).last_hidden_state[0]  # fmt: skip
+        hidden = _last_hidden_by_hand(backbone, inputs)
         ids = inputs["input_ids"][0].tolist()
         raw = torch.stack(
             [head(hidden[ids.index(t)])[0] for t in tokenizer.convert_tokens_to_ids(list(VIDEOALIGN_SPECIAL_TOKENS))]
@@ -290,11 +299,7 @@ def test_hpsv3_mean_over_frames_and_invariances(tiny, videos):
     inputs = prepare_inputs(tokenizer, videos[0:1, 4:5], [hpsv3_prompt(PROMPTS[0])], "image", **SMALL)
     assert inputs["image_grid_thw"].tolist() == [[1, 4, 6]]
     with torch.no_grad():
-        hidden = backbone.model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-            position_ids=torch.arange(inputs["input_ids"].shape[1])[None], image_grid_thw=inputs["image_grid_thw"],
-            pixel_values=inputs["pixel_values"],
-        ).last_hidden_state[0]  # fmt: skip
+        hidden = _last_hidden_by_hand(backbone, inputs)
         at = inputs["input_ids"][0].tolist().index(tokenizer.convert_tokens_to_ids(HPSV3_SPECIAL_TOKEN))
         mu = _ranknet_head().eval()(hidden[at])[0]
     assert per_frame[0, 1].item() == pytest.approx(mu.item(), abs=1e-5)
