@@ -139,11 +139,14 @@ def test_scorer_moves_reward_models_but_not_quantized_ones():
             super().__init__()
             self.model.weight.__class__ = type("Int8Params", (torch.nn.Parameter,), {})  # what bitsandbytes loads
 
-    plain, quantized = ModelReward(), QuantizedReward()
-    RewardScorer([plain, quantized, redness_like]).to("meta")
+    plain, quantized, placed = ModelReward(), QuantizedReward(), ModelReward()
+    placed.model.to("meta")  # put elsewhere by the user (e.g. a second GPU)
+    RewardScorer([plain, quantized, placed, redness_like]).to("meta")
     assert plain.model.weight.is_meta and plain.embedder.model.weight.is_meta
     assert not quantized.model.weight.is_meta  # left where it was loaded
     assert quantized.embedder.model.weight.is_meta
+    RewardScorer([placed]).to("cpu")  # a module not on the CPU is not brought back (nor copied out of "meta")
+    assert placed.model.weight.is_meta and placed.embedder.model.weight.is_meta
 
 
 def redness_like(prompts, videos, **kwargs):

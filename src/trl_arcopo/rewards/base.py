@@ -296,11 +296,14 @@ class RewardScorer:
     def to(self, device: torch.device | str) -> RewardScorer:
         """
         Move the torch modules the reward functions hold (their attributes, and their attributes' attributes, e.g. a
-        CLIP model) to `device`, as the trainer does with its accelerator's device. Quantised modules and modules
-        dispatched with a `device_map` stay where they were loaded.
+        CLIP model) from the CPU to `device`, as the trainer does with its accelerator's device. Modules already
+        placed elsewhere (e.g. a reward model put on a second GPU), quantised ones and ones dispatched with a
+        `device_map` stay where they are.
         """
         for module in (m for func in self.funcs for m in reward_modules(func)):
-            if not quantized_parameters(module) and getattr(module, "hf_device_map", None) is None:
+            first = next(module.parameters(), None)
+            on_cpu = first is not None and first.device.type == "cpu"
+            if on_cpu and not quantized_parameters(module) and getattr(module, "hf_device_map", None) is None:
                 module.to(device)
         return self
 
