@@ -151,3 +151,19 @@ def test_scorer_moves_reward_models_but_not_quantized_ones():
 
 def redness_like(prompts, videos, **kwargs):
     return [0.0] * len(prompts)
+
+
+def test_scorer_reports_the_failure_counts_of_remote_rewards():
+    class Remote:
+        __name__ = "judge"
+        failures = 0
+
+        def __call__(self, prompts, videos, **kwargs):
+            self.failures += 1  # one video had no opinion
+            return [None] + [1.0] * (len(prompts) - 1)
+
+    remote = Remote()
+    scorer = RewardScorer([remote, redness_like])
+    assert scorer.failure_metrics() == {"rewards/judge/failures": 0.0}  # functions without a counter add nothing
+    scorer.start(ROWS, VIDEOS, 2)()
+    assert scorer.failure_metrics() == {"rewards/judge/failures": 1.0}

@@ -226,7 +226,8 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
             raise ValueError(f"A reference rollout for the replay buffer cannot be used: {group.nonfinite}.")
         if group.nonfinite is not None:
             logger.warning(f"Rollout at step {self.state.global_step} ({mode}): {group.nonfinite}.")
-        metrics = {**group.metrics(), **rewards.metrics(self.scorer.names), "timing/rollout_seconds": rollout_seconds}
+        metrics = {**group.metrics(), **rewards.metrics(self.scorer.names), **self.scorer.failure_metrics()}
+        metrics["timing/rollout_seconds"] = rollout_seconds
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
         if args.log_completions and self.accelerator.is_main_process and mode == "train":

@@ -307,6 +307,14 @@ class RewardScorer:
                 module.to(device)
         return self
 
+    def failure_metrics(self) -> dict[str, float]:
+        """`rewards/<name>/failures`: the cumulative `failures` count of rewards that keep one (servers, judges)."""
+        return {
+            f"rewards/{name}/failures": float(func.failures)
+            for name, func in zip(self.names, self.funcs)
+            if isinstance(getattr(func, "failures", None), int)
+        }
+
     def close(self) -> None:
         """Stop the threads of `async_rewards` (after the pending scores)."""
         for pool in (self._functions_pool, self._scoring_thread):

@@ -128,7 +128,7 @@ class VLMJudgeReward(RemoteReward):
         name (`str`, defaults to `"vlm_judge"`): the name the reward is logged under (`rewards/<name>/mean`).
 
     Attributes: those of [`~trl_arcopo.rewards.remote.RemoteReward`], `failures` (videos scored `None` because their
-    request failed; `docs/reward_server.md` shows how to log it) and `last_error`.
+    request failed; the trainer logs it as `rewards/<name>/failures`) and `last_error`.
     """
 
     def __init__(

@@ -228,7 +228,7 @@ class RewardServerClient(RemoteReward):
             reward's computation, so give it the slowest batch's time.
 
     Attributes: those of [`~trl_arcopo.rewards.remote.RemoteReward`], `failures` (videos scored `None` because their
-    request failed; `docs/reward_server.md` shows how to log it) and `last_error`.
+    request failed; the trainer logs it as `rewards/<name>/failures`) and `last_error`.
     """
 
     def __init__(
