@@ -43,6 +43,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from transformers import AutoTokenizer, UMT5EncoderModel
 
+from .io_utils import load_tensors_only
 from .models import CausalWanTransformer3DModel
 from .pipelines import SelfForcingPipeline
 from .sampling import self_forcing_scheduler
@@ -112,7 +113,7 @@ def load_self_forcing_checkpoint(path: str | os.PathLike, use_ema: bool = True) 
     Returns:
         `dict[str, torch.Tensor]`: the chosen state dict, keys unchanged (see [`convert_self_forcing_state_dict`]).
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_tensors_only(path, "a Self-Forcing checkpoint")
     if not isinstance(checkpoint, dict) or not checkpoint:
         raise ValueError(f"{path} does not hold a Self-Forcing checkpoint (got {type(checkpoint).__name__}).")
     if GENERATOR_EMA_KEY in checkpoint and use_ema:

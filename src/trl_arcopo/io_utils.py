@@ -11,13 +11,20 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Atomic file writes: a crash leaves either the previous file or the new one, never a truncated file."""
+"""
+File I/O shared by the library: atomic writes (a crash leaves either the previous file or the new one, never a
+truncated file) and torch files read without running pickled code.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
+
+import torch
 
 
 @contextmanager
@@ -34,3 +41,17 @@ def atomic_path(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def load_tensors_only(path: str | os.PathLike, what: str, fix: str = "", mmap: bool = False) -> Any:
+    """
+    `torch.load(path, weights_only=True)` on CPU: tensors, numbers, strings and plain containers only, so a crafted
+    file cannot run code. Anything else raises a `ValueError` saying that `path` is not `what`, then `fix`.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} is not {what}: it holds objects other than tensors and plain containers, which are not loaded "
+            f"(that could run code).{' ' + fix if fix else ''} ({str(error).splitlines()[0]})"
+        ) from None

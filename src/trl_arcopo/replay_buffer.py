@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .io_utils import atomic_path
+from .io_utils import atomic_path, load_tensors_only
 from .kv_cache import KVCache
 from .loss import group_temperature
 from .rollout import RolloutGroup, RolloutSpec
@@ -154,14 +153,10 @@ class ReplayBuffer:
         Read a buffer written by [`~ReplayBuffer.save`]. The file is unpickled with `weights_only=True`: tensors,
         numbers, strings and plain containers only, so a crafted file cannot run code; anything else is refused.
         """
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(
-                f"{path} is not a replay buffer written by `ReplayBuffer.save`: it holds objects other than tensors and "
-                "plain containers, which are not loaded (that could run code). Delete it, or point `replay_buffer_path` "
-                f"elsewhere, to collect a new buffer. ({str(error).splitlines()[0]})"
-            ) from None
+        state = load_tensors_only(
+            path, "a replay buffer written by `ReplayBuffer.save`",
+            "Delete it, or point `replay_buffer_path` elsewhere, to collect a new buffer.",
+        )  # fmt: skip
         buffer = cls(state["capacity"])
         buffer.load_state_dict(state)
         return buffer

@@ -19,13 +19,13 @@ aesthetic predictor.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io_utils import load_tensors_only
 from .frames import CLIP_MEAN, CLIP_STD, frame_indices, resize_center_crop
 
 
@@ -144,13 +144,7 @@ def load_aesthetic_head(path: str | os.PathLike) -> AestheticMLP:
     The released head (`sac+logos+ava1-l14-linearMSE.pth`, a state dict) read with `weights_only=True`: tensors only,
     so a crafted file cannot run code. The embedding size is read from the first layer.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path} is not an aesthetic-predictor state dict: it holds objects other than tensors, which are not "
-            f"loaded (that could run code). ({str(error).splitlines()[0]})"
-        ) from None
+    state = load_tensors_only(path, "an aesthetic-predictor state dict")
     if "layers.0.weight" not in state:
         raise ValueError(f"{path} has no `layers.0.weight`: keys {sorted(state)[:5]}...; expected the LAION v2 head.")
     head = AestheticMLP(state["layers.0.weight"].shape[1])

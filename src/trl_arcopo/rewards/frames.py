@@ -51,6 +51,18 @@ def frame_indices(
     raise ValueError(f"`frames={policy!r}` is not a frame policy; use one of {FRAME_POLICIES}.")
 
 
+def resize_bicubic(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`images` `[B, 3, H, W]` resized to `size` in float32, bicubic and antialiased (as PIL and torchvision resize)."""
+    return F.interpolate(images.float(), size, mode="bicubic", align_corners=False, antialias=True)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """`images` `[B, 3, H, W]` clamped to `[0, 1]` and standardised per channel: `(x - mean) / std`."""
+    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.clamp(0, 1) - mean_t) / std_t
+
+
 def resize_center_crop(
     images: torch.Tensor, size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
 ) -> torch.Tensor:
@@ -63,9 +75,6 @@ def resize_center_crop(
     h, w = images.shape[-2:]
     scale = size / min(h, w)
     new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    resized = F.interpolate(images.float(), (new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+    resized = resize_bicubic(images, (new_h, new_w))
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    cropped = resized[..., top : top + size, left : left + size].clamp(0, 1)
-    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return (cropped - mean_t) / std_t
+    return normalize(resized[..., top : top + size, left : left + size], mean, std)

@@ -29,17 +29,16 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..io_utils import load_tensors_only
 from ..quantization import require_bitsandbytes
-from .frames import CLIP_MEAN, CLIP_STD
+from .frames import CLIP_MEAN, CLIP_STD, normalize, resize_bicubic
 
 
 PATCH_SIZE = 14
@@ -118,12 +117,8 @@ def resize_normalize(
     `frames` `[B, 3, H, W]` in `[0, 1]` resized to `size` (bicubic, antialiased, as the reference's torchvision and PIL
     resizes), clamped to `[0, 1]` and normalised with Qwen2-VL's (OpenAI CLIP's) mean and std: `[B, 3, h, w]`.
     """
-    frames = frames.float()
-    if tuple(frames.shape[-2:]) != tuple(size):
-        frames = F.interpolate(frames, size, mode="bicubic", align_corners=False, antialias=True)
-    mean_t = torch.tensor(mean, device=frames.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=frames.device).view(1, 3, 1, 1)
-    return (frames.clamp(0, 1) - mean_t) / std_t
+    frames = frames.float() if tuple(frames.shape[-2:]) == tuple(size) else resize_bicubic(frames, size)
+    return normalize(frames, mean, std)
 
 
 def patchify(
@@ -497,13 +492,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path} holds objects other than tensors, which are not loaded (that could run code). "
-            f"({str(error).splitlines()[0]})"
-        ) from None
+    state = load_tensors_only(path, "a state dict of tensors", mmap=True)
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
     if not isinstance(state, Mapping):
