@@ -61,6 +61,7 @@ from trl_arcopo.rollout import AnchorBatch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rollout import CONFIGS, build  # the same model sizes as the rollout benchmark
+from train_step import redness  # the same reward as the iteration benchmark
 
 
 TARGETS = {
@@ -106,10 +107,6 @@ class FlopCounter(TorchDispatchMode):
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)
         return out
-
-
-def redness(prompts, videos, **kwargs):
-    return (videos[:, :, 0] - videos[:, :, 1:].mean(dim=2)).mean(dim=(1, 2, 3)).tolist()
 
 
 @dataclass

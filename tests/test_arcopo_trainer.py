@@ -67,6 +67,9 @@ def test_config_errors_name_value_and_fix():
         (dict(temperature=nan), "temperature=nan.*positive and finite"),
         (dict(beta=nan), "beta=nan.*non-negative and finite"),
         (dict(reward_weights=[1.0, nan]), r"reward_weights=\[1.0, nan\].*finite"),
+        (dict(multi_objective_aggregation="mean"), "multi_objective_aggregation='mean'.*not one of"),
+        (dict(reward_num_workers=0), "reward_num_workers=0.*at least 1"),
+        (dict(ema_decay=1.0), r"ema_decay=1.0.*\[0, 1\)"),
     ):
         with pytest.raises(ValueError, match=match):
             ARCoPOConfig("out", use_cpu=True, **kwargs)

@@ -22,7 +22,7 @@ import torch
 from transformers import TrainingArguments
 
 from .loss import DISTANCE_REDUCTIONS, SCALE_REWARDS, check_delta
-from .rewards.base import MULTI_OBJECTIVE_AGGREGATIONS
+from .rewards.base import check_aggregation
 from .sampling import SELF_FORCING_SIGMAS, check_sampler
 
 
@@ -368,11 +368,7 @@ class ARCoPOConfig(TrainingArguments):
             raise ValueError(f"`reward_weights={list(self.reward_weights)}` must be finite numbers.")
         if self.distance_reduction not in DISTANCE_REDUCTIONS:
             raise ValueError(f"`distance_reduction={self.distance_reduction!r}` must be 'mean' or 'sum'.")
-        if self.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
-            raise ValueError(
-                f"`multi_objective_aggregation={self.multi_objective_aggregation!r}` is not one of "
-                f"{MULTI_OBJECTIVE_AGGREGATIONS}."
-            )
+        check_aggregation(self.multi_objective_aggregation, "multi_objective_aggregation")
         if self.reward_num_workers is not None and self.reward_num_workers < 1:
             raise ValueError(f"`reward_num_workers={self.reward_num_workers}` must be at least 1 (or None).")
         if self.scale_rewards not in SCALE_REWARDS:

@@ -182,6 +182,12 @@ def normalize_per_group(rewards_per_func: torch.Tensor, num_generations: int, ep
     return ((grouped - mean) / (std + eps)).view_as(rewards_per_func)
 
 
+def check_aggregation(aggregation: str, name: str = "aggregation") -> None:
+    """Refuse an unknown way of combining rewards, naming the field `name` and the choices."""
+    if aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+        raise ValueError(f"`{name}={aggregation!r}` is not one of {MULTI_OBJECTIVE_AGGREGATIONS}.")
+
+
 def combine_rewards(
     rewards_per_func: torch.Tensor,
     weights: torch.Tensor,
@@ -194,8 +200,7 @@ def combine_rewards(
     values standardised within each group first ([`normalize_per_group`]). A video without any opinion gets its
     group's mean (zero advantage); a group without any opinion gets 0.
     """
-    if aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
-        raise ValueError(f"`aggregation={aggregation!r}` is not one of {MULTI_OBJECTIVE_AGGREGATIONS}.")
+    check_aggregation(aggregation)
     if aggregation == "normalize_then_sum":
         rewards_per_func = normalize_per_group(rewards_per_func, num_generations)
     weights = weights.to(rewards_per_func.device, rewards_per_func.dtype)
@@ -273,8 +278,7 @@ class RewardScorer:
                  num_workers: int | None = None):  # fmt: skip
         self.funcs, self.weights = check_reward_funcs(reward_funcs, reward_weights)
         self.names = [reward_func_name(f) for f in self.funcs]
-        if aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
-            raise ValueError(f"`aggregation={aggregation!r}` is not one of {MULTI_OBJECTIVE_AGGREGATIONS}.")
+        check_aggregation(aggregation)
         self.aggregation = aggregation
         self._functions_pool = self._scoring_thread = None
         if async_rewards:
