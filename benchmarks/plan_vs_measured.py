@@ -122,6 +122,8 @@ class Setup:
     # "bf16-weights": bf16 weights without autocast (`bf16: false`)
     precision: str = "fp32"
     num_denoising_steps: int = 4
+    rollout_batch_size: int | None = None  # the memory knobs of `ARCoPOConfig`
+    anchor_batch_size: int | None = None
     output_dir: str = "outputs/plan_vs_measured"
 
 
@@ -149,7 +151,8 @@ def build_trainer(setup: Setup) -> tuple[ARCoPOTrainer, dict]:
         output_dir=setup.output_dir, max_steps=1, per_device_train_batch_size=1, num_generations=g,
         num_anchors=setup.num_anchors, num_iterations=1, pivot_chunk=setup.pivot, denoising_sigmas=sigmas,
         activation_checkpointing=setup.checkpointing, bf16=setup.precision == "bf16", report_to="none",
-        save_strategy="no", use_cpu=True, disable_tqdm=True,
+        save_strategy="no", use_cpu=True, disable_tqdm=True, rollout_batch_size=setup.rollout_batch_size,
+        anchor_batch_size=setup.anchor_batch_size,
     )  # fmt: skip
     trainer = ARCoPOTrainer(
         pipeline=pipe,
@@ -164,6 +167,7 @@ def build_trainer(setup: Setup) -> tuple[ARCoPOTrainer, dict]:
             denoising_sigmas=sigmas, lora_r=setup.lora_r, lora_target_modules=TARGETS[setup.targets],
             activation_checkpointing=setup.checkpointing, bf16=setup.precision == "bf16",
             torch_dtype="float32" if setup.precision == "fp32" else "bfloat16",
+            rollout_batch_size=setup.rollout_batch_size, anchor_batch_size=setup.anchor_batch_size,
         ),
         transformer_config=pipe.transformer.config,
         video=VideoShape.from_pipeline(pipe),
@@ -213,16 +217,17 @@ class PhaseCounter:
             transformer.register_forward_hook(self._post, with_kwargs=True),
         ]
 
-    def _phase(self, batch: int) -> str:
+    def _phase(self, kwargs) -> str:
         if self.in_update:
             return "update" if torch.is_grad_enabled() else "reference"
-        return "branches" if batch % self.g == 0 and batch >= self.g else "prefix"
+        cache = kwargs.get("kv_cache")
+        return "branches" if cache is not None and cache.prefix is not None else "prefix"  # branches read a prefix
 
     def _pre(self, module, args, kwargs):
         self._start = self.flops.total
 
     def _post(self, module, args, kwargs, output):
-        phase = self._phase(args[0].shape[0])
+        phase = self._phase(kwargs)
         self.passes[phase] = self.passes.get(phase, 0) + args[0].shape[0]
         self.forward_flops[phase] = self.forward_flops.get(phase, 0) + self.flops.total - self._start
 
@@ -244,6 +249,9 @@ def measure(setup: Setup) -> tuple[dict, object]:
     # `trainer.train()` runs every transformer forward under accelerate's autocast when `bf16=True`; so do we
     autocast = trainer.accelerator.autocast
     try:
+        with autocast():  # a first rollout: one-time allocations (kernel caches, the prompt's embeddings) happen here
+            trainer.generate_and_score(rows)
+        counter.passes.clear(), counter.forward_flops.clear()
         start = time.perf_counter()
         with flop_counter, autocast():
             group, peak, _ = allocator_peak(lambda: trainer.generate_and_score(rows))
@@ -266,6 +274,7 @@ def measure(setup: Setup) -> tuple[dict, object]:
     # activations kept for the backward of one trained step (the first iteration's anchors, step 0)
     transformer.zero_grad(set_to_none=True)
     anchors = AnchorBatch.draw(group, setup.num_anchors, torch.Generator().manual_seed(0), iteration=0)
+    anchors = anchors.sub_batches(setup.anchor_batch_size)[0]  # one forward's anchors
     with autocast():
         loss, _, kept = allocator_peak(lambda: trainer.compute_loss(trainer.model, replace(anchors, step=0)))
     measured["activations"] = kept
@@ -301,7 +310,7 @@ def compare(measured: dict, p) -> list[tuple[str, float, float]]:
     fixed = sum(
         m.bytes
         for m in p.memory
-        if m.phase == "update" and m.name not in ("activations of one trained step", "backward workspace")
+        if m.phase == "update" and not m.name.startswith(("activations of one trained step", "backward workspace"))
     )
     rows.append(("update: activations (one step)", act.saved, measured["activations"]))
     rows.append(("update: peak bytes", fixed + act.saved + act.backward_workspace, measured["update_peak"]))
@@ -328,6 +337,8 @@ def main():
     parser.add_argument("--pivot", type=int, default=2)
     parser.add_argument("--targets", default="attention", choices=list(TARGETS), help="The LoRA's target modules.")
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--rollout_batch_size", type=int, default=None, help="Branches per rollout forward.")
+    parser.add_argument("--anchor_batch_size", type=int, default=None, help="Anchors per update forward.")
     parser.add_argument("--output", default=None, help="Write every row as JSON here.")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.precision}")
@@ -340,12 +351,15 @@ def main():
                 checkpointing=ckpt == "on",
                 precision=args.precision,
                 targets=args.targets,
+                rollout_batch_size=args.rollout_batch_size,
+                anchor_batch_size=args.anchor_batch_size,
             )
             measured, p = measure(setup)
             rows = compare(measured, p)
             title = (
                 f"[{name}] G={p.settings.num_generations}, K={p.settings.num_anchors}, pivot {setup.pivot} of "
-                f"{p.video.num_chunks}, LoRA r={setup.lora_r} ({setup.targets}), checkpointing {ckpt}, {args.precision} "
+                f"{p.video.num_chunks}, LoRA r={setup.lora_r} ({setup.targets}), checkpointing {ckpt}, {args.precision}, "
+                f"rollout_batch_size {setup.rollout_batch_size}, anchor_batch_size {setup.anchor_batch_size} "
                 f"(rollout {measured['rollout_seconds']:.1f} s, update {measured['update_seconds']:.1f} s)"
             )
             print_rows(title, rows)

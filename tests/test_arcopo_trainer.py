@@ -69,6 +69,9 @@ def test_config_errors_name_value_and_fix():
         (dict(reward_weights=[1.0, nan]), r"reward_weights=\[1.0, nan\].*finite"),
         (dict(multi_objective_aggregation="mean"), "multi_objective_aggregation='mean'.*not one of"),
         (dict(reward_num_workers=0), "reward_num_workers=0.*at least 1"),
+        (dict(rollout_batch_size=0), "rollout_batch_size=0.*positive integer or None"),
+        (dict(anchor_batch_size=2.5), "anchor_batch_size=2.5.*positive integer or None"),
+        (dict(decode_batch_size=-1), "decode_batch_size=-1.*positive integer or None"),
         (dict(ema_decay=1.0), r"ema_decay=1.0.*\[0, 1\)"),
     ):
         with pytest.raises(ValueError, match=match):

@@ -28,16 +28,48 @@ def test_sized_from_config_and_video():
         KVCache.from_transformer(model, 1, 6, 7, 8)
 
 
-def test_fork_select_clone_detach():
+def test_fork_reads_the_shared_prefix_without_copying_it():
     cache = _filled_cache()
-    end = cache.end
+    end, tpf = cache.end, cache.tokens_per_frame
     forked = cache.fork(3)
-    assert forked.batch_size == 6 and forked.end == end
-    for layer in range(cache.num_layers):
-        assert torch.equal(forked.keys[layer][:, :end], cache.keys[layer][:, :end].repeat_interleave(3, 0))
-        assert forked.keys[layer][:, end:].abs().sum() == 0
+    assert forked.batch_size == 6 and forked.end == end and forked.prefix is cache and forked.offset == end
+    # the branches own only the frames after the prefix; the prefix's storage is not copied
+    assert forked.keys[0].shape[1] == (6 - 3) * tpf and forked.nbytes == 3 * cache.nbytes // 2
+    assert forked.capacity_frames == cache.capacity_frames == 6
+    # what a chunk attends to equals a full copy of the prefix per branch (the old fork), row b * 3 + i -> b
+    expected = cache.keys[1][:, :end].repeat_interleave(3, 0)
+    k, v = forked.read(1, end, 3 * tpf)
+    assert torch.equal(k, expected) and torch.equal(v, cache.values[1][:, :end].repeat_interleave(3, 0))
+    assert torch.equal(forked.materialize().keys[1][:, :end], expected)
+    # a branch commits into its own storage; the prefix and the other branches are untouched
+    before = cache.keys[0].clone()
+    for layer in range(forked.num_layers):
+        k = torch.randn(6, tpf, 2, 12)
+        forked.write(layer, end, k, k)
+    forked.advance(tpf)
+    assert torch.equal(cache.keys[0], before) and cache.end == end
+    k, _ = forked.read(0, end + tpf, tpf)
+    assert k.shape == (6, end + tpf, 2, 12) and torch.equal(k[:, :end], before[:, :end].repeat_interleave(3, 0))
+    # forks of forks read through both prefixes; a fork can stop at the prefix (the update's anchors)
+    nested = forked.fork(2)
+    assert nested.batch_size == 12
+    assert torch.equal(nested.read(2, nested.end, tpf)[0], forked.read(2, forked.end, tpf)[0].repeat_interleave(2, 0))
+    anchors = cache.fork(4, num_frames=3)
+    assert anchors.nbytes == 0 and anchors.read(0, end, tpf)[0].shape == (8, end, 2, 12)
+    with pytest.raises(ValueError, match="too short"):
+        anchors.check_chunk(end, 3 * tpf, batch_size=8, commit=True)
+    with pytest.raises(ValueError, match="inside the shared prefix"):
+        forked.check_chunk(0, 3 * tpf, batch_size=6)
+
+
+def test_select_narrow_clone_detach():
+    cache = _filled_cache()
+    forked = cache.fork(3)
     sel = forked.select([5, 0])
-    assert torch.equal(sel.values[1][0], forked.values[1][5]) and torch.equal(sel.values[1][1], forked.values[1][0])
+    full = forked.materialize()
+    assert torch.equal(sel.values[1][0], full.values[1][5]) and torch.equal(sel.values[1][1], full.values[1][0])
+    narrow = cache.narrow(1, 1)
+    assert narrow.batch_size == 1 and narrow.keys[0].data_ptr() == cache.keys[0][1].data_ptr()  # a view
     clone = cache.clone()
     clone.keys[0].zero_()
     assert cache.keys[0].abs().sum() > 0  # clone is independent
@@ -54,7 +86,8 @@ def test_commit_order_and_batch_errors():
     with pytest.raises(ValueError, match="fork"):
         cache.check_chunk(cache.end, 3 * tpf, batch_size=5)
     with pytest.raises(ValueError, match="too short"):
-        cache.check_chunk(cache.end, 6 * tpf, batch_size=2)
+        cache.check_chunk(cache.end, 6 * tpf, batch_size=2, commit=True)
+    cache.check_chunk(cache.end, 6 * tpf, batch_size=2)  # a chunk that is not committed needs no slot
 
 
 def test_window_slices():

@@ -10,7 +10,6 @@ import torch
 from helpers import ROOT, load_script
 from peft import LoraConfig
 
-from trl_arcopo import KVCache
 from trl_arcopo.cli import main as cli_main
 from trl_arcopo.planning import (
     DEFAULT_LORA_TARGETS,
@@ -21,6 +20,7 @@ from trl_arcopo.planning import (
     TransformerShape,
     VideoShape,
     count_parameters,
+    fit,
     load_yaml,
     optimizer_bytes,
     plan,
@@ -50,6 +50,19 @@ SETUPS = {
         config="tiny", num_generations=4, num_anchors=2, pivot=2, precision="bf16", targets="default"
     ),
     "small": dict(config="small", num_generations=2, num_anchors=1, pivot=2, num_denoising_steps=1),
+    # the memory knobs on: branches one at a time, anchors one at a time
+    "tiny-sub-batches": dict(
+        config="tiny", num_generations=4, num_anchors=2, pivot=1, rollout_batch_size=1, anchor_batch_size=1
+    ),
+    "small-sub-batches": dict(
+        config="small",
+        num_generations=2,
+        num_anchors=2,
+        pivot=2,
+        num_denoising_steps=1,
+        rollout_batch_size=1,
+        anchor_batch_size=1,
+    ),
 }
 
 
@@ -121,19 +134,29 @@ def test_lora_parameters_equal_peft(targets):
     assert p.parameters["lora"] == expected
 
 
-def test_transformer_parameters_and_kv_cache_equal_the_built_objects():
+@pytest.mark.parametrize("rollout_batch_size", [None, 2])
+def test_transformer_parameters_and_kv_cache_equal_the_built_objects(rollout_batch_size):
+    from trl_arcopo import RolloutNoise, forked_rollout, neighbor_noise
+
     pipe = tiny_pipeline()
     shape = TransformerShape.from_config(pipe.transformer.config)
     assert transformer_parameters(shape) == sum(p.numel() for p in pipe.transformer.parameters())
     video = VideoShape.from_pipeline(pipe)
-    p = plan(
-        {"num_generations": 3, "num_anchors": 2, "per_device_train_batch_size": 2}, pipe.transformer.config, video
+    settings = dict(
+        num_generations=3, num_anchors=2, per_device_train_batch_size=2, rollout_batch_size=rollout_batch_size
     )
-    cache = KVCache.from_transformer(pipe.transformer, 1, video.latent_frames, video.latent_height, video.latent_width)
-    items = {m.name: m.bytes for m in p.memory}
-    assert items["KV cache: prefix (B videos, full length)"] == 2 * cache.nbytes
-    assert items["KV cache: branches (B·G videos, full length)"] == 2 * 3 * cache.nbytes
-    assert items["KV cache: anchors (B·K videos, full length)"] == 2 * 2 * cache.nbytes
+    embeds, _ = pipe.encode_prompt(["a red fox", "a cat"])
+    noise = RolloutNoise.sample(pipe.latent_shape(2, 16, 16, 9, 3), 3, 4, generator=torch.Generator().manual_seed(0))
+    for pivot in range(video.num_chunks):
+        p = plan({**settings, "pivot_chunk": pivot}, pipe.transformer.config, video)
+        items = {m.name.split(" (")[0]: m.bytes for m in p.memory}
+        branch = neighbor_noise(noise.chunk_initial(pivot), 3, 0.5, torch.Generator().manual_seed(1))
+        fork = forked_rollout(pipe, embeds, noise, pivot, branch, *pipe.get_schedule(), 16, 16,
+                              rollout_batch_size=rollout_batch_size)  # fmt: skip
+        # the prefix once per prompt; the branches' own chunks after it, one sub-batch at a time
+        assert items["KV cache: prefix"] == fork.prefix_cache.nbytes
+        assert items["KV cache: branches"] == fork.branch_cache_bytes
+        assert p.phase("branches").chunk_forwards == fork.num_forward_passes - p.phase("prefix").chunk_forwards
 
 
 def test_preset_frozen_components_equal_meta_builds():
@@ -199,7 +222,8 @@ def test_settings_from_an_arcopo_config_equal_those_from_its_dict(tmp_path):
     from trl_arcopo import ARCoPOConfig
 
     fields = dict(num_generations=6, num_anchors=3, num_iterations=3, beta=0.5, pivot_chunk=2, activation_checkpointing=True,
-                  denoising_sigmas=[1.0, 0.5], optim="adamw_torch")  # fmt: skip
+                  denoising_sigmas=[1.0, 0.5], optim="adamw_torch", rollout_batch_size=2, anchor_batch_size=1,
+                  offload_text_encoder=True, decode_batch_size=None)  # fmt: skip
     args = ARCoPOConfig(str(tmp_path), use_cpu=True, report_to="none", **fields)
     assert RunSettings.from_config(args) == RunSettings.from_config(fields)
 
@@ -240,6 +264,30 @@ def test_cli_warns_when_the_peak_exceeds_the_gpu(tmp_path):
     assert "| branches |" in text and "KV cache: branches" in text
     grid = _cli(config, "--preset", "self-forcing-1.3b", "--gpu", "h200", "--grid", "--num_generations", "8")
     assert grid.count("| NVIDIA H200") == 4 and "adamw_bnb_8bit" in grid
+
+
+def test_fit_finds_the_fastest_setting_that_fits():
+    """Acceptance: the paper's setting fits an 80 GB H100 with 15 % headroom, at most 1.05x the seconds of the plan
+    before the memory knobs (34.5 s); G = 24 fits an H200."""
+    config = load_yaml(os.path.join(ROOT, "examples", "configs", "self_forcing.yaml"))
+    best, tried = fit(config, "self-forcing-1.3b", gpu="h100")
+    assert best is not None and best.peak_memory_bytes <= 0.85 * best.gpu.memory_bytes <= 68 * 2**30
+    assert best.seconds <= 1.05 * 34.5
+    fitting = [p for p in tried if p.peak_memory_bytes <= 0.85 * p.gpu.memory_bytes]
+    assert round(best.seconds, 1) == min(round(p.seconds, 1) for p in fitting)
+    assert not plan_config(config, "self-forcing-1.3b", gpu="h100").peak_memory_bytes <= 0.85 * best.gpu.memory_bytes
+    # sub-batches and the offloaded text encoder lower the peak without changing the FLOPs
+    base = plan_config(config, "self-forcing-1.3b", gpu="h100", pivot_chunk=0)
+    sub = plan_config(config, "self-forcing-1.3b", gpu="h100", pivot_chunk=0, rollout_batch_size=3,
+                      anchor_batch_size=1, offload_text_encoder=True)  # fmt: skip
+    assert sub.peak_memory_bytes < base.peak_memory_bytes
+    assert sub.phase("update").flops == pytest.approx(base.phase("update").flops)
+    assert sub.phase("branches").flops == pytest.approx(base.phase("branches").flops, rel=1e-3)
+    h200, _ = fit({**config, "num_generations": 24}, "self-forcing-1.3b", gpu="h200")
+    assert h200 is not None and h200.settings.num_generations == 24
+    text = _cli(os.path.join(ROOT, "examples", "configs", "self_forcing.yaml"), "--preset", "self-forcing-1.3b",
+                "--fit", "--gpu", "h100")  # fmt: skip
+    assert "Fastest setting that fits the NVIDIA H100" in text and "--rollout_batch_size" in text
 
 
 def test_cli_errors_name_the_value_and_the_fix(capsys):

@@ -170,6 +170,33 @@ class ARCoPOConfig(TrainingArguments):
             With `ema_decay` set, evaluation and the saved model (`save_model`, `push_to_hub`) use the average
             instead of the last weights. Checkpoints always hold the last weights (to resume) next to the average.
 
+        > Parameters that control memory (none of them changes what is computed)
+
+        rollout_batch_size (`int` or `None`, *optional*, defaults to `None`):
+            Branches per transformer forward in the rollout: a group's `G` branches are rolled out in sequential
+            sub-batches of at most this many branches of one prompt, all from the one prefix. The branches' KV cache
+            and forward workspace shrink in proportion; the videos are the same bit for bit. `None`: every branch of
+            every prompt of the process in one batch.
+        anchor_batch_size (`int` or `None`, *optional*, defaults to `None`):
+            Anchors per forward and backward in the update: each denoising step's anchors are processed in
+            sub-batches of at most this many anchors of every group, their gradients accumulated. The activations
+            shrink in proportion; the gradient is the same up to the order of the float additions. `None`: all
+            `num_anchors` at once.
+        offload_text_encoder (`bool`, *optional*, defaults to `False`):
+            Keep the text encoder off the accelerator: it is moved there only to encode prompts not seen before, and
+            back to the CPU. Prompt embeddings are cached per prompt either way (each prompt is encoded once).
+        decode_batch_size (`int` or `None`, *optional*, defaults to `1`):
+            Videos per VAE decode call (as diffusers' `enable_vae_slicing`), so that the decoder's memory does not grow
+            with `G`. `None`: every video of the rollout in one call.
+        split_groups_across_processes (`bool`, *optional*, defaults to `False`):
+            Split each group over the processes, as TRL's GRPO spreads a prompt's generations: every process gets
+            the same prompts, builds the same prefix from the same seed, rolls out and scores its `G / n` branches
+            (decoded and rewarded where they were made); the rewards, states and predictions are gathered, so the
+            advantages are the whole group's, and each process updates on its `num_anchors / n` of the anchors. The
+            videos and advantages equal one process's with the same `G`. For groups too large for one GPU (a 14B
+            generator); needs `num_generations` and `num_anchors` divisible by the number of processes and on-policy
+            training. `False`: each process its own prompts with whole groups (the faster layout where it fits).
+
         > Parameters that control failure handling
 
         max_nonfinite_steps (`int`, *optional*, defaults to `3`):
@@ -300,6 +327,26 @@ class ARCoPOConfig(TrainingArguments):
         default=True, metadata={"help": "With ema_decay: evaluate and save the EMA weights instead of the last ones."}
     )
 
+    # Memory
+    rollout_batch_size: int | None = field(
+        default=None, metadata={"help": "Branches per forward in the rollout (sub-batches); None: all at once."}
+    )
+    anchor_batch_size: int | None = field(
+        default=None, metadata={"help": "Anchors per forward and backward in the update; None: all at once."}
+    )
+    offload_text_encoder: bool = field(
+        default=False, metadata={"help": "Keep the text encoder on the CPU between the (cached) prompt encodings."}
+    )
+    decode_batch_size: int | None = field(
+        default=1, metadata={"help": "Videos per VAE decode call; None: every video at once."}
+    )
+    split_groups_across_processes: bool = field(
+        default=False,
+        metadata={
+            "help": "Split each group's G branches (and its anchors) over the processes; every process the same prompts."
+        },
+    )
+
     # Failure handling
     max_nonfinite_steps: int = field(
         default=3,
@@ -329,6 +376,10 @@ class ARCoPOConfig(TrainingArguments):
                 f"`num_anchors={self.num_anchors}` must be between 1 and `num_generations={self.num_generations}` "
                 "(anchors are drawn among the candidates); lower `num_anchors` or raise `num_generations`."
             )
+        for name in ("rollout_batch_size", "anchor_batch_size", "decode_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}={value!r}` must be a positive integer or None (no sub-batches).")
         if not 0 < self.fork_noise_scale <= 1:
             raise ValueError(f"`fork_noise_scale={self.fork_noise_scale}` must be in (0, 1] (paper: 0.5).")
         if self.loss_type not in LOSS_TYPES:
@@ -391,6 +442,11 @@ class ARCoPOConfig(TrainingArguments):
         sigmas = list(self.denoising_sigmas) if self.denoising_sigmas is not None else list(SELF_FORCING_SIGMAS)
         if not sigmas or any(not 0 < s <= 1 for s in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
             raise ValueError(f"`denoising_sigmas={sigmas}` must be a non-empty, strictly decreasing list in (0, 1].")
+        if self.split_groups_across_processes and self.training_mode != "on_policy":
+            raise ValueError(
+                "`split_groups_across_processes=True` splits on-policy rollouts; with "
+                f"`training_mode={self.training_mode!r}` set it to False."
+            )
         if self.training_mode not in TRAINING_MODES:
             raise ValueError(f"`training_mode={self.training_mode!r}` is not one of {TRAINING_MODES}.")
         if self.replay_buffer_size < 1:

@@ -25,6 +25,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from peft import PeftConfig
 from transformers import Trainer, TrainerCallback, set_seed
@@ -35,12 +36,14 @@ from .checkpointing import CheckpointMixin, between_iterations
 from .data import EpochRepeatSampler, check_datasets, seeded_generator
 from .ema import AdapterEMA
 from .hub import HubMixin, save_sample_gif
-from .loss import LossStats, arcopo_loss, sde_grpo_anchor_loss, x0_penalty
+from .loss import LossStats, arcopo_loss, group_temperature, sde_grpo_anchor_loss, x0_penalty
 from .nonfinite import NonFiniteGuard
 from .pipelines import SelfForcingPipeline
 from .policy import add_policy_adapter, check_adapters_in_sync, prepare_for_training, reference_policy
+from .prompt_cache import PromptEmbeddingCache
 from .replay_buffer import ReplayBuffer, ReplaySource
 from .rewards import RewardFunc, RewardScorer
+from .rewards.base import GroupRewards
 from .rollout import AnchorBatch, RolloutGroup, RolloutSpec, sample_group
 
 
@@ -102,9 +105,8 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
             args.reward_num_workers,
         )  # fmt: skip
         self.reward_funcs, self.reward_func_names = self.scorer.funcs, self.scorer.names  # as TRL's GRPOTrainer
-        check_datasets(
-            train_dataset, eval_dataset, args.per_device_train_batch_size, args.world_size, args.training_mode
-        )
+        processes = 1 if args.split_groups_across_processes else args.world_size  # split: one step's prompts
+        check_datasets(train_dataset, eval_dataset, args.per_device_train_batch_size, processes, args.training_mode)
         self.pipeline, self.spec = pipeline, RolloutSpec.from_config(pipeline, args)  # checked before any rollout
         args.num_frames_per_chunk = self.spec.num_frames_per_chunk
 
@@ -129,8 +131,18 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        pipeline.to(self.accelerator.device)
+        if args.offload_text_encoder:  # everything but the text encoder (the prompt cache moves it when needed)
+            for module in pipeline.components.values():
+                if isinstance(module, torch.nn.Module) and module is not pipeline.text_encoder:
+                    module.to(self.accelerator.device)
+        else:
+            pipeline.to(self.accelerator.device)
+        #: Prompt embeddings, each prompt encoded once ([`~trl_arcopo.prompt_cache.PromptEmbeddingCache`]).
+        self.prompt_embeddings = PromptEmbeddingCache(
+            pipeline, args.max_sequence_length, self.accelerator.device, args.offload_text_encoder
+        )
         self.scorer.to(self.accelerator.device)  # reward models follow the accelerator, unless quantised
+        self._check_split_groups()
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list), "collect": defaultdict(list)}
         self._step = 0  # micro-steps done
         self._buffered_rollout: RolloutGroup | None = None
@@ -154,6 +166,23 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         if self.ema is not None:
             self.add_callback(self.ema)
 
+    def _check_split_groups(self) -> None:
+        """`split_groups_across_processes`: the group and its anchors must split evenly over the processes."""
+        args, n = self.args, self.accelerator.num_processes
+        if not args.split_groups_across_processes:
+            return
+        for name in ("num_generations", "num_anchors"):
+            if getattr(args, name) % n:
+                raise ValueError(
+                    f"`split_groups_across_processes=True` splits `{name}={getattr(args, name)}` over {n} processes: "
+                    f"use a multiple of {n}, or set `split_groups_across_processes=False`."
+                )
+
+    def _share(self, size: int) -> slice:
+        """This process's share of `size` items split over the processes (`split_groups_across_processes`)."""
+        n, rank = self.accelerator.num_processes, self.accelerator.process_index
+        return slice(rank * size // n, (rank + 1) * size // n)
+
     @property
     def skipped_steps(self) -> list[dict[str, Any]]:
         """Every optimizer step skipped for a non-finite value in this process: `{"step": int, "reason": str}`."""
@@ -164,20 +193,28 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         self._signature_columns = ["prompt"]
 
     def _get_train_sampler(self, train_dataset=None):
+        # split groups: every process gets the same prompts (each chunk of them once per process and iteration)
+        split = self.args.split_groups_across_processes
+        processes = self.accelerator.num_processes
         return EpochRepeatSampler(
             data_source=train_dataset if train_dataset is not None else self.train_dataset,
             mini_repeat_count=1,
-            batch_size=self.args.per_device_train_batch_size * self.accelerator.num_processes,
-            repeat_count=self.args.num_iterations,
+            batch_size=self.args.per_device_train_batch_size * (1 if split else processes),
+            repeat_count=self.args.num_iterations * (processes if split else 1),
             shuffle=True,
             seed=self.args.seed,
         )
 
     def _rng(self, purpose: int, device: torch.device | str | None = None, step: int | None = None) -> torch.Generator:
-        """Keyed on the micro-step: exact after a resume, different for the micro-steps of one optimizer step."""
+        """
+        Keyed on the micro-step: exact after a resume, different for the micro-steps of one optimizer step; and on the
+        process, except for a split group's rollout and anchors, which every process draws alike.
+        """
         device = self.accelerator.device if device is None else device
         step = self._step if step is None else step
-        return seeded_generator(self.args.seed, step, self.accelerator.process_index, purpose, device)
+        shared = self.args.split_groups_across_processes and purpose in (_ROLLOUT, _ANCHORS)
+        rank = 0 if shared else self.accelerator.process_index
+        return seeded_generator(self.args.seed, step, rank, purpose, device)
 
     # ------------------------------------------------------------------ rollout and rewards
     def generate_and_score(
@@ -194,31 +231,61 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
     @torch.no_grad()
     def _start_rollout(self, inputs: list[dict[str, Any]], mode: str, generator: torch.Generator | None = None):
         """Roll out and start scoring ([`~trl_arcopo.rewards.RewardScorer`]); returns what finishes the group."""
-        args, device = self.args, self.accelerator.device
+        args = self.args
         prompts = [row["prompt"] for row in inputs]
         if generator is None:
             generator = self._rng(_ROLLOUT) if mode == "train" else self._rng(_EVAL, step=self.state.global_step)
         self.rollout_counts[_OWNERS[mode]] += len(prompts)
         start = time.perf_counter()
-        embeds, _ = self.pipeline.encode_prompt(prompts, max_sequence_length=args.max_sequence_length, device=device)
+        embeds = self.prompt_embeddings(prompts)  # [N, S, text_dim]
         transformer = self.accelerator.unwrap_model(self.model)
         was_training = transformer.training
         transformer.eval()
         exploration = "neighbors" if args.loss_type == "arcopo" else "sde"
+        split = args.split_groups_across_processes and mode == "train"
+        branches = self._share(args.num_generations) if split else None  # this process's share of every group
         group = sample_group(
             self.pipeline, self.spec, prompts, embeds, args.num_generations, generator, args.pivot_chunk, exploration,
-            args.fork_noise_scale, args.temperature, args.distance_reduction,
+            args.fork_noise_scale, args.temperature, args.distance_reduction, args.rollout_batch_size, branches,
         )  # fmt: skip
         transformer.train(was_training)
-        videos = self.pipeline.decode_latents(group.latents.flatten(0, 1), output_type="pt")  # [N * G, F, C, H, W]
+        videos = self.pipeline.decode_latents(
+            group.latents.flatten(0, 1), output_type="pt", batch_size=args.decode_batch_size
+        )  # [N * G, F, C, H, W]
         rollout_seconds = time.perf_counter() - start
         finite = bool(torch.isfinite(group.latents).all())  # rewards are not asked to judge non-finite videos
-        rewards = self.scorer.start(inputs, videos if finite else None, args.num_generations, trainer_state=self.state)
+        rewards = self.scorer.start(
+            inputs, videos if finite else None, group.num_generations, trainer_state=self.state
+        )
         return partial(self._finish_group, group, rewards, videos, mode, rollout_seconds, finite)
+
+    def _gather_group(self, group: RolloutGroup, rewards: GroupRewards, nonfinite: str | None):
+        """
+        A split group made whole (`split_groups_across_processes`): every process's candidates, in process order,
+        with the rewards combined over the whole group. Every process gets the same group.
+        """
+        args, n = self.args, group.num_generations
+
+        def gather(t: torch.Tensor) -> torch.Tensor:  # [N, n, *] of each process -> [N, G, *]
+            return self.accelerator.gather(t.transpose(0, 1).contiguous()).transpose(0, 1)
+
+        group.states, group.x0_preds = gather(group.states), gather(group.x0_preds)
+        group.temperature = group_temperature(group.x0_preds, args.temperature, args.distance_reduction)
+        per_func = gather(rewards.per_func.to(self.accelerator.device).unflatten(0, (-1, n))).flatten(0, 1).cpu()
+        nonfinite = next((m for m in gather_object([nonfinite]) if m is not None), None)
+        whole = GroupRewards.from_per_func(
+            per_func, self.scorer.weights, args.num_generations, self.scorer.aggregation, self.scorer.funcs,
+            nonfinite, rewards.seconds, rewards.seconds_per_func,
+        )  # fmt: skip
+        return group, whole, whole.nonfinite
 
     def _finish_group(self, group: RolloutGroup, rewards, videos, mode: str, rollout_seconds: float, finite: bool):
         args, rewards = self.args, rewards()
         nonfinite = rewards.nonfinite if finite else f"the rollout's latents are not finite (pivot {group.pivot})"
+        local = slice(0, group.num_generations)  # the candidates whose videos this process holds
+        if args.split_groups_across_processes and mode == "train":
+            local = self._share(args.num_generations)
+            group, rewards, nonfinite = self._gather_group(group, rewards, nonfinite)
         group.with_rewards(
             rewards.combined.to(self.accelerator.device), args.scale_rewards, args.quasi_norm_p, nonfinite
         )
@@ -232,7 +299,9 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
             self._metrics[mode][key].append(value)
         if args.log_completions and self.accelerator.is_main_process and mode == "train":
             folder, name = os.path.join(args.output_dir, "completions"), f"step_{self.state.global_step:06d}"
-            save_sample_gif(folder, name, group.prompts[0], videos[: args.num_generations], group.rewards[0])
+            save_sample_gif(
+                folder, name, group.prompts[0], videos[: local.stop - local.start], group.rewards[0, local]
+            )
         if mode != "collect":
             group.latents = None  # only the replay buffer keeps them (the prefix)
         return group
@@ -322,17 +391,25 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         """
         args, metrics = self.args, self._metrics["train"]
         anchors = AnchorBatch.draw(group, args.num_anchors, self._rng(_ANCHORS), iteration)
+        if args.split_groups_across_processes and iteration is not None:  # this process's share of the anchors
+            anchors = anchors.sub_batches(args.num_anchors // self.accelerator.num_processes)[
+                self.accelerator.process_index
+            ]  # the gradients' mean over processes is the mean over every anchor
         steps = self.spec.trained_steps(args.loss_type, args.train_denoising_steps)
         scale = weight / len(steps) / self.current_gradient_accumulation_steps
         total = torch.zeros((), device=group.states.device)
         self._loss_stats, self._penalties = [], []
+        sub_batches = anchors.sub_batches(args.anchor_batch_size)  # one forward and backward each (memory)
         for position, j in enumerate(steps):
-            with nullcontext() if final and position == len(steps) - 1 else self.accelerator.no_sync(model):
-                loss = self.compute_loss(model, replace(anchors, step=j))
-                if not torch.isfinite(loss):
-                    self._guard.flag(f"the loss is {loss.item()} at denoising step {j} (pivot {group.pivot})")
-                self.accelerator.backward(loss * scale)  # even then: every process runs the same collectives
-            total += loss.detach() * scale
+            for i, sub in enumerate(sub_batches):
+                last = final and position == len(steps) - 1 and i == len(sub_batches) - 1
+                share = scale * sub.num_anchors / anchors.num_anchors  # the loss is a mean over anchors
+                with nullcontext() if last else self.accelerator.no_sync(model):
+                    loss = self.compute_loss(model, replace(sub, step=j))
+                    if not torch.isfinite(loss):
+                        self._guard.flag(f"the loss is {loss.item()} at denoising step {j} (pivot {group.pivot})")
+                    self.accelerator.backward(loss * share)  # even then: every process runs the same collectives
+                total += loss.detach() * share
         for key, value in LossStats.reduce(self._loss_stats).items():
             metrics[key].append(value)
             if iteration == 0:

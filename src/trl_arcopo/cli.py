@@ -128,7 +128,8 @@ def _add_plan(subparsers) -> None:
     for name, kind in (
         ("num_generations", int), ("num_anchors", int), ("num_iterations", int), ("per_device_train_batch_size", int),
         ("lora_r", int), ("height", int), ("width", int), ("num_frames", int), ("num_frames_per_chunk", int),
-        ("pivot_chunk", int), ("beta", float), ("optim", str),
+        ("pivot_chunk", int), ("beta", float), ("optim", str), ("rollout_batch_size", int), ("anchor_batch_size", int),
+        ("decode_batch_size", int),
     ):  # fmt: skip
         parser.add_argument(f"--{name}", type=kind, default=None, help=f"Override the config's `{name}`.")
     parser.add_argument("--torch_dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -139,6 +140,17 @@ def _add_plan(subparsers) -> None:
         "--gradient_checkpointing", choices=["true", "false"], default=None, help="Override activation checkpointing."
     )
     parser.add_argument(
+        "--offload_text_encoder", choices=["true", "false"], default=None, help="Keep the text encoder on the CPU."
+    )
+    parser.add_argument(
+        "--fit", action="store_true",
+        help="Print the fastest setting of gradient checkpointing, rollout_batch_size, anchor_batch_size and "
+        "offload_text_encoder that fits each GPU.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--headroom", type=float, default=0.15, help="--fit: the share of the GPU's memory left free (default 0.15)."
+    )
+    parser.add_argument(
         "--grid", action="store_true",
         help=f"Print one row per GPU x gradient checkpointing on/off x optimizer (the config's, {OPTIMIZERS_8BIT[0]}).",
     )  # fmt: skip
@@ -147,16 +159,20 @@ def _add_plan(subparsers) -> None:
     def run(args: argparse.Namespace) -> None:
         import sys
 
-        from .planning import grid_table, load_yaml, plan_config
+        from .planning import fit, fit_report, grid_table, load_yaml, plan_config
 
         overrides = {
             k: getattr(args, k)
             for k in ("num_generations", "num_anchors", "num_iterations", "per_device_train_batch_size", "lora_r",
-                      "pivot_chunk", "beta", "optim", "torch_dtype", "mixed_precision")
+                      "pivot_chunk", "beta", "optim", "torch_dtype", "mixed_precision", "rollout_batch_size",
+                      "anchor_batch_size", "decode_batch_size")
             if getattr(args, k) is not None
         }  # fmt: skip
-        if args.gradient_checkpointing is not None:
-            overrides["gradient_checkpointing"] = args.gradient_checkpointing == "true"
+        for flag in ("gradient_checkpointing", "offload_text_encoder"):
+            if getattr(args, flag) is not None:
+                overrides[flag] = getattr(args, flag) == "true"
+        if args.fit and args.grid:
+            parser.error("--fit and --grid are two reports; pass one of them.")
         if not 0 < args.mfu <= 1:
             parser.error(f"--mfu {args.mfu} must be in (0, 1], e.g. 0.35.")
         try:
@@ -164,6 +180,9 @@ def _add_plan(subparsers) -> None:
             for key in ("height", "width", "num_frames", "num_frames_per_chunk"):
                 if getattr(args, key) is not None:
                     config[key] = getattr(args, key)
+            if args.fit:
+                fits = {gpu: fit(config, args.preset, gpu=gpu, mfu=args.mfu, num_processes=args.num_processes,
+                                 headroom=args.headroom, **overrides) for gpu in args.gpu}  # fmt: skip
             variants = [{}]
             if args.grid:
                 optim = overrides.get("optim") or config.get("optim") or "adamw_torch"
@@ -177,7 +196,10 @@ def _add_plan(subparsers) -> None:
             ]  # fmt: skip
         except (ValueError, TypeError, FileNotFoundError) as error:
             parser.error(str(error))
-        if args.grid:
+        if args.fit:
+            sys.stdout.write("\n".join(fit_report(best, tried, args.headroom) for best, tried in fits.values()))
+            plans = [best for best, _ in fits.values() if best is not None]
+        elif args.grid:
             sys.stdout.write(plans[0].summary(per_run=False) + "\n" + grid_table(plans))
             for gpu in dict.fromkeys(p.gpu.name for p in plans):
                 over = [p for p in plans if p.gpu.name == gpu and not p.fits]

@@ -26,32 +26,43 @@ class KVCache:
     Per-layer self-attention keys and values of the *committed* (clean) frames of a streaming video.
 
     The cache is written only by a "commit" pass (the clean chunk run through the transformer at `t = 0`) and read by
-    every pass that follows. Denoising passes attend to `cache[:, :start] ++ own keys` without writing, so they have
-    no side effects: a cache can be shared by any number of denoising calls, forked into branches, and read under
-    autograd. Stored tensors are always detached: no gradient flows into the prefix.
+    every pass that follows. Denoising passes attend to the committed frames and their own keys without writing, so
+    they have no side effects: a cache can be shared by any number of denoising calls, forked into branches, and read
+    under autograd. Stored tensors are always detached: no gradient flows into the prefix.
 
     Keys are stored *after* RoPE (with the absolute frame position of each token), so a read never needs positions.
 
+    **Forks share their prefix.** [`~KVCache.fork`] gives `n` branches per video that read the committed frames of
+    this cache (the *prefix*, batch `B`, never copied) and own storage only for the frames they commit after it
+    (batch `B * n`). A cache holds the frames that will be *committed*: a video's last chunk is never committed (no
+    later chunk reads it), so a video of `L` chunks needs `L - 1` chunks of capacity.
+
     Args:
         keys (`list[torch.Tensor]`):
-            One buffer per transformer block, each `[B, capacity_tokens, heads, head_dim]`.
+            One buffer per transformer block, each `[B, capacity_tokens, heads, head_dim]`: the tokens
+            `[offset, offset + capacity_tokens)` of the video.
         values (`list[torch.Tensor]`):
             Same layout as `keys`.
         tokens_per_frame (`int`):
             Tokens of one latent frame after patching (`(H / p_h) * (W / p_w)`).
         end (`int`, defaults to `0`):
-            Number of committed tokens; always a multiple of `tokens_per_frame`.
+            Number of committed tokens of the video (the prefix's included); a multiple of `tokens_per_frame`.
         local_attn_frames (`int`, *optional*):
             If set, a chunk attends to at most this many frames (itself included): the first `sink_frames` frames
             of the video plus the most recent ones. `None` means global attention (Self-Forcing's default).
         sink_frames (`int`, defaults to `0`):
             Frames at the start of the video that stay visible under a local window (LongLive's attention sink).
+        prefix ([`KVCache`], *optional*):
+            The shared cache of the tokens before `offset` (batch `B / g`: row `i` of this cache reads row `i // g`
+            of the prefix, the order of `repeat_interleave`). Read only.
+        offset (`int`, defaults to `0`):
+            Tokens held by `prefix`, the first token of this cache's own storage.
 
     Example:
 
     ```py
-    >>> cache = KVCache.from_transformer(pipe.transformer, batch_size=1, num_frames=21, latent_height=60, latent_width=104)
-    >>> branches = cache.fork(12)  # 12 branches sharing the committed prefix; nothing is recomputed
+    >>> cache = KVCache.from_transformer(pipe.transformer, batch_size=1, num_frames=18, latent_height=60, latent_width=104)
+    >>> branches = cache.fork(12)  # 12 branches reading the committed prefix; nothing is copied or recomputed
     ```
     """
 
@@ -61,6 +72,8 @@ class KVCache:
     end: int = 0
     local_attn_frames: int | None = None
     sink_frames: int = 0
+    prefix: KVCache | None = None
+    offset: int = 0
 
     def __post_init__(self):
         if len(self.keys) != len(self.values):
@@ -70,6 +83,16 @@ class KVCache:
                 f"`local_attn_frames={self.local_attn_frames}` must be larger than `sink_frames={self.sink_frames}`: "
                 "the window holds the sink frames plus at least the current chunk."
             )
+        if self.prefix is None and self.offset:
+            raise ValueError(f"`offset={self.offset}`: a cache reads the tokens before its offset from a `prefix`.")
+        if self.prefix is not None:
+            if self.offset > self.prefix.end:
+                raise ValueError(f"`offset={self.offset}` but the prefix has only {self.prefix.end} committed tokens.")
+            if self.batch_size % self.prefix.batch_size:
+                raise ValueError(
+                    f"A cache of batch {self.batch_size} cannot read a prefix of batch {self.prefix.batch_size}: "
+                    "the batch must be a multiple of the prefix's (use `prefix.fork(n)`)."
+                )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -86,12 +109,12 @@ class KVCache:
         sink_frames: int = 0,
     ) -> KVCache:
         """
-        Allocate an empty cache sized from `transformer.config` and the video that will be generated.
+        Allocate an empty cache sized from `transformer.config` and the frames that will be committed.
 
         Args:
             transformer: a Wan transformer (its `config` gives layers, heads, head dim and patch size).
             batch_size: number of videos generated together.
-            num_frames: latent frames of the whole video (the cache capacity).
+            num_frames: latent frames that will be committed (the capacity): the video's frames less its last chunk.
             latent_height, latent_width: spatial size of the latents (before patching).
             dtype, device: default to the transformer's.
         """
@@ -121,36 +144,51 @@ class KVCache:
         return self.keys[0].shape[0]
 
     @property
+    def capacity_tokens(self) -> int:
+        """The video's tokens up to which this cache can commit (its prefix's included)."""
+        return self.offset + self.keys[0].shape[1]
+
+    @property
     def capacity_frames(self) -> int:
-        return self.keys[0].shape[1] // self.tokens_per_frame
+        return self.capacity_tokens // self.tokens_per_frame
 
     @property
     def num_frames(self) -> int:
-        """Committed latent frames."""
+        """Committed latent frames (the prefix's included)."""
         return self.end // self.tokens_per_frame
 
     @property
     def nbytes(self) -> int:
+        """Bytes of this cache's own storage (a fork's prefix is counted by the prefix)."""
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     # ------------------------------------------------------------------ checks
-    def check_chunk(self, start: int, num_tokens: int, batch_size: int) -> None:
-        """Raise a `ValueError` if a chunk of `num_tokens` tokens starting at token `start` cannot use this cache."""
+    def check_chunk(self, start: int, num_tokens: int, batch_size: int, commit: bool = False) -> None:
+        """
+        Raise a `ValueError` if a chunk of `num_tokens` tokens starting at token `start` cannot use this cache
+        (`commit=True`: to be written into it).
+        """
         if num_tokens % self.tokens_per_frame:
             raise ValueError(
                 f"The chunk has {num_tokens} tokens, not a multiple of the cache's {self.tokens_per_frame} tokens per "
                 "frame: the cache was created for another height/width."
             )
         end_frame = (start + num_tokens) // self.tokens_per_frame
-        if start + num_tokens > self.keys[0].shape[1]:
+        if commit and start + num_tokens > self.capacity_tokens:
             raise ValueError(
-                f"The KV cache is too short for the requested video: it holds {self.capacity_frames} latent frames "
-                f"but the chunk ends at frame {end_frame}. Create it with `num_frames>={end_frame}`."
+                f"The KV cache is too short for the requested video: it can commit {self.capacity_frames} latent "
+                f"frames but the chunk ends at frame {end_frame}. Create it with `num_frames>={end_frame}` (the "
+                "video's frames less its last chunk, which is never committed)."
             )
         if start > self.end:
             raise ValueError(
                 f"The chunk starts at frame {start // self.tokens_per_frame} but the cache has only "
                 f"{self.num_frames} committed frames: commit the chunks before it first."
+            )
+        if start < self.offset:
+            raise ValueError(
+                f"The chunk starts at frame {start // self.tokens_per_frame}, inside the shared prefix of this fork "
+                f"({self.offset // self.tokens_per_frame} frames); a fork continues after its prefix."
             )
         if batch_size != self.batch_size and self.batch_size != 1:
             raise ValueError(
@@ -170,36 +208,78 @@ class KVCache:
         slices = [s for s in (slice(0, sink_end), slice(recent_start, start)) if s.stop > s.start]
         return slices
 
+    def _pieces(self, layer: int, tokens: slice) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values `[B_i, S_i, heads, head_dim]` of the video's `tokens` (a prefix's at its own batch)."""
+        pieces = []
+        if self.prefix is not None and tokens.start < self.offset:
+            pieces += self.prefix._pieces(layer, slice(tokens.start, min(tokens.stop, self.offset)))
+        if tokens.stop > self.offset:
+            own = slice(max(tokens.start, self.offset) - self.offset, tokens.stop - self.offset)
+            pieces.append((self.keys[layer][:, own], self.values[layer][:, own]))
+        return pieces
+
     def read(self, layer: int, start: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values `[B, S, heads, head_dim]` that the chunk starting at token `start` attends to."""
-        slices = self.context_slices(start, num_tokens)
-        k, v = self.keys[layer], self.values[layer]
-        if not slices:
-            return k[:, :0], v[:, :0]
-        if len(slices) == 1:
-            return k[:, slices[0]], v[:, slices[0]]
-        return torch.cat([k[:, s] for s in slices], dim=1), torch.cat([v[:, s] for s in slices], dim=1)
+        """Keys and values `[B, S, heads, head_dim]` that the chunk starting at token `start` attends to (a copy)."""
+        k = self.keys[layer]
+        empty = k.new_empty((self.batch_size, 0, *k.shape[2:]))
+        return self._gather(layer, self.context_slices(start, num_tokens), empty, empty)
 
-    def can_write_in_place(self, start: int, key: torch.Tensor) -> bool:
+    def _gather(
+        self, layer: int, slices: list[slice], key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached tokens `slices` (each cached row broadcast to the rows that read it), then `key` / `value`."""
+        pieces = [p for s in slices for p in self._pieces(layer, s)]
+        batch, n = key.shape[0], key.shape[1]
+        context = sum(k.shape[1] for k, _ in pieces)
+        out_k = key.new_empty((batch, context + n, *key.shape[2:]))
+        out_v = value.new_empty((batch, context + n, *value.shape[2:]))
+        position = 0
+        for k, v in pieces:
+            rows, size = k.shape[0], k.shape[1]
+            if batch % rows:
+                raise ValueError(f"A batch of {batch} cannot read cached keys of batch {rows}.")
+            # [rows, batch / rows, S_i, heads, head_dim]: each cached row broadcast to the branches that read it
+            out_k.view(rows, batch // rows, *out_k.shape[1:])[:, :, position : position + size] = k[:, None]
+            out_v.view(rows, batch // rows, *out_v.shape[1:])[:, :, position : position + size] = v[:, None]
+            position += size
+        out_k[:, context:], out_v[:, context:] = key, value  # under autograd, the gradient flows to `key` and `value`
+        return out_k, out_v
+
+    def attended(
+        self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor, commit: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """
-        Whether a chunk starting at token `start` may use the in-place fast path: no autograd, the chunk right after
-        the committed frames, the cache's own batch size, and global attention.
+        The keys and values `[B, S + N, heads, head_dim]` a chunk starting at token `start` attends to: the cached
+        context, then its own `key` and `value` `[B, N, heads, head_dim]` (which carry the gradient, if any); with
+        `commit=True` the chunk's keys and values are also written (the commit pass). The context of a fork is read
+        from its prefix at the prefix's batch and broadcast to the branches, in the same order as a full cache.
+
+        Fast path (plain streaming without autograd): a cache without a prefix writes the chunk into the free slots
+        right after the committed frames (scratch until a commit makes them permanent; never read before) and returns
+        one slice of its buffer, without copying the context.
         """
-        return (
-            not torch.is_grad_enabled()
-            and not key.requires_grad
-            and start == self.end
-            and key.shape[0] == self.batch_size
+        n = key.shape[1]
+        local = start - self.offset
+        if (
+            self.prefix is None
             and self.local_attn_frames is None
-            and key.dtype == self.keys[0].dtype
-        )
+            and start == self.end
+            and local + n <= self.keys[layer].shape[1]
+            and key.shape[0] == self.batch_size
+            and key.dtype == self.keys[layer].dtype
+            and not torch.is_grad_enabled()
+            and not key.requires_grad
+        ):
+            self.keys[layer][:, local : local + n] = key
+            self.values[layer][:, local : local + n] = value
+            return self.keys[layer][:, : local + n], self.values[layer][:, : local + n]
 
-    def write(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor, scratch: bool = False) -> None:
-        """
-        Store a chunk's keys and values `[B, N, heads, head_dim]` at tokens `[start, start + N)` of one layer.
-        `scratch=True` writes a not-yet-committed chunk into the free slots after `end` (they are overwritten by its
-        commit and never read before it).
-        """
+        if commit:
+            self.write(layer, start, key, value)
+        return self._gather(layer, self.context_slices(start, n), key, value)
+
+    def write(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store a chunk's keys and values `[B, N, heads, head_dim]` at tokens `[start, start + N)` of one layer."""
         if start != self.end:
             raise ValueError(
                 f"Commit at frame {start // self.tokens_per_frame} but the cache ends at frame {self.num_frames}: "
@@ -209,9 +289,14 @@ class KVCache:
             raise ValueError(
                 f"Cannot commit a batch of {key.shape[0]} into a cache of batch {self.batch_size}: fork the cache first."
             )
-        n = key.shape[1]
-        self.keys[layer][:, start : start + n] = key.detach()
-        self.values[layer][:, start : start + n] = value.detach()
+        n, local = key.shape[1], start - self.offset
+        if local + n > self.keys[layer].shape[1]:
+            raise ValueError(
+                f"The KV cache is too short: it can commit {self.capacity_frames} latent frames but the chunk ends "
+                f"at frame {(start + n) // self.tokens_per_frame}."
+            )
+        self.keys[layer][:, local : local + n] = key.detach()
+        self.values[layer][:, local : local + n] = value.detach()
 
     def advance(self, num_tokens: int) -> None:
         """Mark `num_tokens` more tokens as committed (called once after every layer was written)."""
@@ -221,32 +306,54 @@ class KVCache:
     def _map(self, fn) -> KVCache:
         return replace(self, keys=[fn(k) for k in self.keys], values=[fn(v) for v in self.values])
 
-    def fork(self, n: int) -> KVCache:
+    def fork(self, n: int, num_frames: int | None = None) -> KVCache:
         """
-        `n` branches per batch element sharing the committed prefix: batch `B -> B * n`, ordered
-        `[b0 x n, b1 x n, ...]` (like `repeat_interleave`). The prefix is copied, not recomputed; slots after `end`
-        are left empty for the branches to fill.
+        `n` branches per batch element reading this cache's committed frames as their shared prefix: batch
+        `B -> B * n`, ordered `[b0 x n, b1 x n, ...]` (like `repeat_interleave`). Nothing is copied or recomputed;
+        the branches own storage only for the frames they commit after the prefix, up to `num_frames` latent frames
+        of the video (default: this cache's capacity). Keep this cache unchanged while its forks are in use.
         """
         if n < 1:
             raise ValueError(f"`n={n}` must be at least 1.")
+        capacity = self.capacity_tokens if num_frames is None else num_frames * self.tokens_per_frame
+        if capacity < self.end:
+            raise ValueError(
+                f"`num_frames={num_frames}` is shorter than the {self.num_frames} committed frames of the prefix."
+            )
 
-        def fork_buffer(buf: torch.Tensor) -> torch.Tensor:
-            out = buf.new_zeros((buf.shape[0] * n, *buf.shape[1:]))
-            out[:, : self.end] = buf[:, : self.end].repeat_interleave(n, dim=0)
-            return out
+        def own(buf: torch.Tensor) -> torch.Tensor:
+            return buf.new_zeros((buf.shape[0] * n, capacity - self.end, *buf.shape[2:]))
 
-        return self._map(fork_buffer)
+        return replace(self._map(own), prefix=self, offset=self.end)
+
+    def materialize(self) -> KVCache:
+        """The same cache with every committed frame in its own storage (a fork's prefix copied to each branch)."""
+        if self.prefix is None:
+            return self
+        keys, values = [], []
+        for layer in range(self.num_layers):
+            k, v = self.read(layer, self.end, 0)
+            keys.append(torch.cat([k, self.keys[layer][:, self.end - self.offset :]], dim=1))
+            values.append(torch.cat([v, self.values[layer][:, self.end - self.offset :]], dim=1))
+        return replace(self, keys=keys, values=values, prefix=None, offset=0)
+
+    def narrow(self, start: int, length: int) -> KVCache:
+        """The batch rows `[start, start + length)`, as views (nothing is copied); a fork is materialized first."""
+        return self.materialize()._map(lambda buf: buf.narrow(0, start, length))
 
     def select(self, indices: torch.Tensor | list[int]) -> KVCache:
-        """Keep the batch rows `indices` (in that order; repeats allowed)."""
-        index = torch.as_tensor(indices, dtype=torch.long, device=self.keys[0].device)
-        return self._map(lambda buf: buf.index_select(0, index))
+        """Keep the batch rows `indices` (in that order; repeats allowed); a fork is materialized first."""
+        cache = self.materialize()
+        index = torch.as_tensor(indices, dtype=torch.long, device=cache.keys[0].device)
+        return cache._map(lambda buf: buf.index_select(0, index))
 
     def clone(self) -> KVCache:
+        """A copy of this cache's own storage (a fork keeps reading the same prefix)."""
         return self._map(lambda buf: buf.clone())
 
     def detach(self) -> KVCache:
         return self._map(lambda buf: buf.detach())
 
     def to(self, device=None, dtype=None) -> KVCache:
-        return self._map(lambda buf: buf.to(device=device, dtype=dtype))
+        prefix = self.prefix.to(device, dtype) if self.prefix is not None else None
+        return replace(self._map(lambda buf: buf.to(device=device, dtype=dtype)), prefix=prefix)

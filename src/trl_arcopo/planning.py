@@ -340,6 +340,10 @@ class RunSettings:
         gradient_checkpointing (`bool`): diffusers' checkpointing of every transformer block.
         optim (`str`): a `TrainingArguments.optim`; 8-bit AdamW (`"adamw_bnb_8bit"`) stores two 1-byte states.
         training_mode (`str`): only `"on_policy"` iterations are planned.
+        rollout_batch_size (`int`, *optional*): branches per forward in the rollout (`None`: all `B·G`).
+        anchor_batch_size (`int`, *optional*): anchors per forward and backward in the update (`None`: all `K`).
+        offload_text_encoder (`bool`): the text encoder stays on the CPU (its weights are not on the device).
+        decode_batch_size (`int`, *optional*): videos per VAE decode call (`None`: all `B·G`).
     """
 
     num_generations: int = 12
@@ -360,6 +364,10 @@ class RunSettings:
     gradient_checkpointing: bool = False
     optim: str = "adamw_torch"
     training_mode: str = "on_policy"
+    rollout_batch_size: int | None = None
+    anchor_batch_size: int | None = None
+    offload_text_encoder: bool = False
+    decode_batch_size: int | None = 1
 
     def __post_init__(self):
         checks = [
@@ -371,6 +379,9 @@ class RunSettings:
             ("num_denoising_steps", self.num_denoising_steps >= 1, "at least 1"),
             ("lora_r", self.lora_r >= 1, "at least 1"),
             ("beta", self.beta >= 0, "non-negative"),
+            ("rollout_batch_size", self.rollout_batch_size is None or self.rollout_batch_size >= 1, "None or >= 1"),
+            ("anchor_batch_size", self.anchor_batch_size is None or self.anchor_batch_size >= 1, "None or >= 1"),
+            ("decode_batch_size", self.decode_batch_size is None or self.decode_batch_size >= 1, "None or >= 1"),
         ]
         for name, ok, fix in checks:
             if not ok:
@@ -403,6 +414,17 @@ class RunSettings:
     def uses_8bit_optimizer(self) -> bool:
         return self.optim in OPTIMIZERS_8BIT
 
+    @property
+    def branches_per_forward(self) -> int:
+        """Branches of the rollout's forwards: a sub-batch of one prompt's, or every branch of the process."""
+        every = self.per_device_train_batch_size * self.num_generations
+        return every if self.rollout_batch_size is None else min(self.rollout_batch_size, self.num_generations)
+
+    @property
+    def anchors_per_forward(self) -> int:
+        """Anchors of each group in one forward and backward of the update."""
+        return self.num_anchors if self.anchor_batch_size is None else min(self.anchor_batch_size, self.num_anchors)
+
     @classmethod
     def from_config(cls, config: Mapping | Any, **overrides) -> RunSettings:
         """
@@ -420,6 +442,9 @@ class RunSettings:
         def pick(key, default=None):
             found = value(key)
             return default if found is None else found
+
+        def present(key):  # set, possibly to None (an `ARCoPOConfig` always has every field)
+            return key in overrides or (key in config if isinstance(config, Mapping) else hasattr(config, key))
 
         sigmas = value("denoising_sigmas")
         mixed = "bf16" if value("bf16") else "fp16" if value("fp16") else None
@@ -450,7 +475,15 @@ class RunSettings:
             gradient_checkpointing=bool(checkpointing),
             optim=str(getattr(optim, "value", optim)),
             training_mode=str(pick("training_mode", "on_policy")),
+            rollout_batch_size=_optional_int(value("rollout_batch_size")),
+            anchor_batch_size=_optional_int(value("anchor_batch_size")),
+            offload_text_encoder=bool(pick("offload_text_encoder", False)),
+            decode_batch_size=_optional_int(value("decode_batch_size")) if present("decode_batch_size") else 1,
         )
+
+
+def _optional_int(value) -> int | None:
+    return None if value is None or str(value).lower() == "none" else int(value)
 
 
 @dataclass(frozen=True)
@@ -559,12 +592,17 @@ def transformer_parameters(shape: TransformerShape) -> int:
 # ---------------------------------------------------------------------------------------------------- FLOPs
 @dataclass(frozen=True)
 class _Pass:
-    """One transformer call on a chunk, per video: `tokens` queries attending to `keys` (its own included)."""
+    """
+    One transformer call on a chunk, per video: `tokens` queries attending to `keys` (its own included). A sub-batch
+    of a batch computes its patch and timestep embeddings at the whole batch's size
+    (`CausalWanTransformer3DModel.sub_batch`): `embed_scale` videos' worth per video.
+    """
 
     tokens: int
     keys: int
     text: int
     frames: int
+    embed_scale: float = 1.0
 
 
 def forward_flops(shape: TransformerShape, p: _Pass, lora: _LoRALayout | None, r: int) -> float:
@@ -577,7 +615,8 @@ def forward_flops(shape: TransformerShape, p: _Pass, lora: _LoRALayout | None, r
     rows = {"tokens": p.tokens, "text": p.text, "frames": p.frames}
     total = 0.0
     for n, i, o, kind in _outer_linears(shape):
-        total += 2 * rows[kind] * i * o + (2 * rows[kind] * r * (i + o) if lora and n in lora.outer else 0)
+        scale = p.embed_scale if n == "patch_embedding" or kind == "frames" else 1.0
+        total += scale * (2 * rows[kind] * i * o + (2 * rows[kind] * r * (i + o) if lora and n in lora.outer else 0))
     d = shape.dim
     for layer in range(shape.num_layers):
         targets = lora.blocks[layer] if lora else ()
@@ -785,7 +824,15 @@ def activation_bytes(
     return ActivationEstimate(kept + outer, max(recomputed + block_ws - loss_saved, loss_ws))
 
 
-def forward_workspace(shape: TransformerShape, b: int, p: _Pass, lora: _LoRALayout, prec: _Precision) -> int:
+def forward_workspace(
+    shape: TransformerShape,
+    b: int,
+    p: _Pass,
+    lora: _LoRALayout,
+    prec: _Precision,
+    context_copy: bool = True,
+    whole_batch: int | None = None,
+) -> int:
     """
     Peak bytes of one forward without autograd (a rollout or reference pass) of `b` videos' chunks, beyond the KV
     cache: the text embeddings, the block's input (the forward keeps it while the block runs) and its residual stream,
@@ -795,7 +842,11 @@ def forward_workspace(shape: TransformerShape, b: int, p: _Pass, lora: _LoRALayo
       projection, with a LoRA its scaled update and their sum (and an upcast copy of the projection when the two
       dtypes differ); the projection and its GELU; the GELU output and the
       output projection, with a LoRA on `ffn.net.2` the copies peft and autocast make of its input);
-    - self-attention (input, q, k, v, two fp32 RMSNorm and two rotary temporaries).
+    - self-attention (input, q, k, v, two fp32 RMSNorm and two rotary temporaries), and with `context_copy` the keys
+      and values it attends, gathered into one tensor each (a fork reads its prefix and its own chunks; without
+      autograd a cache without a prefix attends to a slice of its buffer instead);
+    - with `whole_batch` (a sub-batch of a batch of that many videos), the patch embedding computed for the whole
+      batch and the sub-batch's copy of it.
 
     A LoRA module copies its input to its own dtype (fp32) when the base is 16-bit, and autocast copies that to bf16.
     """
@@ -812,8 +863,10 @@ def forward_workspace(shape: TransformerShape, b: int, p: _Pass, lora: _LoRALayo
     out = m * f * act + m * d * act + (m * f * copies if f2 else 0)
     ffn = m * d * act + m * d * 4 + max(proj, gelu, out)
     attn = 4 * m * d * act + 2 * m * d * 4 + 2 * m * d * act + m * d * copies
+    attn += 2 * b * p.keys * d * act if context_copy else 0
     norm = 3 * m * d * 4
-    return t * d * act + 2 * m * d * act + max(ffn, attn, norm)
+    patches = (whole_batch * p.tokens * d * act + m * d * act) if whole_batch else 0
+    return t * d * act + 2 * m * d * act + max(ffn, attn, norm, patches)
 
 
 # ---------------------------------------------------------------------------------------------------- the plan
@@ -1163,21 +1216,31 @@ def _make_plan(
     n = video.num_frames_per_chunk * tpf  # tokens of one chunk
     num_chunks, steps, r = video.num_chunks, s.num_denoising_steps, s.lora_r
     b, g, k = s.per_device_train_batch_size, s.num_generations, s.num_anchors
+    m, ka = s.branches_per_forward, s.anchors_per_forward  # videos per forward: rollout branches, update anchors
     text, frames = video.max_sequence_length, video.num_frames_per_chunk
 
-    def chunk_pass(c: int) -> _Pass:
-        return _Pass(n, (c + 1) * n, text, frames)
+    scale = b * g / m if s.rollout_batch_size is not None else 1.0  # the branches' embeddings, per branch
+
+    def chunk_pass(c: int, embed_scale: float = 1.0) -> _Pass:
+        return _Pass(n, (c + 1) * n, text, frames, embed_scale)
 
     def costs(pivot: int) -> list[PhaseCost]:
+        passes = steps + 1  # denoising steps + the commit pass; the video's last chunk is not committed
         fwd = [forward_flops(shape, chunk_pass(c), lora, r) for c in range(num_chunks)]
-        passes = steps + 1  # denoising steps + the commit pass
+        branch_fwd = [forward_flops(shape, chunk_pass(c, scale), lora, r) for c in range(num_chunks)]
         prefix = PhaseCost("prefix", b * pivot * passes, b * passes * sum(fwd[:pivot]))
-        branches = PhaseCost("branches", b * g * (num_chunks - pivot) * passes, b * g * passes * sum(fwd[pivot:]))
+        branches = PhaseCost(
+            "branches",
+            b * g * ((num_chunks - pivot) * passes - 1),
+            b * g * (passes * sum(branch_fwd[pivot:]) - branch_fwd[-1]),
+        )
         trained = s.num_iterations * b * k * len(s.trained_steps)
-        bwd = backward_flops(shape, chunk_pass(pivot), lora, r, s.gradient_checkpointing)
-        phases = [prefix, branches, PhaseCost("update", trained, trained * fwd[pivot], trained * bwd)]
+        update = chunk_pass(pivot)
+        bwd = backward_flops(shape, update, lora, r, s.gradient_checkpointing)
+        phases = [prefix, branches, PhaseCost("update", trained, trained * forward_flops(shape, update, lora, r),
+                                              trained * bwd)]  # fmt: skip
         if s.beta > 0:
-            phases.append(PhaseCost("reference", trained, trained * forward_flops(shape, chunk_pass(pivot), None, r)))
+            phases.append(PhaseCost("reference", trained, trained * forward_flops(shape, update, None, r)))
         return phases
 
     pivots = [s.pivot_chunk] if s.pivot_chunk is not None else list(range(num_chunks))
@@ -1195,97 +1258,117 @@ def _make_plan(
     for ph in phases:
         ph.seconds = ph.flops / peak
 
-    # ---- memory (at the worst pivot: the last chunk attends to the longest context)
-    mp = s.pivot_chunk if s.pivot_chunk is not None else num_chunks - 1
+    # ---- memory, at every pivot (the prefix grows with it, the branches' cache shrinks): the peak is the worst
     chunk = shape.in_channels * frames * video.latent_height * video.latent_width  # latent elements of one chunk
     latent = chunk * num_chunks  # fp32 noise and latents: 4 bytes each
-    cache_per_video = 2 * shape.num_layers * video.latent_frames * tpf * shape.dim * prec.weight
+    cache_per_chunk = 2 * shape.num_layers * n * shape.dim * prec.weight  # keys and values of one video's chunk
     embeds = text * shape.text_dim * prec.weight
     renoise = num_chunks * (steps - 1) * chunk if s.sampler == "consistency" else 0
-    rp = s.pivot_chunk if s.pivot_chunk is not None else 0  # the rollout holds the most finished chunks at pivot 0
     pixels = video.num_frames * 3 * video.height * video.width * 4  # decoded video, fp32
     base_bytes = params["transformer"] * prec.weight
-    frozen_bytes = (params["text_encoder"] + params["vae"]) * prec.weight
+    text_encoder = "VAE weights (text encoder offloaded)" if s.offload_text_encoder else "text encoder and VAE weights"
+    frozen_bytes = ((0 if s.offload_text_encoder else params["text_encoder"]) + params["vae"]) * prec.weight
     lora_bytes = params["lora"] * 4
     optim = optimizer_bytes(lora.tensor_sizes(shape, r), s.uses_8bit_optimizer)
-
-    roll_ws = forward_workspace(shape, b * g, chunk_pass(num_chunks - 1), lora, prec)
-    memory = [
+    persistent = [
         MemoryItem("transformer weights", base_bytes, "persistent"),
-        MemoryItem("text encoder and VAE weights", frozen_bytes, "persistent"),
+        MemoryItem(text_encoder, frozen_bytes, "persistent"),
         MemoryItem("LoRA parameters (fp32)", lora_bytes, "persistent"),
         MemoryItem("optimizer state" + (" (8-bit)" if s.uses_8bit_optimizer else " (fp32)"), optim, "persistent"),
-        MemoryItem("KV cache: prefix (B videos, full length)", b * cache_per_video, "kept"),
-        MemoryItem("trajectories: states and x̂0 of the pivot chunk (fp32)", 2 * b * g * steps * chunk * 4, "kept"),
-        MemoryItem("prompt embeddings", b * embeds, "kept"),
-        MemoryItem("KV cache: branches (B·G videos, full length)", b * g * cache_per_video, "rollout"),
-        MemoryItem("rollout noise (fp32)", (b + b * g) * (latent + renoise) * 4, "rollout"),
-        MemoryItem("branch prompt embeddings", b * g * embeds, "rollout"),
-        MemoryItem(
-            "chunks denoised so far and the current chunk's state (fp32)",
-            b * g * (num_chunks - rp) * chunk * 4 + b * g * 4 * chunk * 4,
-            "rollout",
-        ),
-        MemoryItem("forward workspace (rollout, batch B·G)", roll_ws, "rollout"),
-        MemoryItem(
-            "end of the rollout: noise, finished latents and their copies, copied x̂0 (fp32)",
-            (b + b * g) * (latent + renoise) * 4 + 3 * b * g * latent * 4 + b * g * steps * chunk * 4,
-            "rollout end",
-        ),
-        MemoryItem(
-            "decoded videos and their latents (fp32; VAE activations not included)",
-            b * g * (pixels + latent * 4),
-            "decode",
-        ),
     ]
-    acts = {
-        ckpt: activation_bytes(
-            shape, b * k, chunk_pass(mp), lora, r, prec, ckpt, g if s.loss_type == "arcopo" else 1, chunk
-        )
-        for ckpt in (False, True)
-    }
-    ref_ws = forward_workspace(shape, b * k, chunk_pass(mp), lora, prec) if s.beta > 0 else 0
-    update_fixed = [
-        MemoryItem("KV cache: anchors (B·K videos, full length)", b * k * cache_per_video, "update"),
-        MemoryItem("anchor states and embeddings", b * k * (chunk * 4 + embeds), "update"),
-        MemoryItem("LoRA gradients (fp32)", lora_bytes, "update"),
-    ]
-    memory += update_fixed
-    sel = acts[s.gradient_checkpointing]
-    memory += [
-        MemoryItem("activations of one trained step", sel.saved, "update"),
-        MemoryItem("backward workspace", max(sel.backward_workspace, ref_ws), "update"),
-    ]
+    loss_candidates = g if s.loss_type == "arcopo" else 1
+    ref = s.beta > 0
 
-    persistent = sum(m.bytes for m in memory if m.phase == "persistent")
-    kept = sum(m.bytes for m in memory if m.phase == "kept")
-    rollout = max(sum(m.bytes for m in memory if m.phase == phase) for phase in ("rollout", "rollout end", "decode"))
-    fixed = sum(m.bytes for m in update_fixed)
-    peak_bytes = {}
-    for ckpt, a in acts.items():
-        update = fixed + a.saved + max(a.backward_workspace, ref_ws)
-        peak_bytes[ckpt] = persistent + kept + max(rollout, update)
+    def memory_at(p: int) -> tuple[list[MemoryItem], dict[bool, ActivationEstimate], dict[bool, int]]:
+        """The items alive at pivot `p`, the activations, and the peak with and without checkpointing."""
+        sub = f" ({-(-g // m)} sub-batches per prompt)" if s.rollout_batch_size is not None and m < g else ""
+        roll_ws = forward_workspace(shape, m, chunk_pass(num_chunks - 1), lora, prec, whole_batch=round(scale * m))
+        items = [
+            MemoryItem(f"KV cache: prefix (B videos, {p} chunks)", b * p * cache_per_chunk, "kept"),
+            MemoryItem("trajectories: states and x̂0 of the pivot chunk (fp32)", 2 * b * g * steps * chunk * 4, "kept"),
+            MemoryItem("prompt embeddings", b * embeds, "kept"),
+            MemoryItem(
+                f"KV cache: branches ({m} videos{sub}, {num_chunks - 1 - p} chunks after the prefix)",
+                m * (num_chunks - 1 - p) * cache_per_chunk,
+                "rollout",
+            ),
+            MemoryItem("rollout noise (fp32)", (b + m) * (latent + renoise) * 4, "rollout"),
+            MemoryItem("branch prompt embeddings", m * embeds, "rollout"),
+            MemoryItem(
+                "finished chunks of every branch and the current chunk's state (fp32)",
+                b * g * (num_chunks - p) * chunk * 4 + m * 4 * chunk * 4,
+                "rollout",
+            ),
+            MemoryItem(f"forward workspace (rollout, batch {m})", roll_ws, "rollout"),
+            MemoryItem(
+                "end of the rollout: noise, finished latents and their copies, copied x̂0 (fp32)",
+                b * (latent + renoise) * 4 + 3 * b * g * latent * 4 + 3 * b * g * steps * chunk * 4,
+                "rollout end",
+            ),
+            MemoryItem(
+                "decoded videos and their latents (fp32; VAE activations not included)",
+                b * g * (pixels + latent * 4),
+                "decode",
+            ),
+        ]
+        acts = {
+            ckpt: activation_bytes(shape, b * ka, chunk_pass(p), lora, r, prec, ckpt, loss_candidates, chunk)
+            for ckpt in (False, True)
+        }
+        ref_ws = forward_workspace(shape, b * ka, chunk_pass(p), lora, prec) if ref else 0
+        update_fixed = [
+            MemoryItem(
+                f"anchor states and embeddings ({b * ka} per forward)", b * ka * (chunk * 4 + embeds), "update"
+            ),
+            MemoryItem("LoRA gradients (fp32)", lora_bytes, "update"),
+        ]
+        fixed = sum(i.bytes for i in update_fixed)
+        rollout = max(sum(i.bytes for i in items if i.phase == ph) for ph in ("rollout", "rollout end", "decode"))
+        kept = sum(i.bytes for i in items if i.phase == "kept")
+        base = sum(i.bytes for i in persistent)
+        peaks = {
+            ckpt: base + kept + max(rollout, fixed + a.saved + max(a.backward_workspace, ref_ws))
+            for ckpt, a in acts.items()
+        }
+        sel = acts[s.gradient_checkpointing]
+        items += update_fixed + [
+            MemoryItem(f"activations of one trained step ({b * ka} anchors per forward)", sel.saved, "update"),
+            MemoryItem("backward workspace", max(sel.backward_workspace, ref_ws), "update"),
+        ]
+        return items, acts, peaks
+
+    at = {p: memory_at(p) for p in pivots}
+    peak_bytes = {ckpt: max(at[p][2][ckpt] for p in pivots) for ckpt in (False, True)}
+    mp = max(pivots, key=lambda p: (at[p][2][s.gradient_checkpointing], p))  # the worst pivot (the latest of ties)
+    items, acts, _ = at[mp]
+    memory = persistent + items
     plan_ = Plan(
         settings=s, transformer=shape, video=video, gpu=gpu, mfu=mfu, pivot=s.pivot_chunk, memory_pivot=mp,
         phases=phases, memory=memory, activations=acts, peak_bytes=peak_bytes, parameters=dict(params),
     )  # fmt: skip
     if not plan_.fits:
-        phase = "update" if peak_bytes[s.gradient_checkpointing] - persistent - kept > rollout else "rollout"
-        largest = max((m for m in memory if m.phase in (phase, "persistent", "kept")), key=lambda m: m.bytes)
+        rollout = plan_.rollout_peak_bytes()
+        update = plan_.memory_by_phase("kept") + plan_.memory_by_phase("update")
+        phase = "update" if update > rollout else "rollout"
+        largest = max((i for i in memory if i.phase in (phase, "persistent", "kept")), key=lambda i: i.bytes)
         fixes = []
         if phase == "update" and not s.gradient_checkpointing and peak_bytes[True] < peak_bytes[False]:
             fixes.append(f"turn on gradient checkpointing (peak {format_bytes(peak_bytes[True])})")
-        if phase == "update":
-            fixes.append("lower num_anchors (the anchors' KV cache and activations grow with it)")
-        else:
-            fixes.append("lower num_generations (the branches' KV cache grows with G)")
+        if phase == "update" and ka > 1:
+            fixes.append("lower anchor_batch_size (the activations grow with the anchors per forward)")
+        if phase == "rollout" and m > 1:
+            fixes.append(
+                "set or lower rollout_batch_size (the branches' KV cache grows with the branches per forward)"
+            )
+        if not s.offload_text_encoder and params["text_encoder"]:
+            fixes.append(f"offload_text_encoder ({format_bytes(params['text_encoder'] * prec.weight)})")
         if s.per_device_train_batch_size > 1:
             fixes.append("lower per_device_train_batch_size")
-        fixes.append("use a GPU with more memory")
+        fixes.append("use a GPU with more memory (`trl-arcopo plan --fit` finds the fastest setting that fits)")
         plan_.warnings.append(
-            f"the predicted peak ({format_bytes(plan_.peak_memory_bytes)}, in the {phase}) exceeds the {gpu.name}'s "
-            f"{format_bytes(gpu.memory_bytes)}; the largest item is '{largest.name}' ({format_bytes(largest.bytes)}). "
-            f"To fit: {'; '.join(fixes)}."
+            f"the predicted peak ({format_bytes(plan_.peak_memory_bytes)}, in the {phase} at pivot {mp}) exceeds the "
+            f"{gpu.name}'s {format_bytes(gpu.memory_bytes)}; the largest item is '{largest.name}' "
+            f"({format_bytes(largest.bytes)}). To fit: {'; '.join(fixes)}."
         )
     return plan_
 
@@ -1461,6 +1544,96 @@ def plan_config(
         text_encoder_parameters=generator.text_encoder_parameters, vae_parameters=generator.vae_parameters,
         transformer_parameters_count=generator.transformer_parameters, **{**defaults, **overrides},
     )  # fmt: skip
+
+
+def fit(
+    config: Mapping | Any | None = None,
+    generator: GeneratorSpec | str | None = None,
+    *,
+    gpu: str | GPUSpec = "h100",
+    mfu: float = 0.35,
+    num_processes: int | None = None,
+    headroom: float = 0.15,
+    **overrides,
+) -> tuple[Plan | None, list[Plan]]:
+    """
+    The fastest setting of the memory knobs that fits `gpu`: every combination of gradient checkpointing,
+    `rollout_batch_size` (every branch at once, then `ceil(G / k)` for `k = 2, 3, ...`), `anchor_batch_size` and
+    `offload_text_encoder` is planned ([`plan_config`]; `overrides` set the other settings); among those whose peak
+    leaves `headroom` of the GPU's memory free (the caching allocator reserves 5-15 % above the allocated bytes, and
+    the VAE decoder, the reward models and the CUDA context are not in the plan), the one with the fewest seconds,
+    then the fewest sub-batches, then the text encoder on the device. Returns `(best or None, every plan tried)`.
+    """
+    if not 0 <= headroom < 1:
+        raise ValueError(f"`headroom={headroom}` must be in [0, 1), e.g. 0.15.")
+    config = {} if config is None else config
+    get = config.get if isinstance(config, Mapping) else (lambda key: getattr(config, key, None))
+
+    def knob(name, default):
+        return overrides.get(name, get(name) if get(name) is not None else default)
+
+    g, k = int(knob("num_generations", 12)), int(knob("num_anchors", 4))
+    rollouts = [None] + sorted({-(-g // d) for d in range(2, g + 1)}, reverse=True)
+    anchors = [None] + sorted({-(-k // d) for d in range(2, k + 1)}, reverse=True)
+    searched = ("gradient_checkpointing", "offload_text_encoder", "rollout_batch_size", "anchor_batch_size")
+    overrides = {key: value for key, value in overrides.items() if key not in searched}
+    plans = [
+        plan_config(
+            config,
+            generator,
+            gpu=gpu,
+            mfu=mfu,
+            num_processes=num_processes,
+            gradient_checkpointing=ckpt,
+            offload_text_encoder=off,
+            rollout_batch_size=rb,
+            anchor_batch_size=ab,
+            **overrides,
+        )
+        for ckpt in (False, True)
+        for off in (False, True)
+        for rb in rollouts
+        for ab in anchors
+    ]
+    fitting = [p for p in plans if p.peak_memory_bytes <= (1 - headroom) * p.gpu.memory_bytes]
+
+    def cost(p: Plan):
+        s = p.settings
+        return (round(p.seconds, 1), -s.branches_per_forward, -s.anchors_per_forward, s.offload_text_encoder)
+
+    return (min(fitting, key=cost) if fitting else None), plans
+
+
+def memory_knobs(plan_: Plan) -> str:
+    """The memory knobs of a plan, as `--name value` flags of `examples/train_arcopo.py`."""
+    s = plan_.settings
+    return (
+        f"--gradient_checkpointing {str(s.gradient_checkpointing).lower()} --rollout_batch_size "
+        f"{s.rollout_batch_size} --anchor_batch_size {s.anchor_batch_size} --offload_text_encoder "
+        f"{str(s.offload_text_encoder).lower()}"
+    )
+
+
+def fit_report(best: Plan | None, tried: Sequence[Plan], headroom: float = 0.15) -> str:
+    """What [`fit`] found: the setting, its seconds and peak, then its full report; or why nothing fits."""
+    gpu = tried[0].gpu
+    limit = (1 - headroom) * gpu.memory_bytes
+    if best is None:
+        closest = min(tried, key=lambda p: p.peak_memory_bytes)
+        return (
+            f"## No setting fits the {gpu.name} with {headroom:.0%} headroom\n\nOf {len(tried)} settings the smallest "
+            "peak is "
+            f"{format_bytes(closest.peak_memory_bytes)} (of {format_bytes(gpu.memory_bytes)}), with "
+            f"`{memory_knobs(closest)}`. Lower num_generations or per_device_train_batch_size, or use a GPU with more "
+            "memory.\n"
+        )
+    fitting = sum(p.peak_memory_bytes <= limit for p in tried)
+    return (
+        f"## Fastest setting that fits the {gpu.name} with {headroom:.0%} headroom\n\n`{memory_knobs(best)}`: "
+        f"{best.seconds:.1f} s per iteration, peak {format_bytes(best.peak_memory_bytes)} of "
+        f"{format_bytes(gpu.memory_bytes)} ({fitting} of {len(tried)} settings fit in {format_bytes(limit)}).\n\n"
+        + best.to_markdown()
+    )
 
 
 def grid_table(plans: Sequence[Plan]) -> str:

@@ -183,7 +183,7 @@ def rebuild_prefix_cache(
         raise ValueError(f"Entries with different pivots {sorted(pivots)} cannot share a cache; group them by pivot.")
     device = pipeline._execution_device
     _, _, height, width = entries[0].prefix_latents.shape
-    cache = pipeline.prepare_cache(len(entries), num_latent_frames, height, width)
+    cache = pipeline.prepare_cache(len(entries), entries[0].pivot * num_frames_per_chunk, height, width)
     embeds = torch.stack([e.prompt_embeds for e in entries]).to(device)  # [B, S, text_dim]
     latents = torch.stack([e.prefix_latents for e in entries]).to(device)  # [B, C, pivot * Fc, H, W]
     for c in range(entries[0].pivot):

@@ -19,7 +19,8 @@ the group a training step learns from ([`RolloutGroup`], drawn by [`sample_group
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,9 +49,10 @@ class ForkedRollout:
         states (`torch.Tensor` of shape `[B * G, T, C, Fc, H, W]`): the pivot chunk's state `x_t` at every step.
         x0_preds (`torch.Tensor` of shape `[B * G, T, C, Fc, H, W]`): the pivot chunk's `x̂0` at every step.
         prefix_cache ([`KVCache`]): the cache after committing chunks `< pivot`, batch `B` (shared by the branches).
-        noise ([`RolloutNoise`]): the noise of every branch, batch `B * G` (shared except the pivot chunk's initial noise).
         num_forward_passes (`int`): single-chunk, single-video transformer forwards used (a call on a batch of `n`
-            chunks counts `n`); `B * G * L * (T + 1)` for independent rollouts.
+            chunks counts `n`); `B * G * (L * (T + 1) - 1)` for independent rollouts (the last chunk is not
+            committed).
+        branch_cache_bytes (`int`): the largest KV-cache storage the branches held at once, beyond the prefix.
     """
 
     latents: torch.Tensor
@@ -58,8 +60,24 @@ class ForkedRollout:
     states: torch.Tensor
     x0_preds: torch.Tensor
     prefix_cache: KVCache
-    noise: RolloutNoise
     num_forward_passes: int
+    branch_cache_bytes: int = 0
+
+
+def branch_sub_batches(batch_size: int, num_branches: int, rollout_batch_size: int | None) -> list[tuple[int, slice]]:
+    """
+    The sub-batches a group's branches are rolled out in: `(prompt, rows)` with `rows` a slice of the `B * G` branch
+    rows, at most `rollout_batch_size` branches of one prompt each; `None` is one batch of every branch (prompt `-1`).
+    """
+    if rollout_batch_size is None:
+        return [(-1, slice(0, batch_size * num_branches))]
+    if rollout_batch_size < 1:
+        raise ValueError(f"`rollout_batch_size={rollout_batch_size}` must be at least 1 (or None: every branch).")
+    return [
+        (b, slice(b * num_branches + s, b * num_branches + min(s + rollout_batch_size, num_branches)))
+        for b in range(batch_size)
+        for s in range(0, num_branches, rollout_batch_size)
+    ]
 
 
 @torch.no_grad()
@@ -75,11 +93,17 @@ def forked_rollout(
     latent_width: int,
     sampler: SamplerType = "consistency",
     branch_renoise: torch.Tensor | None = None,
+    rollout_batch_size: int | None = None,
+    group_size: int | None = None,
+    first_branch: int = 0,
 ) -> ForkedRollout:
     """
     Generate chunks `0..pivot-1` once per prompt, fork the KV cache into `G = branch_noise.shape[0] // B` branches,
     denoise the pivot chunk of each branch from its own initial noise (recording the trajectory), and complete every
     branch with the shared noise.
+
+    The branches read the prefix's keys and values where the prefix wrote them (one copy per prompt) and own cache
+    storage only for the chunks they commit after it; the last chunk is never committed.
 
     Args:
         prompt_embeds (`torch.Tensor` of shape `[B, S, text_dim]`): one row per group.
@@ -89,6 +113,12 @@ def forked_rollout(
             (e.g. from [`trl_arcopo.sampling.neighbor_noise`]).
         branch_renoise (`torch.Tensor` of shape `[B * G, T - 1, C, Fc, H, W]`, *optional*): the pivot chunk's re-noise
             per branch (SDE-GRPO explores there); by default the branches share it.
+        rollout_batch_size (`int`, *optional*): roll the branches out in sequential sub-batches of at most this many
+            branches of one prompt, from the one prefix (the branches' cache and activations shrink with it; the
+            videos are the same). `None`: every branch in one batch.
+        group_size (`int`, *optional*), first_branch (`int`): the branches given are `first_branch ..` of groups of
+            `group_size` (a process's share of groups split over processes); they are computed as those rows of the
+            whole batch, with the same bits. `None`: the branches given are the whole groups.
 
     The result equals `B * G` independent rollouts with `noise.repeat_interleave(G).with_chunk_initial(pivot,
     branch_noise)`, at a fraction of the cost.
@@ -102,52 +132,74 @@ def forked_rollout(
     if branch_noise.shape[0] % batch_size:
         raise ValueError(f"`branch_noise` has {branch_noise.shape[0]} rows, not a multiple of {batch_size} prompts.")
     num_branches = branch_noise.shape[0] // batch_size
+    group_size = num_branches if group_size is None else group_size
+    if not 0 <= first_branch <= group_size - num_branches:
+        raise ValueError(
+            f"Branches {first_branch}..{first_branch + num_branches - 1} are not in a group of `group_size={group_size}`."
+        )
+    if group_size != num_branches and rollout_batch_size is None:
+        rollout_batch_size = num_branches  # a share of each group: one sub-batch per prompt
     steps = len(timesteps)
 
-    # 1. Shared prefix, once per group
-    cache = pipeline.prepare_cache(batch_size, noise.initial.shape[2], latent_height, latent_width)
+    # 1. Shared prefix, once per group: a cache of the prefix's chunks only
+    cache = pipeline.prepare_cache(batch_size, pivot * frames, latent_height, latent_width)
     prefix = pipeline.generate_latents(
         prompt_embeds, noise, cache, timesteps, sigmas, sampler, start_chunk=0, end_chunk=pivot
     )  # [B, C, pivot * Fc, H, W]
     passes = batch_size * pivot * (steps + 1)
 
-    # 2. Fork: branches share the prefix cache (copied, not recomputed) and all noise but the pivot's initial noise
-    branch_cache = cache.fork(num_branches)
-    branch_embeds = prompt_embeds.repeat_interleave(num_branches, dim=0)  # [B * G, S, text_dim]
-    branch_noise_all = noise.repeat_interleave(num_branches).with_chunk_initial(pivot, branch_noise)
-    if branch_renoise is not None:
-        branch_noise_all = branch_noise_all.with_chunk_renoise(pivot, branch_renoise)
+    # 2. Branches, in sub-batches: each reads the prefix and owns the chunks from the pivot on (the last excluded)
+    outputs, branch_cache_bytes = [], 0
+    for b, rows in branch_sub_batches(batch_size, num_branches, rollout_batch_size):
+        prompts = slice(0, batch_size) if b < 0 else slice(b, b + 1)
+        n = rows.stop - rows.start
+        branch_cache = cache.narrow(prompts.start, prompts.stop - prompts.start).fork(
+            n // (prompts.stop - prompts.start), num_frames=(num_chunks - 1) * frames
+        )
+        branch_cache_bytes = max(branch_cache_bytes, branch_cache.nbytes)
+        embeds = prompt_embeds[prompts].repeat_interleave(n // (prompts.stop - prompts.start), dim=0)
+        branch_noise_sub = noise.narrow(prompts.start, prompts.stop - prompts.start)
+        branch_noise_sub = branch_noise_sub.repeat_interleave(n // (prompts.stop - prompts.start))
+        branch_noise_sub = branch_noise_sub.with_chunk_initial(pivot, branch_noise[rows])
+        if branch_renoise is not None:
+            branch_noise_sub = branch_noise_sub.with_chunk_renoise(pivot, branch_renoise[rows])
 
-    # 3. Pivot chunk with its trajectory
-    pivot_out = pipeline.denoise_chunk(
-        branch_noise_all.chunk_initial(pivot),
-        branch_embeds,
-        branch_cache,
-        pivot * frames,
-        timesteps,
-        sigmas,
-        branch_noise_all.chunk_renoise(pivot),
-        sampler,
-        record_trajectory=True,
-    )
-    pipeline.commit_chunk(pivot_out.x0, branch_embeds, branch_cache, pivot * frames)
+        # the sub-batch's rows of the whole batch: computed with the same bits as in one batch
+        offset = b * group_size + first_branch + rows.start - b * num_branches  # the row in the whole batch
+        rows_of = nullcontext() if b < 0 else pipeline.transformer.sub_batch(offset, batch_size * group_size)
+        with rows_of:
+            # 3. Pivot chunk with its trajectory
+            pivot_out = pipeline.denoise_chunk(
+                branch_noise_sub.chunk_initial(pivot), embeds, branch_cache, pivot * frames, timesteps, sigmas,
+                branch_noise_sub.chunk_renoise(pivot), sampler, record_trajectory=True,
+            )  # fmt: skip
+            if pivot < num_chunks - 1:
+                pipeline.commit_chunk(pivot_out.x0, embeds, branch_cache, pivot * frames)
 
-    # 4. Completion of every branch
-    suffix = pipeline.generate_latents(
-        branch_embeds, branch_noise_all, branch_cache, timesteps, sigmas, sampler, start_chunk=pivot + 1
-    )  # [B * G, C, (L - pivot - 1) * Fc, H, W]
-    passes += batch_size * num_branches * (num_chunks - pivot) * (steps + 1)
+            # 4. Completion of every branch
+            suffix = pipeline.generate_latents(
+                embeds, branch_noise_sub, branch_cache, timesteps, sigmas, sampler, start_chunk=pivot + 1
+            )  # [n, C, (L - pivot - 1) * Fc, H, W]
+        outputs.append((pivot_out, suffix))
+        del branch_cache
+    passes += batch_size * num_branches * ((num_chunks - pivot) * (steps + 1) - 1)
 
-    latents = torch.cat([prefix.repeat_interleave(num_branches, dim=0), pivot_out.x0, suffix], dim=2)
-    # latents: [B * G, C, F, H, W]
+    latents = torch.cat(
+        [
+            prefix.repeat_interleave(num_branches, dim=0),
+            torch.cat([out.x0 for out, _ in outputs]),
+            torch.cat([suffix for _, suffix in outputs]),
+        ],
+        dim=2,
+    )  # [B * G, C, F, H, W]
     return ForkedRollout(
         latents=latents,
         pivot=pivot,
-        states=pivot_out.states,
-        x0_preds=pivot_out.x0_preds,
+        states=torch.cat([out.states for out, _ in outputs]),
+        x0_preds=torch.cat([out.x0_preds for out, _ in outputs]),
         prefix_cache=cache,
-        noise=branch_noise_all,
         num_forward_passes=passes,
+        branch_cache_bytes=branch_cache_bytes,
     )
 
 
@@ -254,10 +306,10 @@ class RolloutGroup:
         }
         if self.rewards is not None:
             tensors["rewards"], tensors["advantages"] = self.rewards, self.advantages
-        for i, (key, value) in enumerate(zip(self.prefix_cache.keys, self.prefix_cache.values)):
+        cache = self.prefix_cache.materialize()
+        for i, (key, value) in enumerate(zip(cache.keys, cache.values)):
             tensors[f"prefix_cache.keys.{i}"], tensors[f"prefix_cache.values.{i}"] = key, value
         tensors = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
-        cache = self.prefix_cache
         metadata = {
             "prompts": json.dumps(self.prompts),
             "pivot": str(self.pivot),
@@ -420,10 +472,42 @@ class AnchorBatch:
             step=0,
             anchor_index=anchor_index,
             rows=rows.flatten(),
-            prefix_cache=group.prefix_cache.fork(num_anchors),
+            prefix_cache=group.prefix_cache.fork(num_anchors, num_frames=group.prefix_cache.num_frames),
             prompt_embeds=group.prompt_embeds.repeat_interleave(num_anchors, dim=0),
             iteration=iteration,
         )
+
+    @property
+    def num_anchors(self) -> int:
+        return self.anchor_index.shape[1]
+
+    def sub_batches(self, anchor_batch_size: int | None) -> list[AnchorBatch]:
+        """
+        The anchors in sub-batches of at most `anchor_batch_size` anchors of every group (`None`: one batch): each
+        its own forward and backward in the update. The loss is a mean over anchors, so the sub-batches' losses
+        weighted by their share of the anchors sum to the whole batch's.
+        """
+        k = self.num_anchors
+        if anchor_batch_size is None or anchor_batch_size >= k:
+            return [self]
+        if anchor_batch_size < 1:
+            raise ValueError(f"`anchor_batch_size={anchor_batch_size}` must be at least 1 (or None: every anchor).")
+        n, g = self.anchor_index.shape[0], self.group.num_generations
+        out = []
+        for s in range(0, k, anchor_batch_size):
+            index = self.anchor_index[:, s : s + anchor_batch_size]  # [N, k]
+            rows = index + torch.arange(n, device=index.device)[:, None] * g
+            prefix = self.group.prefix_cache
+            out.append(
+                replace(
+                    self,
+                    anchor_index=index,
+                    rows=rows.flatten(),
+                    prefix_cache=prefix.fork(index.shape[1], num_frames=prefix.num_frames),
+                    prompt_embeds=self.group.prompt_embeds.repeat_interleave(index.shape[1], dim=0),
+                )
+            )
+        return out
 
     @property
     def x_t(self) -> torch.Tensor:
@@ -452,6 +536,8 @@ def sample_group(
     fork_noise_scale: float = 0.5,
     temperature: float | None = None,
     distance_reduction: str = "mean",
+    rollout_batch_size: int | None = None,
+    branches: slice | None = None,
 ) -> RolloutGroup:
     """
     Roll out one group of `num_generations` candidates per prompt, forked at one chunk, and record the pivot chunk's
@@ -466,6 +552,11 @@ def sample_group(
         prompts (`list[str]`), prompt_embeds (`torch.Tensor` of shape `[N, S, text_dim]`): the `N` groups.
         temperature (`float`, *optional*): a fixed `τ`; `None` takes each group's median distance between
             predictions ([`~trl_arcopo.loss.group_temperature`]).
+        rollout_batch_size (`int`, *optional*): branches per forward ([`forked_rollout`]); the same group either way.
+        branches (`slice`, *optional*): roll out only these candidates of each group (everything is drawn as for the
+            whole group; a process's share when groups are split over processes): the group returned holds them,
+            with the bits they have in the whole group. The temperature is left for the whole group
+            ([`~trl_arcopo.loss.group_temperature`]). `None`: every candidate.
 
     Returns:
         [`RolloutGroup`] with the finished `latents` `[N, G, C, F, H, W]`, without rewards.
@@ -496,19 +587,18 @@ def sample_group(
         branch_renoise = torch.randn(
             (n * g, *noise.chunk_renoise(pivot).shape[1:]), generator=generator, device=device
         )  # [N * G, T - 1, C, Fc, H, W]
+    first, local = 0, g
+    if branches is not None:  # this share of every group's candidates
+        first, stop, _ = branches.indices(g)
+        local = stop - first
+        branch_noise = branch_noise.unflatten(0, (n, g))[:, first:stop].flatten(0, 1)
+        if branch_renoise is not None:
+            branch_renoise = branch_renoise.unflatten(0, (n, g))[:, first:stop].flatten(0, 1)
     fork = forked_rollout(
-        pipeline,
-        prompt_embeds,
-        noise,
-        pivot,
-        branch_noise,
-        spec.timesteps,
-        spec.sigmas,
-        shape[3],
-        shape[4],
-        spec.sampler,
-        branch_renoise,
-    )
+        pipeline, prompt_embeds, noise, pivot, branch_noise, spec.timesteps, spec.sigmas, shape[3], shape[4],
+        spec.sampler, branch_renoise, rollout_batch_size, group_size=g, first_branch=first,
+    )  # fmt: skip
+    g = local
     x0_preds = fork.x0_preds.unflatten(0, (n, g))  # [N, G, T, C, Fc, H, W]
     return RolloutGroup(
         prompts=list(prompts),
@@ -518,7 +608,7 @@ def sample_group(
         prefix_cache=fork.prefix_cache,
         states=fork.states.unflatten(0, (n, g)),
         x0_preds=x0_preds.clone(),
-        temperature=group_temperature(x0_preds, temperature, distance_reduction),
+        temperature=group_temperature(x0_preds, temperature, distance_reduction) if branches is None else None,
         timesteps=spec.timesteps,
         sigmas=spec.sigmas,
         latents=fork.latents.unflatten(0, (n, g)),

@@ -182,6 +182,11 @@ class RolloutNoise:
         renoise = None if self.renoise is None else self.renoise.repeat_interleave(n, dim=0)
         return replace(self, initial=self.initial.repeat_interleave(n, dim=0), renoise=renoise)
 
+    def narrow(self, start: int, length: int) -> RolloutNoise:
+        """The noise of the rollouts `[start, start + length)`, as views (nothing is copied)."""
+        renoise = None if self.renoise is None else self.renoise.narrow(0, start, length)
+        return replace(self, initial=self.initial.narrow(0, start, length), renoise=renoise)
+
     def select(self, indices: torch.Tensor | list[int]) -> RolloutNoise:
         index = torch.as_tensor(indices, dtype=torch.long, device=self.initial.device)
         renoise = None if self.renoise is None else self.renoise.index_select(0, index)

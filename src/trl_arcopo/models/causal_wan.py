@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -100,6 +101,35 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         model.train(transformer.training)
         return model
 
+    _sub_batch: tuple[int, int] | None = None  # set by `sub_batch`
+
+    @contextmanager
+    def sub_batch(self, offset: int, total: int):
+        """
+        Calls in this context compute rows `[offset, offset + B)` of a batch of `total` videos (which share their
+        timesteps). The two embeddings whose rounding depends on the batch size (the patch embedding's convolution
+        and the timestep MLP: their kernels are chosen by their number of rows) are computed at the whole batch's
+        size, so a batch computed in sub-batches gives the same bits as one call; every other operation rounds a row
+        the same way whatever the batch. The whole batch costs one patch embedding per call, a small part of one.
+        """
+        if not 0 <= offset < total:
+            raise ValueError(f"`offset={offset}` must be a row of the batch of `total={total}` videos.")
+        previous, self._sub_batch = self._sub_batch, (offset, total)
+        try:
+            yield
+        finally:
+            self._sub_batch = previous
+
+    def _embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch embedding `[B, C, F, H, W] -> [B, N, D]` (tokens in frame, row, column order)."""
+        rows, batch = self._sub_batch, x.shape[0]
+        if rows is not None:  # computed at the whole batch's size (see `sub_batch`); the other rows are zeros
+            whole = x.new_zeros((rows[1], *x.shape[1:]))
+            whole[rows[0] : rows[0] + batch] = x
+            x = whole
+        out = self.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()  # [B or total, N, D]
+        return out if rows is None else out[rows[0] : rows[0] + batch].clone()  # (frees the whole batch's rows)
+
     # ------------------------------------------------------------------ helpers
     def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
         _, p_h, p_w = self.config.patch_size
@@ -158,22 +188,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         query = _apply_rotary(query, *rotary_emb)
         key = _apply_rotary(key, *rotary_emb)
 
-        if kv_cache is not None and kv_cache.can_write_in_place(start, key):
-            # Fast path without autograd: put this chunk's keys/values in the slots right after the committed frames
-            # (scratch until a commit makes them permanent) and attend to one slice of the buffer, without a copy of
-            # the prefix. Same attention as the concatenation below.
-            kv_cache.write(layer, start, key, value, scratch=not update_cache)
-            key = kv_cache.keys[layer][:, : start + key.shape[1]]  # [B, S + N, heads, head_dim]
-            value = kv_cache.values[layer][:, : start + value.shape[1]]  # [B, S + N, heads, head_dim]
-        elif kv_cache is not None:
-            ctx_key, ctx_value = kv_cache.read(layer, start, key.shape[1])  # [B or 1, S, heads, head_dim]
-            if update_cache:
-                kv_cache.write(layer, start, key, value)
-            if ctx_key.shape[1] > 0:
-                ctx_key = ctx_key.to(key.dtype).expand(key.shape[0], -1, -1, -1)
-                ctx_value = ctx_value.to(value.dtype).expand(value.shape[0], -1, -1, -1)
-                key = torch.cat([ctx_key, key], dim=1)  # [B, S + N, heads, head_dim]
-                value = torch.cat([ctx_value, value], dim=1)  # [B, S + N, heads, head_dim]
+        if kv_cache is not None:  # the cached context, then this chunk (written to the cache by a commit pass)
+            key, value = kv_cache.attended(layer, start, key, value, commit=update_cache)
 
         out = F.scaled_dot_product_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attention_mask
@@ -279,7 +295,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             frame_indices = torch.arange(frame_offset, frame_offset + num_frames)
         start = frame_offset * pph * ppw
         if kv_cache is not None:
-            kv_cache.check_chunk(start, num_tokens, batch_size)
+            kv_cache.check_chunk(start, num_tokens, batch_size, commit=update_cache)
         if attention_mask is not None and attention_mask.shape != (num_tokens, num_tokens):
             raise ValueError(
                 f"`attention_mask` must be [{num_tokens}, {num_tokens}], got {list(attention_mask.shape)}."
@@ -287,8 +303,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
 
         rotary_emb = self._rotary_embedding(frame_indices, pph, ppw)  # 2 x [1, N, 1, head_dim]
 
-        hidden_states = self.patch_embedding(hidden_states)  # [B, D, F, H / p_h, W / p_w]
-        hidden_states = hidden_states.flatten(2).transpose(1, 2).contiguous()  # [B, N, D]
+        hidden_states = self._embed_patches(hidden_states)  # [B, N, D]
 
         # Per-frame timesteps [B, F]
         if timestep.ndim == 0:
@@ -299,9 +314,16 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             raise ValueError(
                 f"`timestep` must be [B] or [B, F] = [{batch_size}, {num_frames}], got {list(timestep.shape)}."
             )
+        rows = self._sub_batch
+        if rows is not None:  # the timesteps of the whole batch (a call's videos share their timesteps)
+            whole = timestep[:1].expand(rows[1], -1).clone()
+            whole[rows[0] : rows[0] + batch_size] = timestep
+            timestep = whole  # [total, F]
         temb, timestep_proj, encoder_hidden_states, _ = self.condition_embedder(
             timestep.flatten(), encoder_hidden_states, None, timestep_seq_len=num_frames
         )  # temb: [B, F, D]; timestep_proj: [B, F, 6 * D]
+        if rows is not None:
+            temb, timestep_proj = temb[rows[0] : rows[0] + batch_size], timestep_proj[rows[0] : rows[0] + batch_size]
         timestep_proj = timestep_proj.unflatten(2, (6, -1))  # [B, F, 6, D]
 
         if attention_mask is not None:

@@ -273,7 +273,10 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         local_attn_frames: int | None = None,
         sink_frames: int = 0,
     ) -> KVCache:
-        """Start an empty KV cache for `batch_size` videos of the given latent size."""
+        """
+        Start an empty KV cache for `batch_size` videos of the given latent size, able to commit `num_latent_frames`
+        frames: a video's frames less its last chunk, which is never committed.
+        """
         return KVCache.from_transformer(
             self.transformer,
             batch_size,
@@ -437,14 +440,22 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         callback_on_chunk_end: Callable[[SelfForcingPipeline, int], None] | None = None,
     ) -> torch.Tensor:
         """
-        Stream chunks `start_chunk..end_chunk-1` (by default to the last chunk) from `noise`, committing each to
-        `kv_cache` (which must already hold the chunks before `start_chunk`). Returns the generated chunks
+        Stream chunks `start_chunk..end_chunk-1` (by default to the last chunk) from `noise`, committing to `kv_cache`
+        (which must already hold the chunks before `start_chunk`) each chunk it has room for: a cache sized for the
+        video less its last chunk ([`prepare_cache`]) skips that chunk's commit pass, which no later chunk would read. Returns the generated chunks
         concatenated along frames `[B, C, F', H, W]` (no frames when the range is empty). `callback_on_chunk_end(self,
-        c)` runs after chunk `c` is committed, before the next chunk starts.
+        c)` runs after chunk `c` is committed (the last chunk: denoised), before the next chunk starts.
         """
         chunks = []
         frames = noise.num_frames_per_chunk
         end_chunk = noise.num_chunks if end_chunk is None else end_chunk
+        needed = min(end_chunk, noise.num_chunks - 1) * frames  # frames that later chunks read
+        if kv_cache.capacity_frames < needed:
+            raise ValueError(
+                f"The KV cache is too short for the requested video: it can commit {kv_cache.capacity_frames} latent "
+                f"frames but later chunks read the first {needed}. Create it with `num_frames>={needed}` (the "
+                "video's frames less its last chunk, which is never committed)."
+            )
         iterator = range(start_chunk, end_chunk)
         if progress:
             iterator = self.progress_bar(iterator)
@@ -462,7 +473,10 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 guidance_scale=guidance_scale,
                 attention_kwargs=attention_kwargs,
             )
-            self.commit_chunk(out.x0, prompt_embeds, kv_cache, c * frames, negative_prompt_embeds, attention_kwargs)
+            if kv_cache.capacity_frames >= (c + 1) * frames:  # a cache sized without the video's last chunk
+                self.commit_chunk(
+                    out.x0, prompt_embeds, kv_cache, c * frames, negative_prompt_embeds, attention_kwargs
+                )
             chunks.append(out.x0)
             if callback_on_chunk_end is not None:
                 callback_on_chunk_end(self, c)
@@ -470,10 +484,16 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             return noise.initial[:, :, :0]
         return torch.cat(chunks, dim=2)
 
-    def decode_latents(self, latents: torch.Tensor, output_type: str = "pt"):
-        """Latents `[B, C, F, H, W]` to frames (`"pt"`: `[B, F, C, H, W]` in `[0, 1]`; see the output class)."""
+    def decode_latents(self, latents: torch.Tensor, output_type: str = "pt", batch_size: int | None = None):
+        """
+        Latents `[B, C, F, H, W]` to frames (`"pt"`: `[B, F, C, H, W]` in `[0, 1]`; see the output class).
+        `batch_size` decodes that many videos per VAE call (as diffusers' `enable_vae_slicing`), so that the decoder's
+        memory does not grow with `B`; `None` decodes every video in one call.
+        """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"Unknown `output_type={output_type!r}`; use one of {OUTPUT_TYPES}.")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"`batch_size={batch_size}` must be at least 1 (or None: every video at once).")
         if output_type == "latent":
             return latents
         if self.vae is None:
@@ -482,7 +502,13 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             z_dim = self.vae.config.z_dim
             mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents)
             inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents)
-            video = self.vae.decode((latents / inv_std + mean).to(self.vae.dtype), return_dict=False)[0]
+            step = batch_size or latents.shape[0]
+            video = torch.cat(
+                [
+                    self.vae.decode((part / inv_std + mean).to(self.vae.dtype), return_dict=False)[0].float()
+                    for part in latents.split(step)
+                ]
+            )  # [B, C, F, H, W]
         return self.video_processor.postprocess_video(video.float(), output_type=output_type)
 
     # ------------------------------------------------------------------ __call__
@@ -594,8 +620,9 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
         # 4. The KV cache of the committed chunks
         cache = self.prepare_cache(
-            batch_size * (2 if do_cfg else 1), shape[2], shape[3], shape[4], local_attn_frames, sink_frames
-        )
+            batch_size * (2 if do_cfg else 1), shape[2] - num_frames_per_chunk, shape[3], shape[4], local_attn_frames,
+            sink_frames,
+        )  # fmt: skip
 
         # 5. Chunk by chunk: denoise, then commit to the cache
         video_latents = self.generate_latents(

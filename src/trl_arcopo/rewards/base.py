@@ -86,6 +86,37 @@ class GroupRewards:
     seconds_per_func: list[float] = field(default_factory=list)
     weighted_sum: torch.Tensor | None = None
 
+    @classmethod
+    def from_per_func(
+        cls,
+        per_func: torch.Tensor,
+        reward_weights: torch.Tensor,
+        num_generations: int,
+        aggregation: str,
+        reward_funcs: Sequence[RewardFunc],
+        nonfinite: str | None = None,
+        seconds: float = 0.0,
+        seconds_per_func: list[float] | None = None,
+    ) -> GroupRewards:
+        """
+        The rewards of the opinions `per_func` `[N * G, n_funcs]` ([`combine_rewards`] with `aggregation`), and why
+        they cannot train (`nonfinite`, or an overflowing weighted sum).
+        """
+        weighted_sum = combine_rewards(per_func, reward_weights, num_generations)  # [N, G]
+        if nonfinite is None and not torch.isfinite(weighted_sum).all():
+            largest = per_func.abs().nan_to_num(0.0).amax(dim=0)  # [n_funcs]
+            nonfinite = (
+                "the weighted sum of the rewards overflowed (largest |value| per function: "
+                + ", ".join(f"{reward_func_name(f)}={v:.3g}" for f, v in zip(reward_funcs, largest.tolist()))
+                + ")"
+            )
+        if aggregation == "sum_then_normalize":
+            combined, weighted_sum = weighted_sum, None
+        else:
+            combined = combine_rewards(per_func, reward_weights, num_generations, aggregation)  # [N, G]
+        seconds_per_func = seconds_per_func if seconds_per_func is not None else [0.0] * per_func.shape[1]
+        return cls(per_func, combined, seconds, nonfinite, seconds_per_func, weighted_sum)
+
     def metrics(self, names: Sequence[str]) -> dict[str, float]:
         """
         `rewards/<name>/mean` and `/std` over the videos each function had an opinion on, `timing/rewards/<name>` (the
@@ -238,20 +269,10 @@ def score_group(
         per_func, nonfinite, seconds_per_func = call_reward_funcs(
             reward_funcs, inputs, videos, num_generations, executor, **kwargs
         )
-    weighted_sum = combine_rewards(per_func, reward_weights, num_generations)  # [N, G]
-    if nonfinite is None and not torch.isfinite(weighted_sum).all():
-        largest = per_func.abs().nan_to_num(0.0).amax(dim=0)  # [n_funcs]
-        nonfinite = (
-            "the weighted sum of the rewards overflowed (largest |value| per function: "
-            + ", ".join(f"{reward_func_name(f)}={v:.3g}" for f, v in zip(reward_funcs, largest.tolist()))
-            + ")"
-        )
-    if aggregation == "sum_then_normalize":
-        combined, weighted_sum = weighted_sum, None
-    else:
-        combined = combine_rewards(per_func, reward_weights, num_generations, aggregation)  # [N, G]
     seconds = time.perf_counter() - start
-    return GroupRewards(per_func, combined, seconds, nonfinite, seconds_per_func, weighted_sum)
+    return GroupRewards.from_per_func(
+        per_func, reward_weights, num_generations, aggregation, reward_funcs, nonfinite, seconds, seconds_per_func
+    )
 
 
 def reward_modules(func: RewardFunc) -> list[torch.nn.Module]:
