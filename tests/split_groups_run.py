@@ -6,7 +6,6 @@ for several processes (`tests/test_split_groups.py`).
 
 import sys
 
-import torch
 from helpers import tiny_trainer
 from safetensors.torch import save_file
 
