@@ -221,16 +221,23 @@ def measure(fn, device: torch.device):
     return out, time.perf_counter() - start, peak, None
 
 
-def choose_group_size(config: dict, generator: GeneratorSpec, gpu: str | None, requested: int) -> int:
-    """The largest `G <= requested` whose group the plan predicts to fit in 90% of the GPU's memory."""
+def choose_group_size(
+    config: dict, generator: GeneratorSpec, gpu: str | None, requested: int
+) -> tuple[int, int | None]:
+    """
+    `(G, rollout_batch_size)`: the largest `G <= requested`, with the largest branch sub-batch (`None`: all at once),
+    whose run the plan predicts to fit in 90% of the GPU's memory; `config`'s own `rollout_batch_size` is kept.
+    """
     if gpu is None:
-        return requested
+        return requested, config.get("rollout_batch_size")
     for g in range(requested, 1, -1):
-        p = plan_config({**config, "num_generations": g, "num_anchors": min(config["num_anchors"], g)}, generator,
-                        gpu=gpu)  # fmt: skip
-        if p.peak_memory_bytes <= 0.9 * p.gpu.memory_bytes:
-            return g
-    return 2
+        sizes = [config["rollout_batch_size"]] if config.get("rollout_batch_size") else [None, *range(g, 0, -1)]
+        for size in sizes:
+            p = plan_config({**config, "num_generations": g, "num_anchors": min(config["num_anchors"], g),
+                             "rollout_batch_size": size}, generator, gpu=gpu)  # fmt: skip
+            if p.peak_memory_bytes <= 0.9 * p.gpu.memory_bytes:
+                return g, size
+    return 2, 1
 
 
 def main(argv=None):
@@ -241,6 +248,11 @@ def main(argv=None):
     parser.add_argument("--num_anchors", type=int, default=4)
     parser.add_argument("--pivot", type=int, default=None, help="The fork chunk (default 3 of 7; --tiny: 2 of 4).")
     parser.add_argument("--lora_r", type=int, default=64)
+    parser.add_argument(
+        "--rollout_batch_size", type=int, default=None,
+        help="Branches per rollout forward (default: the largest that the plan fits in 90%% of the GPU).",
+    )  # fmt: skip
+    parser.add_argument("--anchor_batch_size", type=int, default=None, help="Anchors per update forward.")
     parser.add_argument("--mfu", type=float, default=0.35, help="The plan's assumed MFU, for the predicted seconds.")
     args = parser.parse_args(argv)
 
@@ -272,12 +284,16 @@ def main(argv=None):
     config = dict(
         num_generations=args.num_generations, num_anchors=args.num_anchors, num_iterations=1, pivot_chunk=pivot,
         torch_dtype="bfloat16", bf16=True, activation_checkpointing=True, lora_r=args.lora_r,
-        lora_target_modules=list(DEFAULT_LORA_TARGETS),
+        lora_target_modules=list(DEFAULT_LORA_TARGETS), rollout_batch_size=args.rollout_batch_size,
+        anchor_batch_size=args.anchor_batch_size,
     )  # fmt: skip
-    g = choose_group_size(config, generator, gpu, args.num_generations)
+    g, rollout_batch_size = choose_group_size(config, generator, gpu, args.num_generations)
     if g != args.num_generations:
         print(f"G={args.num_generations} would not fit in this GPU's memory by the plan: using G={g}", flush=True)
-    config.update(num_generations=g, num_anchors=min(args.num_anchors, g))
+    config.update(num_generations=g, num_anchors=min(args.num_anchors, g), rollout_batch_size=rollout_batch_size)
+    report["settings"] = {k: config[k] for k in ("num_generations", "num_anchors", "rollout_batch_size",
+                                                 "anchor_batch_size", "pivot_chunk")}  # fmt: skip
+    print(f"settings: {report['settings']}", flush=True)
     predicted = plan_config(config, generator, gpu=gpu or "h100", mfu=args.mfu)
     report["plan"] = predicted.to_dict()
 
@@ -288,7 +304,8 @@ def main(argv=None):
         args=ARCoPOConfig(
             output_dir=args.output_dir, max_steps=1, num_generations=g, num_anchors=config["num_anchors"],
             num_iterations=1, pivot_chunk=pivot, bf16=True, activation_checkpointing=True, report_to="none",
-            save_strategy="no", use_cpu=device.type == "cpu", disable_tqdm=True,
+            save_strategy="no", use_cpu=device.type == "cpu", disable_tqdm=True, rollout_batch_size=rollout_batch_size,
+            anchor_batch_size=args.anchor_batch_size,
         ),
         train_dataset=Dataset.from_dict({"prompt": [PROMPT]}),
         peft_config=LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=list(DEFAULT_LORA_TARGETS)),
@@ -307,7 +324,10 @@ def main(argv=None):
         pipe.transformer.eval()
         with autocast():
             group, seconds, peak, absolute = measure(
-                lambda: sample_group(pipe, trainer.spec, [PROMPT], embeds, g, rng, pivot), device
+                lambda: sample_group(
+                    pipe, trainer.spec, [PROMPT], embeds, g, rng, pivot, rollout_batch_size=rollout_batch_size
+                ),
+                device,
             )
         results["rollout"] = dict(seconds=seconds, peak_bytes=peak, absolute_peak_bytes=absolute)
         group.with_rewards(
@@ -376,7 +396,8 @@ def to_markdown(report: dict, predicted, g: int, pivot: int) -> str:
             f"weights), latent {v.latent_frames}x{v.latent_height}x{v.latent_width} ({v.num_chunks} chunks of "
             f"{v.num_frames_per_chunk}), G={g}, K={predicted.settings.num_anchors}, pivot {pivot}, "
             f"{predicted.settings.num_denoising_steps} steps, LoRA r={predicted.settings.lora_r}, gradient "
-            f"checkpointing; plan at MFU {predicted.mfu:.0%} on {predicted.gpu.name}. Built in "
+            f"checkpointing, rollout_batch_size {predicted.settings.rollout_batch_size}, anchor_batch_size "
+            f"{predicted.settings.anchor_batch_size}; plan at MFU {predicted.mfu:.0%} on {predicted.gpu.name}. Built in "
             f"{report['build_seconds']:.1f} s."
         ),
         "",

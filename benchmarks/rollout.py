@@ -153,8 +153,8 @@ def main():
             f"{num_chunks} chunks of {CHUNK} frames, {steps} steps, G={g}"
         )
 
-        def chunk_flops(batch, c, with_commit=True):
-            passes = steps + (1 if with_commit else 0)
+        def chunk_flops(batch, c):
+            passes = steps + (1 if c < num_chunks - 1 else 0)  # the last chunk is not committed
             return batch * passes * transformer_flops(conf, n, (c + 1) * n, TEXT_TOKENS)
 
         # (a) forked vs independent, averaged over the pivots (AR-CoPO draws the pivot uniformly)
@@ -176,7 +176,7 @@ def main():
 
             def independent():
                 with torch.no_grad():
-                    cache = pipe.prepare_cache(g, frames, size, size)
+                    cache = pipe.prepare_cache(g, frames - CHUNK, size, size)
                     return pipe.generate_latents(embeds_g, noise_g, cache, timesteps, sigmas)
 
             t_ind, lat = timed(independent, args.repeats, warmup=pivot == 0)
@@ -198,7 +198,7 @@ def main():
         def cached():
             with torch.no_grad():
                 return pipe.generate_latents(
-                    embeds_b, noise_b, pipe.prepare_cache(batch, frames, size, size), timesteps, sigmas
+                    embeds_b, noise_b, pipe.prepare_cache(batch, frames - CHUNK, size, size), timesteps, sigmas
                 )
 
         t_cache, a = timed(cached, args.repeats)

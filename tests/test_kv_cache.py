@@ -48,6 +48,9 @@ def test_fork_reads_the_shared_prefix_without_copying_it():
         forked.write(layer, end, k, k)
     forked.advance(tpf)
     assert torch.equal(cache.keys[0], before) and cache.end == end
+    full = forked.materialize()  # the prefix copied in front of the branch's own frames, committed and free
+    assert full.prefix is None and full.end == end + tpf and full.keys[0].shape[1] == 6 * tpf
+    assert torch.equal(full.keys[0][:, end : end + tpf], forked.keys[0][:, :tpf])
     k, _ = forked.read(0, end + tpf, tpf)
     assert k.shape == (6, end + tpf, 2, 12) and torch.equal(k[:, :end], before[:, :end].repeat_interleave(3, 0))
     # forks of forks read through both prefixes; a fork can stop at the prefix (the update's anchors)
@@ -88,6 +91,21 @@ def test_commit_order_and_batch_errors():
     with pytest.raises(ValueError, match="too short"):
         cache.check_chunk(cache.end, 6 * tpf, batch_size=2, commit=True)
     cache.check_chunk(cache.end, 6 * tpf, batch_size=2)  # a chunk that is not committed needs no slot
+
+
+def test_a_fork_reads_a_local_window_like_a_full_copy():
+    cache = _filled_cache(frames=12, committed=6)
+    cache.local_attn_frames, cache.sink_frames = 5, 1
+    tpf = cache.tokens_per_frame
+    forked = cache.fork(2)
+    for layer in range(forked.num_layers):
+        k = torch.randn(4, 3 * tpf, 2, 12)
+        forked.write(layer, 6 * tpf, k, k)
+    forked.advance(3 * tpf)
+    full = forked.materialize()
+    for start in (6 * tpf, 9 * tpf):  # the window reaches into the prefix, then only the sink frame does
+        assert forked.context_slices(start, 3 * tpf) == full.context_slices(start, 3 * tpf)
+        assert torch.equal(forked.read(1, start, 3 * tpf)[0], full.read(1, start, 3 * tpf)[0])
 
 
 def test_window_slices():

@@ -25,7 +25,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from peft import PeftConfig
 from transformers import Trainer, TrainerCallback, set_seed
@@ -36,15 +35,15 @@ from .checkpointing import CheckpointMixin, between_iterations
 from .data import EpochRepeatSampler, check_datasets, seeded_generator
 from .ema import AdapterEMA
 from .hub import HubMixin, save_sample_gif
-from .loss import LossStats, arcopo_loss, group_temperature, sde_grpo_anchor_loss, x0_penalty
+from .loss import LossStats, arcopo_loss, sde_grpo_anchor_loss, x0_penalty
 from .nonfinite import NonFiniteGuard
 from .pipelines import SelfForcingPipeline
 from .policy import add_policy_adapter, check_adapters_in_sync, prepare_for_training, reference_policy
 from .prompt_cache import PromptEmbeddingCache
 from .replay_buffer import ReplayBuffer, ReplaySource
 from .rewards import RewardFunc, RewardScorer
-from .rewards.base import GroupRewards
 from .rollout import AnchorBatch, RolloutGroup, RolloutSpec, sample_group
+from .split_groups import check_split_groups, gather_group, process_share
 
 
 logger = logging.get_logger(__name__)
@@ -142,7 +141,8 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
             pipeline, args.max_sequence_length, self.accelerator.device, args.offload_text_encoder
         )
         self.scorer.to(self.accelerator.device)  # reward models follow the accelerator, unless quantised
-        self._check_split_groups()
+        if args.split_groups_across_processes:
+            check_split_groups(args.num_generations, args.num_anchors, self.accelerator.num_processes)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list), "collect": defaultdict(list)}
         self._step = 0  # micro-steps done
         self._buffered_rollout: RolloutGroup | None = None
@@ -166,22 +166,9 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         if self.ema is not None:
             self.add_callback(self.ema)
 
-    def _check_split_groups(self) -> None:
-        """`split_groups_across_processes`: the group and its anchors must split evenly over the processes."""
-        args, n = self.args, self.accelerator.num_processes
-        if not args.split_groups_across_processes:
-            return
-        for name in ("num_generations", "num_anchors"):
-            if getattr(args, name) % n:
-                raise ValueError(
-                    f"`split_groups_across_processes=True` splits `{name}={getattr(args, name)}` over {n} processes: "
-                    f"use a multiple of {n}, or set `split_groups_across_processes=False`."
-                )
-
     def _share(self, size: int) -> slice:
         """This process's share of `size` items split over the processes (`split_groups_across_processes`)."""
-        n, rank = self.accelerator.num_processes, self.accelerator.process_index
-        return slice(rank * size // n, (rank + 1) * size // n)
+        return process_share(size, self.accelerator.process_index, self.accelerator.num_processes)
 
     @property
     def skipped_steps(self) -> list[dict[str, Any]]:
@@ -259,33 +246,14 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         )
         return partial(self._finish_group, group, rewards, videos, mode, rollout_seconds, finite)
 
-    def _gather_group(self, group: RolloutGroup, rewards: GroupRewards, nonfinite: str | None):
-        """
-        A split group made whole (`split_groups_across_processes`): every process's candidates, in process order,
-        with the rewards combined over the whole group. Every process gets the same group.
-        """
-        args, n = self.args, group.num_generations
-
-        def gather(t: torch.Tensor) -> torch.Tensor:  # [N, n, *] of each process -> [N, G, *]
-            return self.accelerator.gather(t.transpose(0, 1).contiguous()).transpose(0, 1)
-
-        group.states, group.x0_preds = gather(group.states), gather(group.x0_preds)
-        group.temperature = group_temperature(group.x0_preds, args.temperature, args.distance_reduction)
-        per_func = gather(rewards.per_func.to(self.accelerator.device).unflatten(0, (-1, n))).flatten(0, 1).cpu()
-        nonfinite = next((m for m in gather_object([nonfinite]) if m is not None), None)
-        whole = GroupRewards.from_per_func(
-            per_func, self.scorer.weights, args.num_generations, self.scorer.aggregation, self.scorer.funcs,
-            nonfinite, rewards.seconds, rewards.seconds_per_func,
-        )  # fmt: skip
-        return group, whole, whole.nonfinite
-
     def _finish_group(self, group: RolloutGroup, rewards, videos, mode: str, rollout_seconds: float, finite: bool):
         args, rewards = self.args, rewards()
         nonfinite = rewards.nonfinite if finite else f"the rollout's latents are not finite (pivot {group.pivot})"
         local = slice(0, group.num_generations)  # the candidates whose videos this process holds
         if args.split_groups_across_processes and mode == "train":
             local = self._share(args.num_generations)
-            group, rewards, nonfinite = self._gather_group(group, rewards, nonfinite)
+            group, rewards = gather_group(self.accelerator, group, rewards, nonfinite, self.scorer, args)
+            nonfinite = rewards.nonfinite
         group.with_rewards(
             rewards.combined.to(self.accelerator.device), args.scale_rewards, args.quasi_norm_p, nonfinite
         )

@@ -143,6 +143,10 @@ def _add_plan(subparsers) -> None:
         "--offload_text_encoder", choices=["true", "false"], default=None, help="Keep the text encoder on the CPU."
     )
     parser.add_argument(
+        "--split_groups_across_processes", choices=["true", "false"], default=None,
+        help="Each process rolls out G / num_processes of every group.",
+    )  # fmt: skip
+    parser.add_argument(
         "--fit", action="store_true",
         help="Print the fastest setting of gradient checkpointing, rollout_batch_size, anchor_batch_size and "
         "offload_text_encoder that fits each GPU.",
@@ -168,7 +172,7 @@ def _add_plan(subparsers) -> None:
                       "anchor_batch_size", "decode_batch_size")
             if getattr(args, k) is not None
         }  # fmt: skip
-        for flag in ("gradient_checkpointing", "offload_text_encoder"):
+        for flag in ("gradient_checkpointing", "offload_text_encoder", "split_groups_across_processes"):
             if getattr(args, flag) is not None:
                 overrides[flag] = getattr(args, flag) == "true"
         if args.fit and args.grid:

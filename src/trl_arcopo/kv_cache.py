@@ -332,9 +332,11 @@ class KVCache:
             return self
         keys, values = [], []
         for layer in range(self.num_layers):
-            k, v = self.read(layer, self.end, 0)
-            keys.append(torch.cat([k, self.keys[layer][:, self.end - self.offset :]], dim=1))
-            values.append(torch.cat([v, self.values[layer][:, self.end - self.offset :]], dim=1))
+            own = self.keys[layer]
+            empty = own.new_empty((self.batch_size, 0, *own.shape[2:]))
+            k, v = self._gather(layer, [slice(0, self.offset)] if self.offset else [], empty, empty)  # every frame
+            keys.append(torch.cat([k, own], dim=1))
+            values.append(torch.cat([v, self.values[layer]], dim=1))
         return replace(self, keys=keys, values=values, prefix=None, offset=0)
 
     def narrow(self, start: int, length: int) -> KVCache:

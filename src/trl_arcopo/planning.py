@@ -344,6 +344,8 @@ class RunSettings:
         anchor_batch_size (`int`, *optional*): anchors per forward and backward in the update (`None`: all `K`).
         offload_text_encoder (`bool`): the text encoder stays on the CPU (its weights are not on the device).
         decode_batch_size (`int`, *optional*): videos per VAE decode call (`None`: all `B·G`).
+        split_groups_across_processes (`bool`): each process rolls out `G / num_processes` of every group and updates
+            on `K / num_processes` anchors (every process builds the same prefix and holds the gathered group).
     """
 
     num_generations: int = 12
@@ -368,6 +370,7 @@ class RunSettings:
     anchor_batch_size: int | None = None
     offload_text_encoder: bool = False
     decode_batch_size: int | None = 1
+    split_groups_across_processes: bool = False
 
     def __post_init__(self):
         checks = [
@@ -383,6 +386,11 @@ class RunSettings:
             ("anchor_batch_size", self.anchor_batch_size is None or self.anchor_batch_size >= 1, "None or >= 1"),
             ("decode_batch_size", self.decode_batch_size is None or self.decode_batch_size >= 1, "None or >= 1"),
         ]
+        if self.split_groups_across_processes:
+            checks += [
+                ("num_generations", self.num_generations % self.num_processes == 0, "a multiple of num_processes"),
+                ("num_anchors", self.num_anchors % self.num_processes == 0, "a multiple of num_processes"),
+            ]
         for name, ok, fix in checks:
             if not ok:
                 raise ValueError(f"`{name}={getattr(self, name)}` must be {fix}.")
@@ -415,15 +423,29 @@ class RunSettings:
         return self.optim in OPTIMIZERS_8BIT
 
     @property
+    def branches_per_process(self) -> int:
+        """Branches of each group this process rolls out (`G`, or its share of a group split over processes)."""
+        split = self.split_groups_across_processes
+        return self.num_generations // self.num_processes if split else self.num_generations
+
+    @property
+    def anchors_per_process(self) -> int:
+        """Anchors of each group this process updates on."""
+        return self.num_anchors // self.num_processes if self.split_groups_across_processes else self.num_anchors
+
+    @property
     def branches_per_forward(self) -> int:
         """Branches of the rollout's forwards: a sub-batch of one prompt's, or every branch of the process."""
-        every = self.per_device_train_batch_size * self.num_generations
-        return every if self.rollout_batch_size is None else min(self.rollout_batch_size, self.num_generations)
+        g = self.branches_per_process
+        if self.rollout_batch_size is None:
+            return g if self.split_groups_across_processes else self.per_device_train_batch_size * g
+        return min(self.rollout_batch_size, g)
 
     @property
     def anchors_per_forward(self) -> int:
         """Anchors of each group in one forward and backward of the update."""
-        return self.num_anchors if self.anchor_batch_size is None else min(self.anchor_batch_size, self.num_anchors)
+        k = self.anchors_per_process
+        return k if self.anchor_batch_size is None else min(self.anchor_batch_size, k)
 
     @classmethod
     def from_config(cls, config: Mapping | Any, **overrides) -> RunSettings:
@@ -479,6 +501,7 @@ class RunSettings:
             anchor_batch_size=_optional_int(value("anchor_batch_size")),
             offload_text_encoder=bool(pick("offload_text_encoder", False)),
             decode_batch_size=_optional_int(value("decode_batch_size")) if present("decode_batch_size") else 1,
+            split_groups_across_processes=bool(pick("split_groups_across_processes", False)),
         )
 
 
@@ -944,6 +967,7 @@ class Plan:
         peak_bytes (`dict[bool, int]`): the process's predicted peak, with and without gradient checkpointing.
         parameters (`dict[str, int]`): transformer, LoRA, text encoder, VAE.
         warnings (`list[str]`): e.g. a peak above the GPU's memory.
+        branch_cache_bytes (`int`): the branches' KV cache of one forward at its largest (the earliest pivot).
     """
 
     settings: RunSettings
@@ -959,6 +983,7 @@ class Plan:
     peak_bytes: dict[bool, int]
     parameters: dict[str, int]
     warnings: list[str] = field(default_factory=list)
+    branch_cache_bytes: int = 0
 
     # -------------------------------------------------------------- derived numbers
     @property
@@ -1080,7 +1105,7 @@ class Plan:
             lines += ["", f"All {s.num_processes} processes together: {format_flops(total)} per iteration."]
         lines += [
             "",
-            f"Memory per process (the update at pivot {self.memory_pivot}):",
+            f"Memory per process at pivot {self.memory_pivot}, the one with the highest peak:",
             "",
             "| item | phase | bytes |",
             "| --- | --- | ---: |",
@@ -1215,11 +1240,13 @@ def _make_plan(
     tpf = video.tokens_per_frame(shape)
     n = video.num_frames_per_chunk * tpf  # tokens of one chunk
     num_chunks, steps, r = video.num_chunks, s.num_denoising_steps, s.lora_r
-    b, g, k = s.per_device_train_batch_size, s.num_generations, s.num_anchors
+    b, g_all = s.per_device_train_batch_size, s.num_generations
+    g, k = s.branches_per_process, s.anchors_per_process  # this process's branches and anchors of each group
     m, ka = s.branches_per_forward, s.anchors_per_forward  # videos per forward: rollout branches, update anchors
     text, frames = video.max_sequence_length, video.num_frames_per_chunk
 
-    scale = b * g / m if s.rollout_batch_size is not None else 1.0  # the branches' embeddings, per branch
+    sub_batched = s.rollout_batch_size is not None or s.split_groups_across_processes
+    scale = b * g_all / m if sub_batched else 1.0  # a sub-batch embeds for the whole batch: per branch
 
     def chunk_pass(c: int, embed_scale: float = 1.0) -> _Pass:
         return _Pass(n, (c + 1) * n, text, frames, embed_scale)
@@ -1276,7 +1303,7 @@ def _make_plan(
         MemoryItem("LoRA parameters (fp32)", lora_bytes, "persistent"),
         MemoryItem("optimizer state" + (" (8-bit)" if s.uses_8bit_optimizer else " (fp32)"), optim, "persistent"),
     ]
-    loss_candidates = g if s.loss_type == "arcopo" else 1
+    loss_candidates = g_all if s.loss_type == "arcopo" else 1
     ref = s.beta > 0
 
     def memory_at(p: int) -> tuple[list[MemoryItem], dict[bool, ActivationEstimate], dict[bool, int]]:
@@ -1285,7 +1312,9 @@ def _make_plan(
         roll_ws = forward_workspace(shape, m, chunk_pass(num_chunks - 1), lora, prec, whole_batch=round(scale * m))
         items = [
             MemoryItem(f"KV cache: prefix (B videos, {p} chunks)", b * p * cache_per_chunk, "kept"),
-            MemoryItem("trajectories: states and x̂0 of the pivot chunk (fp32)", 2 * b * g * steps * chunk * 4, "kept"),
+            MemoryItem(
+                "trajectories: states and x̂0 of the pivot chunk (fp32)", 2 * b * g_all * steps * chunk * 4, "kept"
+            ),
             MemoryItem("prompt embeddings", b * embeds, "kept"),
             MemoryItem(
                 f"KV cache: branches ({m} videos{sub}, {num_chunks - 1 - p} chunks after the prefix)",
@@ -1300,9 +1329,9 @@ def _make_plan(
                 "rollout",
             ),
             MemoryItem(f"forward workspace (rollout, batch {m})", roll_ws, "rollout"),
-            MemoryItem(
-                "end of the rollout: noise, finished latents and their copies, copied x̂0 (fp32)",
-                b * (latent + renoise) * 4 + 3 * b * g * latent * 4 + 3 * b * g * steps * chunk * 4,
+            MemoryItem(  # beyond the kept trajectories: each sub-batch's outputs, their concatenations
+                "end of the rollout: noise, finished chunks, the latents and the trajectories concatenated (fp32)",
+                b * (latent + renoise) * 4 + b * g * ((num_chunks - p) + num_chunks + 2 * steps) * chunk * 4,
                 "rollout end",
             ),
             MemoryItem(
@@ -1345,6 +1374,7 @@ def _make_plan(
     plan_ = Plan(
         settings=s, transformer=shape, video=video, gpu=gpu, mfu=mfu, pivot=s.pivot_chunk, memory_pivot=mp,
         phases=phases, memory=memory, activations=acts, peak_bytes=peak_bytes, parameters=dict(params),
+        branch_cache_bytes=m * (num_chunks - 1 - min(pivots)) * cache_per_chunk,
     )  # fmt: skip
     if not plan_.fits:
         rollout = plan_.rollout_peak_bytes()
@@ -1649,7 +1679,7 @@ def grid_table(plans: Sequence[Plan]) -> str:
         s = p.settings
         rollout = sum(x.seconds for x in p.phases if x.name in ("prefix", "branches"))
         update = sum(x.seconds for x in p.phases if x.name in ("update", "reference"))
-        kv = next(m.bytes for m in p.memory if m.name.startswith("KV cache: branches"))
+        kv = p.branch_cache_bytes
         optim = next(m.bytes for m in p.memory if m.name.startswith("optimizer state"))
         lines.append(
             f"| {p.gpu.name} | {'on' if s.gradient_checkpointing else 'off'} | {s.optim} | {rollout:.1f} | "

@@ -151,15 +151,12 @@ def forked_rollout(
     # 2. Branches, in sub-batches: each reads the prefix and owns the chunks from the pivot on (the last excluded)
     outputs, branch_cache_bytes = [], 0
     for b, rows in branch_sub_batches(batch_size, num_branches, rollout_batch_size):
-        prompts = slice(0, batch_size) if b < 0 else slice(b, b + 1)
-        n = rows.stop - rows.start
-        branch_cache = cache.narrow(prompts.start, prompts.stop - prompts.start).fork(
-            n // (prompts.stop - prompts.start), num_frames=(num_chunks - 1) * frames
-        )
+        first, count = (0, batch_size) if b < 0 else (b, 1)  # the prompts of this sub-batch
+        per_prompt = (rows.stop - rows.start) // count
+        branch_cache = cache.narrow(first, count).fork(per_prompt, num_frames=(num_chunks - 1) * frames)
         branch_cache_bytes = max(branch_cache_bytes, branch_cache.nbytes)
-        embeds = prompt_embeds[prompts].repeat_interleave(n // (prompts.stop - prompts.start), dim=0)
-        branch_noise_sub = noise.narrow(prompts.start, prompts.stop - prompts.start)
-        branch_noise_sub = branch_noise_sub.repeat_interleave(n // (prompts.stop - prompts.start))
+        embeds = prompt_embeds[first : first + count].repeat_interleave(per_prompt, dim=0)  # [n, S, text_dim]
+        branch_noise_sub = noise.narrow(first, count).repeat_interleave(per_prompt)
         branch_noise_sub = branch_noise_sub.with_chunk_initial(pivot, branch_noise[rows])
         if branch_renoise is not None:
             branch_noise_sub = branch_noise_sub.with_chunk_renoise(pivot, branch_renoise[rows])

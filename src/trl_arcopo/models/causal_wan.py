@@ -303,8 +303,6 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
 
         rotary_emb = self._rotary_embedding(frame_indices, pph, ppw)  # 2 x [1, N, 1, head_dim]
 
-        hidden_states = self._embed_patches(hidden_states)  # [B, N, D]
-
         # Per-frame timesteps [B, F]
         if timestep.ndim == 0:
             timestep = timestep.expand(batch_size)
@@ -315,10 +313,15 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 f"`timestep` must be [B] or [B, F] = [{batch_size}, {num_frames}], got {list(timestep.shape)}."
             )
         rows = self._sub_batch
+        if rows is not None and rows[0] + batch_size > rows[1]:
+            raise ValueError(
+                f"A batch of {batch_size} videos is not rows {rows[0]}.. of a batch of {rows[1]} (`sub_batch`)."
+            )
         if rows is not None:  # the timesteps of the whole batch (a call's videos share their timesteps)
             whole = timestep[:1].expand(rows[1], -1).clone()
             whole[rows[0] : rows[0] + batch_size] = timestep
             timestep = whole  # [total, F]
+        hidden_states = self._embed_patches(hidden_states)  # [B, N, D]
         temb, timestep_proj, encoder_hidden_states, _ = self.condition_embedder(
             timestep.flatten(), encoder_hidden_states, None, timestep_seq_len=num_frames
         )  # temb: [B, F, D]; timestep_proj: [B, F, 6 * D]
