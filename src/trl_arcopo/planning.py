@@ -1607,23 +1607,17 @@ def fit(
     anchors = [None] + sorted({-(-k // d) for d in range(2, k + 1)}, reverse=True)
     searched = ("gradient_checkpointing", "offload_text_encoder", "rollout_batch_size", "anchor_batch_size")
     overrides = {key: value for key, value in overrides.items() if key not in searched}
+    config = dict(config) if isinstance(config, Mapping) else dict(vars(config))  # the searched knobs are the fit's
+    for key in (*searched, "activation_checkpointing"):
+        config.pop(key, None)
+
+    def candidate(checkpointing: bool, offload: bool, rollout: int | None, anchors_: int | None) -> Plan:
+        knobs = dict(gradient_checkpointing=checkpointing, offload_text_encoder=offload, rollout_batch_size=rollout,
+                     anchor_batch_size=anchors_)  # fmt: skip
+        return plan_config(config, generator, gpu=gpu, mfu=mfu, num_processes=num_processes, **knobs, **overrides)
+
     plans = [
-        plan_config(
-            config,
-            generator,
-            gpu=gpu,
-            mfu=mfu,
-            num_processes=num_processes,
-            gradient_checkpointing=ckpt,
-            offload_text_encoder=off,
-            rollout_batch_size=rb,
-            anchor_batch_size=ab,
-            **overrides,
-        )
-        for ckpt in (False, True)
-        for off in (False, True)
-        for rb in rollouts
-        for ab in anchors
+        candidate(c, o, rb, ab) for c in (False, True) for o in (False, True) for rb in rollouts for ab in anchors
     ]
     fitting = [p for p in plans if p.peak_memory_bytes <= (1 - headroom) * p.gpu.memory_bytes]
 
