@@ -65,6 +65,25 @@ def test_prompt_embeddings_are_encoded_once_and_equal_the_pipelines(tmp_path):
     assert runs[True].prompt_embeddings.num_encoded == len(PROMPTS)  # 3 steps x 2 prompts: the 4 prompts, once
 
 
+def test_precomputed_embeddings_train_without_a_text_encoder(tmp_path):
+    """Embeddings computed once elsewhere: the same run as with the text encoder, on a pipeline that has none."""
+    from trl_arcopo import SelfForcingPipeline
+
+    full = tiny_pipeline()
+    embeds, _ = full.encode_prompt(PROMPTS)
+    bare = SelfForcingPipeline(None, None, tiny_pipeline().transformer, full.scheduler, None, 16, 16, 9,
+                               full.config.default_max_sequence_length)  # fmt: skip
+    runs = {}
+    for name, pipe in (("encoder", full), ("precomputed", bare)):
+        trainer = tiny_trainer(tmp_path / name, pipe=pipe)
+        if name == "precomputed":
+            trainer.prompt_embeddings.add(PROMPTS, embeds)
+        trainer.train()
+        runs[name] = _adapter(trainer)
+    assert all(torch.equal(runs["encoder"][k], runs["precomputed"][k]) for k in runs["encoder"])
+    assert runs["precomputed"] and bare.text_encoder is None
+
+
 def test_decoding_in_slices_equals_one_call():
     pipe = tiny_pipeline(with_vae=True)
     latents = torch.randn(3, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))

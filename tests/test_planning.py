@@ -43,26 +43,17 @@ def bench():
 # One measured iteration per setting (`benchmarks/plan_vs_measured.py`, smaller groups than the benchmark's so that the
 # whole file stays fast): the tiny model with and without gradient checkpointing, in float32 and in bf16 with autocast
 # (the GPU setting), and the small model (8 layers, 256 tokens per frame) at a light setting.
+SMALL = dict(config="small", num_generations=2, num_anchors=1, pivot=2, num_denoising_steps=1)
+SUB_BATCHES = dict(rollout_batch_size=1, anchor_batch_size=1)  # the memory knobs on: one branch, one anchor a forward
 SETUPS = {
     "tiny": dict(config="tiny", num_generations=4, num_anchors=2, pivot=2),
     "tiny-checkpointing": dict(config="tiny", num_generations=4, num_anchors=2, pivot=1, checkpointing=True),
     "tiny-bf16-default-lora": dict(
         config="tiny", num_generations=4, num_anchors=2, pivot=2, precision="bf16", targets="default"
     ),
-    "small": dict(config="small", num_generations=2, num_anchors=1, pivot=2, num_denoising_steps=1),
-    # the memory knobs on: branches one at a time, anchors one at a time
-    "tiny-sub-batches": dict(
-        config="tiny", num_generations=4, num_anchors=2, pivot=1, rollout_batch_size=1, anchor_batch_size=1
-    ),
-    "small-sub-batches": dict(
-        config="small",
-        num_generations=2,
-        num_anchors=2,
-        pivot=2,
-        num_denoising_steps=1,
-        rollout_batch_size=1,
-        anchor_batch_size=1,
-    ),
+    "small": SMALL,
+    "tiny-sub-batches": dict(config="tiny", num_generations=4, num_anchors=2, pivot=1, **SUB_BATCHES),
+    "small-sub-batches": {**SMALL, "num_anchors": 2, **SUB_BATCHES},
 }
 
 

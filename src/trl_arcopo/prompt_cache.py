@@ -31,7 +31,8 @@ class PromptEmbeddingCache:
     Training prompts repeat (every epoch, every inner iteration), and the text encoder of a real generator (UMT5-XXL,
     5.7B parameters) is larger than the transformer. So prompts are encoded when first seen and their embeddings
     reused; with `offload=True` the text encoder lives on the CPU and visits the accelerator only to encode prompts
-    not seen before, which frees its weights' memory for the rollout.
+    not seen before, which frees its weights' memory for the rollout. Embeddings computed elsewhere can be
+    [`~PromptEmbeddingCache.add`]ed; a pipeline without a text encoder then trains on those prompts.
 
     Args:
         pipeline ([`SelfForcingPipeline`]): its `encode_prompt` and `text_encoder`.
@@ -65,6 +66,19 @@ class PromptEmbeddingCache:
 
     def __len__(self) -> int:
         return len(self._embeds)
+
+    def add(self, prompts: list[str], prompt_embeds: torch.Tensor) -> None:
+        """
+        Store precomputed embeddings `[N, S, text_dim]` of `prompts` (e.g. computed once on another machine): a run
+        whose prompts are all added needs no text encoder at all.
+        """
+        if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != len(prompts):
+            raise ValueError(
+                f"`prompt_embeds` must be [N, S, text_dim] with N = {len(prompts)} prompts, got "
+                f"{list(prompt_embeds.shape)}."
+            )
+        for prompt, embed in zip(prompts, prompt_embeds.detach().cpu()):
+            self._embeds[prompt] = embed
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> torch.Tensor:
