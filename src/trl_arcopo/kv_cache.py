@@ -220,14 +220,17 @@ class KVCache:
 
     def read(self, layer: int, start: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `[B, S, heads, head_dim]` that the chunk starting at token `start` attends to (a copy)."""
-        k = self.keys[layer]
-        empty = k.new_empty((self.batch_size, 0, *k.shape[2:]))
-        return self._gather(layer, self.context_slices(start, num_tokens), empty, empty)
+        return self._gather(layer, self.context_slices(start, num_tokens))
 
     def _gather(
-        self, layer: int, slices: list[slice], key: torch.Tensor, value: torch.Tensor
+        self, layer: int, slices: list[slice], key: torch.Tensor | None = None, value: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached tokens `slices` (each cached row broadcast to the rows that read it), then `key` / `value`."""
+        """
+        The cached tokens `slices` (each cached row broadcast to the rows that read it), then `key` / `value` (none:
+        the cache's batch and dtype).
+        """
+        if key is None:
+            key = value = self.keys[layer].new_empty((self.batch_size, 0, *self.keys[layer].shape[2:]))
         pieces = [p for s in slices for p in self._pieces(layer, s)]
         batch, n = key.shape[0], key.shape[1]
         context = sum(k.shape[1] for k, _ in pieces)
@@ -332,10 +335,8 @@ class KVCache:
             return self
         keys, values = [], []
         for layer in range(self.num_layers):
-            own = self.keys[layer]
-            empty = own.new_empty((self.batch_size, 0, *own.shape[2:]))
-            k, v = self._gather(layer, [slice(0, self.offset)] if self.offset else [], empty, empty)  # every frame
-            keys.append(torch.cat([k, own], dim=1))
+            k, v = self._gather(layer, [slice(0, self.offset)] if self.offset else [])  # every prefix frame
+            keys.append(torch.cat([k, self.keys[layer]], dim=1))
             values.append(torch.cat([v, self.values[layer]], dim=1))
         return replace(self, keys=keys, values=values, prefix=None, offset=0)
 

@@ -463,14 +463,21 @@ class AnchorBatch:
         anchor_index = torch.stack(
             [torch.randperm(g, generator=generator, device=generator.device)[:num_anchors] for _ in range(n)]
         ).to(group.states.device)  # [N, K]
+        return cls.of(group, anchor_index, iteration)
+
+    @classmethod
+    def of(cls, group: RolloutGroup, anchor_index: torch.Tensor, iteration: int | None = None) -> AnchorBatch:
+        """The anchors `anchor_index` `[N, K]` of every group (at step 0): their rows, prefix (read, not copied), text."""
+        n, g = anchor_index.shape[0], group.num_generations
+        k = anchor_index.shape[1]
         rows = anchor_index + torch.arange(n, device=anchor_index.device)[:, None] * g  # [N, K] into N * G
         return cls(
             group=group,
             step=0,
             anchor_index=anchor_index,
             rows=rows.flatten(),
-            prefix_cache=group.prefix_cache.fork(num_anchors, num_frames=group.prefix_cache.num_frames),
-            prompt_embeds=group.prompt_embeds.repeat_interleave(num_anchors, dim=0),
+            prefix_cache=group.prefix_cache.fork(k, num_frames=group.prefix_cache.num_frames),
+            prompt_embeds=group.prompt_embeds.repeat_interleave(k, dim=0),
             iteration=iteration,
         )
 
@@ -489,22 +496,11 @@ class AnchorBatch:
             return [self]
         if anchor_batch_size < 1:
             raise ValueError(f"`anchor_batch_size={anchor_batch_size}` must be at least 1 (or None: every anchor).")
-        n, g = self.anchor_index.shape[0], self.group.num_generations
-        out = []
-        for s in range(0, k, anchor_batch_size):
-            index = self.anchor_index[:, s : s + anchor_batch_size]  # [N, k]
-            rows = index + torch.arange(n, device=index.device)[:, None] * g
-            prefix = self.group.prefix_cache
-            out.append(
-                replace(
-                    self,
-                    anchor_index=index,
-                    rows=rows.flatten(),
-                    prefix_cache=prefix.fork(index.shape[1], num_frames=prefix.num_frames),
-                    prompt_embeds=self.group.prompt_embeds.repeat_interleave(index.shape[1], dim=0),
-                )
-            )
-        return out
+        return [
+            replace(AnchorBatch.of(self.group, self.anchor_index[:, s : s + anchor_batch_size], self.iteration),
+                    step=self.step)
+            for s in range(0, k, anchor_batch_size)
+        ]  # fmt: skip
 
     @property
     def x_t(self) -> torch.Tensor:

@@ -442,9 +442,10 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         """
         Stream chunks `start_chunk..end_chunk-1` (by default to the last chunk) from `noise`, committing to `kv_cache`
         (which must already hold the chunks before `start_chunk`) each chunk it has room for: a cache sized for the
-        video less its last chunk ([`prepare_cache`]) skips that chunk's commit pass, which no later chunk would read. Returns the generated chunks
-        concatenated along frames `[B, C, F', H, W]` (no frames when the range is empty). `callback_on_chunk_end(self,
-        c)` runs after chunk `c` is committed (the last chunk: denoised), before the next chunk starts.
+        video less its last chunk ([`prepare_cache`]) skips that chunk's commit pass, which no later chunk would read.
+        Returns the generated chunks concatenated along frames `[B, C, F', H, W]` (no frames when the range is empty).
+        `callback_on_chunk_end(self, c)` runs after chunk `c` is committed (the last chunk: denoised), before the next
+        chunk starts.
         """
         chunks = []
         frames = noise.num_frames_per_chunk
