@@ -37,7 +37,9 @@ from trl_arcopo.rewards.base import redness, reward_func_name
 from trl_arcopo.rewards.frames import frame_indices
 from trl_arcopo.rewards.judge import VLMJudgeReward, encode_png
 from trl_arcopo.rewards.remote import RemoteRewardError
-from trl_arcopo.rewards.server import RewardServerClient, decode_request, encode_request, serve
+from trl_arcopo.rewards.server import serve
+from trl_arcopo.rewards.server_client import RewardServerClient
+from trl_arcopo.rewards.wire import decode_request, encode_request
 
 
 PROMPTS = ["a red fox jumps", "a dog in snow", "a blue car at night"]
@@ -74,7 +76,7 @@ class FakeHandler(BaseHTTPRequestHandler):
     def _handle(self, body):
         server = self.server
         with server.lock:
-            server.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
+            server.requests.append({"path": self.path, "body": body, "headers": {k.lower(): v for k, v in self.headers.items()}})
             server.in_flight += 1
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
         try:
@@ -155,7 +157,7 @@ def test_judge_scores_what_the_server_answers_with_the_right_request(start, monk
     server = start(FakeServer(respond))
     monkeypatch.setenv("JUDGE_TEST_KEY", "secret-key")
     template = "Frames of a video for <{prompt}>. Rate it {{0-1}}."
-    reward = judge(server.url, prompt_template=template, frames="uniform", num_frames=3, max_concurrency=2,
+    reward = judge(server.url, prompt_template=template, score_range=(0, 1), frames="uniform", num_frames=3, max_concurrency=2,
                    system_prompt="You are a judge.", max_tokens=8, api_key_env="JUDGE_TEST_KEY",
                    extra_body={"chat_template_kwargs": {"enable_thinking": False}})  # fmt: skip
     prompts = [f"{p} (take {i})" for i, p in enumerate(PROMPTS * 2)]  # distinct: the texts key the scores
@@ -170,7 +172,7 @@ def test_judge_scores_what_the_server_answers_with_the_right_request(start, monk
     assert index == [0, 4, 8]
     for record in server.requests:
         assert record["path"] == "/v1/chat/completions"
-        assert record["headers"]["Authorization"] == "Bearer secret-key"
+        assert record["headers"]["authorization"] == "Bearer secret-key"
         body = json.loads(record["body"])
         assert body["model"] == "judge-model" and body["max_tokens"] == 8 and body["temperature"] == 0.0
         assert body["chat_template_kwargs"] == {"enable_thinking": False}
@@ -196,7 +198,7 @@ def test_judge_malformed_replies_name_the_parser_and_quote_the_reply(start):
     server = start(FakeServer(lambda server, path, body: next(replies)))
     videos = videos_for_test(n=1)
 
-    with pytest.raises(RuntimeError, match=r"score parser `first_number` failed on the reply 'I cannot rate this video.'"):  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"score parser `last number in \[1, 10\]` failed on the reply 'I cannot rate this video.'"):  # fmt: skip
         judge(server.url, on_failure="raise", max_retries=2)(PROMPTS[:1], videos)
     assert len(server.requests) == 1  # a malformed reply is not retried
 
@@ -212,7 +214,16 @@ def test_judge_malformed_replies_name_the_parser_and_quote_the_reply(start):
 def test_judge_parsers_and_knob_errors():
     reward = judge("http://127.0.0.1:9", score_parser=r"(\d+)/10")
     assert reward.score_parser("rating: 8/10, score 3") == 8.0
-    assert judge("http://127.0.0.1:9").score_parser("Score: -1.5e1 of 10") == -15.0
+    parse = judge("http://127.0.0.1:9").score_parser  # the last number in [1, 10], once a restated scale is removed
+    assert parse("On a scale of 1 to 10, I would give it 8.") == 8.0
+    assert parse("Score: 7/10") == 7.0 and parse("8 out of 10") == 8.0 and parse("Between 1 and 10: 3.5") == 3.5
+    assert parse("Rating (1-10): 6, final answer 9") == 9.0
+    for reply in ["1e999", "Score: 11", "-3", "nan"]:
+        with pytest.raises(ValueError, match=r"no number in the reply in \[1, 10\]"):
+            parse(reply)
+    assert judge("http://127.0.0.1:9", score_range=(-20, 0)).score_parser("Score: -1.5e1 of -20 to 0") == -15.0
+    with pytest.raises(ValueError, match=r"`score_range=\(10, 1\)` must be two finite numbers"):
+        judge("http://127.0.0.1:9", score_range=(10, 1))
     with pytest.raises(ValueError, match=r"`prompt_template='Rate {video}'` cannot be formatted"):
         judge("http://127.0.0.1:9", prompt_template="Rate {video}")
     with pytest.raises(ValueError, match=r"`on_failure='skip'` is not a failure policy"):
@@ -235,7 +246,7 @@ def test_judge_times_out_on_a_hanging_server(start, on_failure):
             reward(PROMPTS[:2], videos_for_test(n=2))
     else:
         assert reward(PROMPTS[:2], videos_for_test(n=2)) == [None, None]
-        assert reward.failures == 2 and "no answer within timeout=1 s" in reward.last_error
+        assert reward.failures == 2 and "no complete reply within timeout=1 s" in reward.last_error
     assert 0.9 <= time.perf_counter() - begin <= 2.0
     assert len(server.requests) == 2
 
@@ -246,7 +257,7 @@ def test_judge_retries_when_the_server_dies_mid_run(start, on_failure):
         return chat_reply("0.75") if len(server.requests) == 1 else None
 
     server = start(FakeServer(respond))
-    reward = judge(server.url, on_failure=on_failure, max_retries=2, backoff=0.05, max_concurrency=1)
+    reward = judge(server.url, on_failure=on_failure, max_retries=2, backoff=0.05, max_concurrency=1, score_range=(0, 1))
     if on_failure == "raise":
         with pytest.raises(RuntimeError, match=r"failed after 3 attempts .*connection lost"):
             reward(PROMPTS, videos_for_test())
@@ -310,10 +321,10 @@ def test_wire_format_and_server_errors(start):
 
     server = start(serve(broken, port=0, block=False))
     with urllib.request.urlopen(server.url + "/health", timeout=2) as response:
-        assert json.loads(response.read()) == {"name": "broken", "status": "ok"}
+        assert json.loads(response.read()) == {"name": "broken", "status": "ok", "max_body_bytes": 512 * 2**20}
     for path, data, status, message in [
         ("/score", b"not safetensors at all", 400, "not a safetensors file"),
-        ("/nope", b"", 404, "unknown path '/nope'"),
+        ("/nope", b"", 404, "POST '/nope': Not Found; use POST /score or GET /health"),
         ("/score", encode_request(["wrong count", "x"], videos), 500, "returned 1 values for 2 videos"),
     ]:
         with pytest.raises(urllib.error.HTTPError) as error:
@@ -321,7 +332,8 @@ def test_wire_format_and_server_errors(start):
         assert error.value.code == status and message in json.loads(error.value.read())["error"]
 
     client = RewardServerClient(server.url, timeout=2, max_retries=1, backoff=0.05, on_failure="raise")
-    with pytest.raises(RuntimeError, match=r"/score failed after 2 attempts .*HTTP 500.*raised ValueError: the reward model ran out of memory"):  # fmt: skip
+    # the reward's own exception will not change: not retried
+    with pytest.raises(RuntimeError, match=r"failed after 1 attempt \(not retried\); last error: HTTP 500: reward `broken` raised ValueError: the reward model ran out of memory"):  # fmt: skip
         client(PROMPTS[:2], videos)
 
 
@@ -353,7 +365,7 @@ def test_reward_server_client_times_out_on_a_hanging_reward(start, on_failure):
     begin = time.perf_counter()
     try:
         if on_failure == "raise":
-            with pytest.raises(RuntimeError, match=rf"{server.url}/score failed after 1 attempt .*no answer within timeout=1 s"):  # fmt: skip
+            with pytest.raises(RuntimeError, match=rf"{server.url} failed after 1 attempt .*HTTP 504: reward `stuck` did not finish"):  # fmt: skip
                 client(PROMPTS, videos_for_test())
         else:
             assert client(PROMPTS, videos_for_test()) == [None, None, None] and client.failures == 3
@@ -376,9 +388,13 @@ def test_reward_server_client_retries_when_the_server_dies_mid_run(start, monkey
         return redness(prompts, videos)
 
     server = serve(once, port=0, block=False)
-    attempts = []
-    real = server_module.http_request
-    monkeypatch.setattr(server_module, "http_request", lambda url, *a, **k: attempts.append(url) or real(url, *a, **k))
+    attempts, real = [], RewardServerClient._send
+
+    async def counted(self, client, url, content=None):
+        attempts.append(url)
+        return await real(self, client, url, content)
+
+    monkeypatch.setattr(RewardServerClient, "_send", counted)
     client = RewardServerClient(server.url, name="once", batch_size=1, timeout=1, max_retries=2, backoff=0.05,
                                 on_failure=on_failure)  # fmt: skip
     videos = videos_for_test()
@@ -386,9 +402,9 @@ def test_reward_server_client_retries_when_the_server_dies_mid_run(start, monkey
     assert first == pytest.approx(redness(PROMPTS[:1], videos[:1]), abs=1e-6)
     assert stopped.wait(5)
     if on_failure == "raise":
-        with pytest.raises(RuntimeError, match=rf"{server.url}/score failed after 3 attempts .*Connection refused"):
+        with pytest.raises(RuntimeError, match=rf"{server.url} failed after 3 attempts .*cannot connect to {server.url}"):
             client(PROMPTS[1:], videos[1:])
-        assert len(attempts) == 1 + 3
+        assert 1 + 3 <= len(attempts) <= 1 + 2 * 3  # the pieces go concurrently; the first to fail cancels the other
     else:
         assert client(PROMPTS[1:], videos[1:]) == [None, None]
         assert client.failures == 2 and len(attempts) == 1 + 2 * 3  # one attempt and two retries per request

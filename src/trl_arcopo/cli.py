@@ -30,6 +30,7 @@ import importlib
 import inspect
 import json
 import logging
+import sys
 from collections.abc import Callable
 
 
@@ -78,13 +79,31 @@ def _add_reward_server(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1).")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one).")
     parser.add_argument("--kwargs", default=None, help="JSON object of keyword arguments, e.g. '{\"scale\": 10}'.")
+    defaults = {"max_concurrency": 1, "max_queue": 8, "max_body_mb": 512.0, "timeout": 300.0, "read_timeout": 30.0,
+                "idle_timeout": 5.0, "max_abandoned": 1}  # fmt: skip
+    helps = {
+        "max_concurrency": "reward calls at a time",
+        "max_queue": "requests admitted beyond those computing; more get 503 with Retry-After",
+        "max_body_mb": "largest request body in MiB; larger ones get 413 unread",
+        "timeout": "seconds a request may take in all (a client's deadline may shorten it); then 504",
+        "read_timeout": "seconds a request body may pause",
+        "idle_timeout": "seconds a connection may stay open without sending a request head",
+        "max_abandoned": "abandoned (timed-out) calls that may still run while new calls start",
+    }
+    for key, default in defaults.items():
+        flag = "--" + key.replace("_", "-")
+        parser.add_argument(flag, type=type(default), default=default, help=f"{helps[key]} (default {default:g}).")
     parser.add_argument(
-        "--max-concurrency", type=int, default=1, help="reward calls at a time (default 1; others wait)."
-    )
+        "--api-key", default=None,
+        help="bearer token every request must carry (default: the environment variable "
+        "TRL_ARCOPO_REWARD_SERVER_API_KEY, if set; prefer it, a flag shows in the process list).",
+    )  # fmt: skip
 
     def run(args: argparse.Namespace) -> None:
-        from .rewards.server import serve
-
+        try:
+            from .rewards.server import RewardServer, ServerLimits
+        except ImportError as error:
+            parser.error(str(error))
         example = "'{\"scale\": 10}'"
         try:
             kwargs = json.loads(args.kwargs) if args.kwargs is not None else None
@@ -93,10 +112,25 @@ def _add_reward_server(subparsers) -> None:
         if kwargs is not None and not isinstance(kwargs, dict):
             parser.error(f"--kwargs {args.kwargs!r} is not a JSON object: give an object, e.g. {example}.")
         try:
+            limits = ServerLimits(**{key: getattr(args, key) for key in defaults})
+        except ValueError as error:
+            parser.error(f"{error} (flags use dashes: --max-body-mb, ...)")
+        try:
             reward = load_callable(args.reward, kwargs)
         except (ValueError, TypeError) as error:
             parser.error(str(error))
-        serve(reward, host=args.host, port=args.port, max_concurrency=args.max_concurrency)
+        try:
+            server = RewardServer(reward, args.host, args.port, limits, args.api_key)
+        except ValueError as error:
+            parser.error(str(error))
+        sys.stdout.write(f"Serving reward `{server.name}` on {server.url} (POST /score, GET /health)\n")
+        sys.stdout.flush()
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
 
     parser.set_defaults(run=run)
 
@@ -161,7 +195,6 @@ def _add_plan(subparsers) -> None:
     parser.add_argument("--json", default=None, help="Also write the plan(s) as JSON to this file.")
 
     def run(args: argparse.Namespace) -> None:
-        import sys
 
         from .planning import fit, fit_report, grid_table, load_yaml, plan_config
 

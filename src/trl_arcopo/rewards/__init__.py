@@ -16,7 +16,8 @@ Rewards: the reward-function type, how the trainer calls and combines them (`bas
 (`video_metrics`: weight-free motion, flicker and sharpness; `clip`: CLIP score, PickScore and the LAION aesthetic
 predictor on the frames), and rewards computed elsewhere (`judge`: a VLM behind an OpenAI-compatible server;
 `videoalign`, `hpsv3`: the Qwen2-VL reward models VideoAlign and HPSv3, on `qwen_vl`'s preprocessing;
-`server`: any reward function served over HTTP, and its client; `remote`: their timeout, retry and failure policy).
+`server`: any reward function served over HTTP with FastAPI, imported on first use; `server_client`: its client;
+`wire`: their format; `remote`: the deadline, retry and failure policy of the clients).
 """
 
 from .base import (
@@ -39,7 +40,7 @@ from .hpsv3 import HPSv3Reward
 from .judge import VLMJudgeReward
 from .qwen_vl import QwenVLReward, QwenVLRewardModel
 from .remote import RemoteReward, RemoteRewardError
-from .server import RewardServer, RewardServerClient, serve
+from .server_client import RewardServerClient
 from .video_metrics import FlickerReward, MotionMagnitudeReward, SharpnessReward
 from .videoalign import VIDEOALIGN_CALIBRATION, VideoAlignReward, remap_videoalign_state_dict
 
@@ -62,6 +63,7 @@ __all__ = [
     "RewardScorer",
     "RewardServer",
     "RewardServerClient",
+    "ServerLimits",
     "SharpnessReward",
     "VLMJudgeReward",
     "VideoAlignReward",
@@ -78,3 +80,14 @@ __all__ = [
     "score_group",
     "serve",
 ]
+
+#: Names served by `server`, imported on first use (FastAPI and uvicorn are the optional extra `server`).
+_SERVER_NAMES = ("RewardServer", "ServerLimits", "serve")
+
+
+def __getattr__(name: str):
+    if name in _SERVER_NAMES:
+        from . import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,22 +12,28 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-Rewards computed by a remote server: one HTTP request with the standard library, and the timeout, retry and failure
-policy that the VLM judge ([`~trl_arcopo.rewards.judge.VLMJudgeReward`]) and the reward-server client
-([`~trl_arcopo.rewards.server.RewardServerClient`]) share.
+Rewards computed by a remote server: the deadline, retry and failure policy that the VLM judge
+([`~trl_arcopo.rewards.judge.VLMJudgeReward`]) and the reward-server client
+([`~trl_arcopo.rewards.server_client.RewardServerClient`]) share, and how an HTTP reply becomes a result or an
+[`AttemptError`].
+
+Every attempt runs on `asyncio` (`httpx`'s and `openai`'s async clients) under `asyncio.wait_for`: `timeout` is the
+whole attempt's deadline (connection, upload, the server's work and the full reply), whatever pace the server keeps,
+and a late attempt is cancelled, its connection closed.
 """
 
 from __future__ import annotations
 
-import http.client
+import asyncio
+import email.utils
 import json
 import logging
+import math
+import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 
 logger = logging.getLogger(__name__)
@@ -35,16 +41,20 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FAILURE_POLICIES = ("none", "raise")
-#: HTTP statuses worth another attempt: the server is busy, restarting or overloaded. Other 4xx are not retried.
+#: HTTP statuses worth another attempt: the server is busy, restarting or overloaded. Other 4xx are not retried, nor
+#: a 5xx whose JSON body says `"retry": false` (the reward server's answer when the reward itself raised).
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 class AttemptError(Exception):
-    """One attempt failed; `retry` says whether another attempt may succeed (a timeout) or not (a malformed reply)."""
+    """
+    One attempt failed. `retry` says whether another attempt may succeed (a timeout, a busy server) or not (a
+    malformed reply, a reward that raised); `retry_after` is the server's `Retry-After` in seconds, if it sent one.
+    """
 
-    def __init__(self, message: str, retry: bool):
+    def __init__(self, message: str, retry: bool, retry_after: float | None = None):
         super().__init__(message)
-        self.retry = retry
+        self.retry, self.retry_after = retry, retry_after
 
 
 class RemoteRewardError(RuntimeError):
@@ -59,45 +69,52 @@ def quoted(text: str | bytes, limit: int = 500) -> str:
     return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
-def _error_message(body: bytes) -> str:
-    """The message of an error reply: `{"error": "..."}` (reward server), `{"error": {"message": ...}}` (OpenAI) or
-    the raw body."""
+def _error_payload(body: bytes) -> tuple[str, bool]:
+    """The message of an error reply (`{"error": "..."}` from the reward server, `{"error": {"message": ...}}` from
+    an OpenAI server, or the raw body) and whether the body allows a retry (`"retry": false` forbids it)."""
     try:
         payload = json.loads(body)
-        error = payload.get("error", payload) if isinstance(payload, dict) else payload
-        if isinstance(error, dict):
-            error = error.get("message", error)
-        return str(error) if isinstance(error, str) else quoted(json.dumps(error))
     except (ValueError, UnicodeDecodeError):
-        return quoted(body)
+        return quoted(body), True
+    retry = not (isinstance(payload, dict) and payload.get("retry") is False)
+    error = payload.get("error", payload) if isinstance(payload, dict) else payload
+    if isinstance(error, dict):
+        error = error.get("message", error)
+    return (error if isinstance(error, str) else quoted(json.dumps(error))), retry
 
 
-def http_request(
-    url: str, data: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 60.0
-) -> bytes:
-    """
-    One request (a POST of `data`, or a GET when `data` is `None`) and its reply body. Every failure is an
-    [`AttemptError`]: timeouts, refused or dropped connections and HTTP 408/425/429/5xx may be retried, other HTTP
-    errors may not. `timeout` bounds the connection and each read, in seconds (`urllib` semantics).
-    """
-    request = urllib.request.Request(url, data=data, headers=headers or {}, method="GET" if data is None else "POST")
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A `Retry-After` header in seconds: a number of seconds or an HTTP date; `None` if absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.read()
-    except urllib.error.HTTPError as error:
-        body = error.read() if error.fp is not None else b""
-        raise AttemptError(
-            f"HTTP {error.code} {error.reason}: {_error_message(body)}", retry=error.code in RETRY_STATUSES
-        ) from None
-    except TimeoutError:  # `socket.timeout` is `TimeoutError` since Python 3.10
-        raise AttemptError(f"no answer within timeout={timeout} s", retry=True) from None
-    except urllib.error.URLError as error:
-        if isinstance(error.reason, TimeoutError):
-            raise AttemptError(f"no connection within timeout={timeout} s", retry=True) from None
-        raise AttemptError(f"cannot connect: {error.reason}", retry=True) from None
-    except (http.client.HTTPException, ConnectionError, OSError) as error:
-        # the server closed the connection or died mid-reply (RemoteDisconnected, IncompleteRead, reset, ...)
-        raise AttemptError(f"connection lost: {type(error).__name__}: {error}", retry=True) from None
+        seconds = float(value)
+    except ValueError:
+        try:
+            date = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = date.timestamp() - (time.time() if now is None else now)
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def status_error(url: str, status: int, body: bytes, headers: Any) -> AttemptError:
+    """
+    The [`AttemptError`] of a reply with a status that is not 2xx. A redirect is never followed (the request, its key
+    and its videos go to the configured URL only) and not retried. 408, 425, 429 and 5xx are retried unless the body
+    says `"retry": false`; other 4xx are not.
+    """
+    if 300 <= status < 400:
+        location = headers.get("location", "(no Location header)")
+        return AttemptError(
+            f"HTTP {status} redirect to {location!r} not followed: the request and its key go to {url} only; "
+            "configure the client with the final URL",
+            retry=False,
+        )
+    message, retry = _error_payload(body)
+    wait = retry_after_seconds(headers.get("retry-after"))
+    return AttemptError(f"HTTP {status}: {message}", retry=retry and status in RETRY_STATUSES, retry_after=wait)
 
 
 def parse_json(body: bytes, what: str) -> object:
@@ -108,18 +125,57 @@ def parse_json(body: bytes, what: str) -> object:
         raise AttemptError(f"the reply is not JSON ({what} expected): {quoted(body)}", retry=False) from None
 
 
+_SSL_CONTEXT: ssl.SSLContext | None = None
+
+
+def ssl_context() -> ssl.SSLContext:
+    """One default SSL context for every client of the process (building one per request costs milliseconds)."""
+    global _SSL_CONTEXT
+    if _SSL_CONTEXT is None:
+        _SSL_CONTEXT = ssl.create_default_context()
+    return _SSL_CONTEXT
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run `coroutine` to completion from synchronous code, also from a thread whose event loop is running (a
+    notebook): then in a new thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = asyncio.run(coroutine)
+        except Exception as error:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = error
+
+    thread = threading.Thread(target=target, name="remote-reward", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 class RemoteReward:
     r"""
-    The timeout, retry and failure policy of a reward computed by a server, and its failure count.
+    The deadline, retry and failure policy of a reward computed by a server, and its failure count.
 
-    An attempt that fails with a timeout, a lost connection or HTTP 408/425/429/5xx is retried up to `max_retries`
-    times, after `backoff * 2**i` seconds before retry `i` (0, 1, ...). A failure that is not worth retrying (another
-    4xx, a malformed reply) ends the request at once. Then `on_failure` applies: `"none"` gives the videos of that
-    request no opinion (`None`), adds them to `failures` and logs a warning per call; `"raise"` raises a
-    [`RemoteRewardError`] (a `RuntimeError`) naming the URL, the attempts and the last error.
+    Each attempt has `timeout` seconds in all: to connect, send, wait for the server and read the whole reply. A late
+    attempt is cancelled and its connection closed, however slowly the server trickles bytes. An attempt that fails
+    with a timeout, a lost connection, or HTTP 408/425/429/5xx is retried up to `max_retries` times, after `backoff *
+    2**i` seconds before retry `i` (0, 1, ...), or after the server's `Retry-After` when that is longer. A
+    `Retry-After` longer than `timeout` ends the request. A failure that will not change (a redirect, another 4xx, a
+    malformed reply, a reward that raised on the server) ends the request at once. So a request takes at most
+    `(max_retries + 1) * timeout` plus the waits between attempts (each at most `max(timeout, backoff *
+    2**(max_retries - 1))`). Then `on_failure` applies: `"none"` gives the videos of that request no opinion
+    (`None`), adds them to `failures` and logs a warning per call; `"raise"` raises a [`RemoteRewardError`] (a
+    `RuntimeError`) naming the URL, the attempts and the last error.
 
     Args:
-        timeout (`float`, defaults to `60.0`): seconds an attempt may wait for the connection and for each read.
+        timeout (`float`, defaults to `60.0`): seconds an attempt may take in all.
         max_retries (`int`, defaults to `3`): attempts after the first one.
         backoff (`float`, defaults to `1.0`): base of the exponential wait between attempts, in seconds.
         on_failure (`str`, defaults to `"none"`): `"none"` or `"raise"`.
@@ -130,39 +186,72 @@ class RemoteReward:
     """
 
     def __init__(self, timeout: float = 60.0, max_retries: int = 3, backoff: float = 1.0, on_failure: str = "none"):
-        if not timeout > 0:
-            raise ValueError(f"`timeout={timeout}` must be a positive number of seconds.")
-        if not (isinstance(max_retries, int) and max_retries >= 0):
+        if isinstance(timeout, bool) or not (isinstance(timeout, int | float) and 0 < timeout < math.inf):
+            raise ValueError(f"`timeout={timeout!r}` must be a positive, finite number of seconds.")
+        if isinstance(max_retries, bool) or not (isinstance(max_retries, int) and max_retries >= 0):
             raise ValueError(f"`max_retries={max_retries!r}` must be an integer >= 0 (0: one attempt, no retry).")
-        if not backoff >= 0:
-            raise ValueError(f"`backoff={backoff}` must be >= 0 seconds.")
+        if isinstance(backoff, bool) or not (isinstance(backoff, int | float) and 0 <= backoff < math.inf):
+            raise ValueError(f"`backoff={backoff!r}` must be a finite number of seconds >= 0.")
         if on_failure not in FAILURE_POLICIES:
             raise ValueError(f"`on_failure={on_failure!r}` is not a failure policy; use one of {FAILURE_POLICIES}.")
-        self.timeout, self.max_retries, self.backoff, self.on_failure = timeout, max_retries, backoff, on_failure
+        self.timeout, self.max_retries, self.backoff, self.on_failure = (
+            float(timeout),
+            max_retries,
+            backoff,
+            on_failure,
+        )
         self.failures = 0
         self.last_error: str | None = None
         self._lock = threading.Lock()
 
-    def _attempts(self, attempt: Callable[[], T], url: str) -> T:
-        """`attempt()` under the retry policy: its result, or a [`RemoteRewardError`] after the last attempt."""
-        for i in range(self.max_retries + 1):
-            if i:
-                time.sleep(self.backoff * 2 ** (i - 1))
+    async def _attempt(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """One attempt under the total deadline `timeout`."""
+        try:
+            return await asyncio.wait_for(attempt(), self.timeout)
+        except asyncio.TimeoutError:
+            raise AttemptError(f"no complete reply within timeout={self.timeout:g} s", retry=True) from None
+
+    def _wait(self, retry: int, error: AttemptError) -> float | None:
+        """Seconds to wait before retry `retry` (0, 1, ...), or `None` when the server asks for longer than `timeout`."""
+        wait = self.backoff * 2**retry
+        if error.retry_after is not None:
+            if error.retry_after > self.timeout:
+                return None
+            wait = max(wait, error.retry_after)
+        return wait
+
+    async def _attempts(self, attempts: Callable[[int], Awaitable[T]], url: str, replicas: int = 1) -> T:
+        """
+        `attempts(i)` for attempt `i` (0, 1, ...) under the retry policy: its result, or a [`RemoteRewardError`] after
+        the last attempt. With `replicas > 1`, attempts come in rounds of `replicas` (a retryable failure moves to the
+        next replica at once) and the wait comes between rounds.
+        """
+        total = (self.max_retries + 1) * replicas
+        for i in range(total):
             try:
-                return attempt()
+                return await self._attempt(lambda i=i: attempts(i))
             except AttemptError as error:
                 last = error
-                if not error.retry:
+                if not error.retry or i == total - 1:
                     break
+                if (i + 1) % replicas:
+                    continue
+                wait = self._wait(i // replicas, error)
+                if wait is None:
+                    last = AttemptError(f"{error} (Retry-After {error.retry_after:g} s > timeout)", retry=True)
+                    break
+                await asyncio.sleep(wait)
         tried = f"{i + 1} attempt{'s' if i else ''}"
-        why = f"timeout={self.timeout} s, max_retries={self.max_retries}" if last.retry else "not retried"
+        why = f"timeout={self.timeout:g} s, max_retries={self.max_retries}" if last.retry else "not retried"
         raise RemoteRewardError(f"{url} failed after {tried} ({why}); last error: {last}") from last
 
-    def _request(self, attempt: Callable[[], T], url: str, num_videos: int) -> T | None:
-        """`attempt()` under the retry policy; after the last attempt `None` (counting `num_videos` failures) or a
-        raise, according to `on_failure`. Thread-safe."""
+    async def _request(
+        self, attempts: Callable[[int], Awaitable[T]], url: str, num_videos: int, replicas: int = 1
+    ) -> T | None:
+        """`attempts` under the retry policy; after the last attempt `None` (counting `num_videos` failures) or a
+        raise, according to `on_failure`."""
         try:
-            return self._attempts(attempt, url)
+            return await self._attempts(attempts, url, replicas)
         except RemoteRewardError as error:
             if self.on_failure == "raise":
                 raise

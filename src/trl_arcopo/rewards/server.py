@@ -12,158 +12,432 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-Any reward function served over HTTP (the standard library's `ThreadingHTTPServer`), and the client that is a reward
-function calling it: a reward model can live in another process, on another GPU or machine, than the trainer.
+Any reward function served over HTTP with FastAPI and uvicorn (`pip install 'trl_arcopo[server]'`), so that a reward
+model can live in another process, on another GPU or machine, than the trainer. The wire format is in
+[`~trl_arcopo.rewards.wire`]; the client is [`~trl_arcopo.rewards.server_client.RewardServerClient`].
 
-Wire format (no pickle: nothing a request or reply holds can run code):
-- `POST /score`, `Content-Type: application/vnd.safetensors`: the body is a safetensors file
-  (`safetensors.torch.save`) with one tensor `"videos"` `[N, F, C, H, W]`, in the trainer's dtype (bit-exact), and
-  two metadata strings: `"prompts"`, a JSON list of `N` strings, and `"kwargs"`, a JSON object of the extra keyword
-  columns (lists of `N` JSON values).
-- Reply `200`, `application/json`: `{"rewards": [float | null, ...]}`, one per video (`NaN` and `Infinity` as Python's
-  `json` writes them).
-- Errors: `{"error": "<message>"}` with `400` (the request cannot be read), `404` (unknown path) or `500` (the reward
-  function raised or returned the wrong number of values).
-- `GET /health`: `{"name": "<reward name>", "status": "ok"}`.
+What a request may cost the server is bounded before it is read:
+- its size (`max_body_mb`, from `Content-Length`: 413, the body unread);
+- the requests admitted at once (`max_concurrency` computing plus `max_queue` waiting or reading; more get 503 with
+  `Retry-After`), so the memory of bodies is at most `(max_concurrency + max_queue) * max_body_mb`;
+- its time: a connection must send a whole request head within `idle_timeout` seconds of opening or of its last
+  reply, the body must keep coming (`read_timeout` seconds at most between pieces), and the request has a deadline,
+  the smaller of `timeout` and the client's `X-Reward-Timeout`.
+
+A reward call runs in a daemon thread of its own. When the deadline passes (or the client goes away) the request is
+answered 504 and its slot freed, and the call is abandoned: Python cannot stop a thread, so it runs on and its result
+is dropped. While more than `max_abandoned` abandoned calls run, new requests get 503 with `Retry-After` instead of
+stacking more work on a stuck model.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import hmac
 import json
 import logging
-import numbers
+import math
+import os
+import socket
 import threading
-from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from dataclasses import dataclass
 from typing import Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
-
 from .base import RewardFunc, reward_func_name
-from .remote import AttemptError, RemoteReward, RemoteRewardError, http_request, parse_json, quoted
+from .wire import API_KEY_ENV, TIMEOUT_HEADER, check_rewards, decode_request
+
+
+try:
+    import uvicorn
+    from fastapi import FastAPI, Request, Response
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+except ImportError as error:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        f"The reward server needs FastAPI and uvicorn ({error}): pip install 'trl_arcopo[server]'."
+    ) from None
 
 
 logger = logging.getLogger(__name__)
 
-CONTENT_TYPE = "application/vnd.safetensors"
+#: The listen backlog: connections the kernel queues before the server accepts them.
+BACKLOG = 2048
 
 
-# ---------------------------------------------------------------------------------------------------- wire format
-def encode_request(prompts: Sequence[str], videos: torch.Tensor, columns: dict[str, Any] | None = None) -> bytes:
-    """The body of `POST /score`: `videos` `[N, F, C, H, W]` as safetensors, prompts and columns as JSON metadata."""
-    metadata = {"prompts": json.dumps(list(prompts)), "kwargs": json.dumps(columns or {})}
-    return save_safetensors({"videos": videos.detach().cpu().contiguous()}, metadata=metadata)
+@dataclass
+class ServerLimits:
+    r"""
+    What one request may cost the reward server.
 
+    Args:
+        max_concurrency (`int`, defaults to `1`): reward calls at a time (1: a GPU model is never called from two
+            threads at once).
+        max_queue (`int`, defaults to `8`): requests admitted beyond those computing (reading their body or waiting
+            for a slot); more get 503 with `Retry-After: 1`.
+        max_body_mb (`float`, defaults to `512`): the largest request body, in MiB (413 beyond, unread).
+        timeout (`float`, defaults to `300`): seconds a request may take in all, waiting and computing included; a
+            client's `X-Reward-Timeout` may shorten it. Then 504, and the call is abandoned.
+        read_timeout (`float`, defaults to `30`): seconds the body may pause between two pieces (408 beyond).
+        idle_timeout (`float`, defaults to `5`): seconds a connection may stay open without a whole request head,
+            from its opening or from its last reply (then it is closed).
+        max_abandoned (`int`, defaults to `1`): abandoned calls that may still run while new calls start.
+    """
 
-def decode_request(body: bytes) -> tuple[list[str], torch.Tensor, dict[str, Any]]:
-    """The prompts, videos `[N, F, C, H, W]` and columns of a `POST /score` body, or a `ValueError` saying what is
-    wrong."""
-    if len(body) < 8 or not 0 < (size := int.from_bytes(body[:8], "little")) <= len(body) - 8:
-        raise ValueError(f"the body ({len(body)} bytes) is not a safetensors file")
-    try:
-        header = json.loads(body[8 : 8 + size])
-        metadata = header.get("__metadata__") or {}
-        prompts, columns = json.loads(metadata["prompts"]), json.loads(metadata.get("kwargs", "{}"))
-        videos = load_safetensors(body)["videos"]
-    except (ValueError, KeyError, TypeError, AttributeError, SafetensorError) as error:
-        raise ValueError(
-            f"the body is not a reward request ({type(error).__name__}: {error}); expected a safetensors file with a "
-            "tensor 'videos' and metadata 'prompts' (JSON list) and 'kwargs' (JSON object)"
-        ) from None
-    if videos.ndim != 5 or not isinstance(prompts, list) or len(prompts) != videos.shape[0]:
-        raise ValueError(
-            f"{len(prompts) if isinstance(prompts, list) else prompts!r} prompts for videos of shape "
-            f"{tuple(videos.shape)}: send one prompt per video, videos [N, F, C, H, W]"
-        )
-    if not isinstance(columns, dict) or "prompts" in columns or "videos" in columns:
-        raise ValueError(f"the 'kwargs' metadata must be a JSON object of columns, got {quoted(json.dumps(columns))}")
-    return prompts, videos, columns
+    max_concurrency: int = 1
+    max_queue: int = 8
+    max_body_mb: float = 512.0
+    timeout: float = 300.0
+    read_timeout: float = 30.0
+    idle_timeout: float = 5.0
+    max_abandoned: int = 1
 
-
-# ---------------------------------------------------------------------------------------------------- server
-class _RewardHandler(BaseHTTPRequestHandler):
-    server: RewardServer
-    protocol_version = "HTTP/1.1"
-
-    def _reply(self, status: int, payload: dict[str, Any]) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        if self.path.rstrip("/") == "/health":
-            self._reply(200, {"name": self.server.name, "status": "ok"})
-        else:
-            self._reply(404, {"error": f"unknown path {self.path!r}: use POST /score or GET /health"})
-
-    def do_POST(self) -> None:
-        if self.path.rstrip("/") != "/score":
-            self.close_connection = True  # the body is not read
-            return self._reply(404, {"error": f"unknown path {self.path!r}: use POST /score or GET /health"})
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
-            return self._reply(411, {"error": "a Content-Length header is required (no chunked bodies)"})
-        try:
-            prompts, videos, columns = decode_request(self.rfile.read(int(length)))
-        except ValueError as error:
-            return self._reply(400, {"error": str(error)})
-        name = self.server.name
-        try:
-            with self.server.slots:
-                values = self.server.reward_func(prompts=prompts, videos=videos, **columns)
-        except Exception as error:  # the reward's own failure: reported to the client, the server keeps serving
-            logger.exception(f"Reward `{name}` failed on {len(prompts)} videos")
-            return self._reply(500, {"error": f"reward `{name}` raised {type(error).__name__}: {error}"})
-        try:
-            rewards = _check_rewards(values, len(prompts))
-        except ValueError as error:
-            return self._reply(500, {"error": f"reward `{name}` {error}"})
-        self._reply(200, {"rewards": rewards})
-
-    def log_message(self, format: str, *args) -> None:
-        logger.info(f"{self.address_string()} {format % args}")
-
-
-def _check_rewards(values: Any, n: int) -> list[float | None]:
-    """`values` as JSON-ready floats and `None`s, or a `ValueError` saying what is wrong."""
-    if values is None or len(values) != n:
-        got = "None" if values is None else len(values)
-        raise ValueError(f"returned {got} values for {n} videos: return one float (or None) per video")
-    out = []
-    for j, value in enumerate(values):
-        if value is not None and not (
-            isinstance(value, numbers.Real) or (torch.is_tensor(value) and value.numel() == 1)
-        ):
-            raise ValueError(f"returned {value!r} ({type(value).__name__}) for video {j}: return a float or None")
-        out.append(None if value is None else float(value))
-    return out
-
-
-class RewardServer(ThreadingHTTPServer):
-    """A `ThreadingHTTPServer` that scores videos with `reward_func`, at most `max_concurrency` calls at a time."""
-
-    daemon_threads = True
-
-    def __init__(self, reward_func: RewardFunc, host: str = "127.0.0.1", port: int = 8000, max_concurrency: int = 1):
-        if not callable(reward_func):
-            raise TypeError(f"`reward_func={reward_func!r}` is not callable: serve a reward function or instance.")
-        if not (isinstance(max_concurrency, int) and max_concurrency >= 1):
-            raise ValueError(f"`max_concurrency={max_concurrency!r}` must be an integer >= 1.")
-        self.reward_func, self.name = reward_func, reward_func_name(reward_func)
-        self.slots = threading.BoundedSemaphore(max_concurrency)
-        super().__init__((host, port), _RewardHandler)
+    def __post_init__(self):
+        for name in ("max_concurrency", "max_queue", "max_abandoned"):
+            value, low = getattr(self, name), 1 if name == "max_concurrency" else 0
+            if isinstance(value, bool) or not (isinstance(value, int) and value >= low):
+                raise ValueError(f"`{name}={value!r}` must be an integer >= {low}.")
+        for name in ("max_body_mb", "timeout", "read_timeout", "idle_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, int | float) and 0 < value < math.inf):
+                raise ValueError(f"`{name}={value!r}` must be a positive, finite number.")
 
     @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+
+def _reply(status: int, payload: dict[str, Any], close: bool = False, retry_after: float | None = None) -> Response:
+    """A JSON reply (`NaN` allowed, as the wire format says); `close` ends the connection (its body was not read)."""
+    headers = {"Connection": "close"} if close else {}
+    if retry_after is not None:
+        headers["Retry-After"] = f"{math.ceil(retry_after)}"
+    return Response(json.dumps(payload).encode(), status, headers, media_type="application/json")
+
+
+def _error(status: int, message: str, retry: bool, **kwargs) -> Response:
+    return _reply(status, {"error": message, "retry": retry}, **kwargs)
+
+
+class _Call:
+    """A reward call in a daemon thread of its own; its result reaches `future` on the server's event loop."""
+
+    def __init__(self, state: _State, loop: asyncio.AbstractEventLoop, reward_func: RewardFunc, kwargs: dict):
+        self.state, self.loop, self.abandoned = state, loop, False
+        self.future: asyncio.Future = loop.create_future()
+        threading.Thread(target=self._run, args=(reward_func, kwargs), name="reward-call", daemon=True).start()
+
+    def _run(self, reward_func: RewardFunc, kwargs: dict) -> None:
+        try:
+            outcome = (reward_func(**kwargs), None)
+        except Exception as error:  # noqa: BLE001 - any failure of the reward becomes a 500
+            outcome = (None, error)
+        with self.state.lock:
+            if self.abandoned:
+                self.state.abandoned -= 1
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, outcome)
+        except RuntimeError:  # the server has stopped
+            pass
+
+    def _deliver(self, outcome) -> None:
+        if not self.future.done():
+            self.future.set_result(outcome)
+
+    def abandon(self) -> None:
+        with self.state.lock:
+            if not self.abandoned and not self.future.done():
+                self.abandoned = True
+                self.state.abandoned += 1
+
+
+class _State:
+    """The server's counters: requests admitted, abandoned calls still running."""
+
+    def __init__(self, limits: ServerLimits):
+        self.limits, self.admitted, self.abandoned = limits, 0, 0
+        self.lock = threading.Lock()
+        self.slots: asyncio.Semaphore | None = None  # made on the server's event loop
+
+
+def build_app(reward_func: RewardFunc, limits: ServerLimits | None = None, api_key: str | None = None) -> FastAPI:
+    """The FastAPI application that serves `reward_func` (`POST /score`, `GET /health`) under `limits`, with a bearer
+    token `api_key` if given (checked in constant time)."""
+    limits = limits or ServerLimits()
+    name, state = reward_func_name(reward_func), _State(limits)
+    expected = f"Bearer {api_key}".encode() if api_key else None
+    app = FastAPI(title=f"trl_arcopo reward server: {name}", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.reward = state
+
+    @app.exception_handler(HTTPException)
+    async def unknown_path(request: Request, error: HTTPException) -> Response:
+        return _error(
+            error.status_code,
+            f"{request.method} {request.url.path!r}: {error.detail}; use POST /score or GET /health",
+            False,
+            close=True,
+        )
+
+    def unauthorized(request: Request) -> Response | None:
+        """A 401 unless the request carries the bearer token (when the server has one)."""
+        given = request.headers.get("authorization", "").encode()
+        if expected is None or hmac.compare_digest(given, expected):
+            return None
+        return _error(
+            401,
+            f"missing or wrong bearer token: send `Authorization: Bearer <key>` (the client's `api_key`, or "
+            f"{API_KEY_ENV})",
+            False,
+            close=True,
+        )
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        if (refused := unauthorized(request)) is not None:
+            return refused
+        return _reply(200, {"name": name, "status": "ok", "max_body_bytes": limits.max_body_bytes})
+
+    @app.post("/score")
+    async def score(request: Request) -> Response:
+        if (refused := unauthorized(request)) is not None:
+            return refused
+        loop = asyncio.get_running_loop()
+        length = request.headers.get("content-length")
+        if length is None or not length.isdigit():
+            return _error(411, "a Content-Length header is required (no chunked bodies)", False, close=True)
+        if int(length) > limits.max_body_bytes:
+            return _error(
+                413,
+                f"the body ({int(length) / 2**20:.1f} MiB) is larger than the server's limit (--max-body-mb "
+                f"{limits.max_body_mb:g}): send fewer videos per request (the client's `batch_size`) or raise the limit",
+                False,
+                close=True,
+            )
+        seconds = limits.timeout
+        try:
+            seconds = min(seconds, float(request.headers.get(TIMEOUT_HEADER, math.inf)))
+        except ValueError:
+            pass
+        deadline = loop.time() + max(seconds, 0.0)
+        if state.admitted >= limits.max_concurrency + limits.max_queue:
+            return _error(
+                503, f"busy: {state.admitted} requests admitted (--max-queue {limits.max_queue})", True,
+                close=True, retry_after=1,
+            )  # fmt: skip
+        state.admitted += 1
+        try:
+            return await _score(request, int(length), deadline)
+        finally:
+            state.admitted -= 1
+
+    async def _score(request: Request, length: int, deadline: float) -> Response:
+        loop = asyncio.get_running_loop()
+        body = bytearray()
+        stream = request.stream().__aiter__()
+        try:
+            while True:
+                wait = min(limits.read_timeout, deadline - loop.time())
+                try:
+                    body += await asyncio.wait_for(stream.__anext__(), max(wait, 0.0))
+                except StopAsyncIteration:
+                    break
+        except asyncio.TimeoutError:
+            return _error(408, f"the body stopped coming ({len(body)} of {length} bytes read)", True, close=True)
+        except ClientDisconnect:
+            return _error(400, "the client went away", True, close=True)
+        try:
+            prompts, videos, columns = decode_request(bytes(body))
+        except ValueError as error:
+            return _error(400, str(error), False)
+        del body
+        if state.slots is None:
+            state.slots = asyncio.Semaphore(limits.max_concurrency)
+        try:
+            await asyncio.wait_for(state.slots.acquire(), max(deadline - loop.time(), 0.0))
+        except asyncio.TimeoutError:
+            return _error(504, f"no free slot before the deadline (--max-concurrency {limits.max_concurrency})", True)
+        try:
+            if state.abandoned > limits.max_abandoned:
+                return _error(
+                    503, f"{state.abandoned} abandoned calls of reward `{name}` are still running "
+                    f"(--max-abandoned {limits.max_abandoned}); the reward may be stuck", True, retry_after=5,
+                )  # fmt: skip
+            disconnect = asyncio.ensure_future(request.receive())  # `http.disconnect` when the client goes away
+            await asyncio.sleep(0)
+            if disconnect.done():
+                return _error(400, "the client went away", True, close=True)
+            call = _Call(state, loop, reward_func, dict(prompts=prompts, videos=videos, **columns))
+            done, _ = await asyncio.wait(
+                {call.future, disconnect},
+                timeout=max(deadline - loop.time(), 0.0),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            disconnect.cancel()
+            if call.future not in done:
+                call.abandon()
+                gone = disconnect in done
+                logger.warning(
+                    f"Reward `{name}`: call on {len(prompts)} videos abandoned ("
+                    f"{'the client went away' if gone else 'past its deadline'}); {state.abandoned} abandoned running"
+                )
+                return _error(
+                    504,
+                    f"reward `{name}` did not finish within the request's deadline ({seconds_left(deadline, loop)}); "
+                    "the call was abandoned",
+                    True,
+                )
+        finally:
+            state.slots.release()
+        values, error = call.future.result()
+        if error is not None:
+            logger.error(f"Reward `{name}` failed on {len(prompts)} videos: {type(error).__name__}: {error}")
+            return _error(500, f"reward `{name}` raised {type(error).__name__}: {error}", False)
+        try:
+            rewards = check_rewards(values, len(prompts))
+        except ValueError as error:
+            return _error(500, f"reward `{name}` {error}", False)
+        return _reply(200, {"rewards": rewards})
+
+    return app
+
+
+def seconds_left(deadline: float, loop: asyncio.AbstractEventLoop) -> str:
+    return f"{max(deadline - loop.time(), 0.0):.1f} s left"
+
+
+class _HeadTimeoutProtocol(H11Protocol):
+    """
+    uvicorn's HTTP/1.1 protocol with a deadline on the request head: a connection that has not sent a whole head
+    within `timeout_keep_alive` seconds of opening, or of its last reply, is closed. (uvicorn arms no timer on a new
+    connection, and restarts its keep-alive timer at every byte received, so an idle or trickling client would hold a
+    descriptor for ever.)
+    """
+
+    _head_timer: asyncio.TimerHandle | None = None
+    _waiting_cycle: Any = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._check()
+
+    def on_response_complete(self) -> None:
+        self._arm()
+        super().on_response_complete()
+        self._check()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._waiting_cycle = self.cycle
+        self._head_timer = self.loop.call_later(self.timeout_keep_alive, self._expired)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _check(self) -> None:
+        if self._head_timer is not None and self.cycle is not self._waiting_cycle:  # a new request's head arrived
+            self._disarm()
+
+    def _expired(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on `host:port`, or a `ValueError` that names the bad value and the fix."""
+    if isinstance(port, bool) or not (isinstance(port, int) and 0 <= port <= 65535):
+        raise ValueError(f"`port={port!r}` is not a TCP port: use an integer in [0, 65535] (0: a free port).")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise ValueError(
+            f"`host={host!r}` is not an address ({error}): use e.g. 127.0.0.1, or 0.0.0.0 for all."
+        ) from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(BACKLOG)
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise ValueError(f"port {port} on {host} is in use: pick another `port`, or 0 for a free one.") from None
+        if error.errno == errno.EADDRNOTAVAIL:
+            raise ValueError(f"`host={host!r}` is not an address of this machine: use e.g. 127.0.0.1.") from None
+        if error.errno == errno.EACCES:
+            raise ValueError(f"port {port} needs privileges: use a port >= 1024, or 0 for a free one.") from None
+        raise ValueError(f"cannot listen on {host}:{port}: {error}") from None
+    return sock
+
+
+class RewardServer:
+    r"""
+    A reward function served over HTTP: uvicorn with the FastAPI app of [`build_app`] on a socket bound at
+    construction (a bad host or a port in use raises a `ValueError` here, not later).
+
+    Args:
+        reward_func (`RewardFunc`): any reward function (`fn(prompts, videos, **kwargs) -> list[float | None]`).
+        host (`str`, defaults to `"127.0.0.1"`): the address to listen on (`"0.0.0.0"`: every interface; set an
+            `api_key` then).
+        port (`int`, defaults to `8000`): `0` picks a free port (read it from `server.url`).
+        limits (`ServerLimits`, *optional*): what a request may cost; the defaults of [`ServerLimits`].
+        api_key (`str`, *optional*): a bearer token every request must carry (401 otherwise); by default the
+            environment variable `TRL_ARCOPO_REWARD_SERVER_API_KEY`, if set.
+    """
+
+    def __init__(self, reward_func: RewardFunc, host: str = "127.0.0.1", port: int = 8000,
+                 limits: ServerLimits | None = None, api_key: str | None = None):  # fmt: skip
+        if not callable(reward_func):
+            raise TypeError(f"`reward_func={reward_func!r}` is not callable: serve a reward function or instance.")
+        self.name, self.limits = reward_func_name(reward_func), limits or ServerLimits()
+        api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+        self.app = build_app(reward_func, self.limits, api_key)
+        self.socket = bind(host, port)
+        host, port = self.socket.getsockname()[:2]
+        #: The base URL clients use, e.g. `http://127.0.0.1:8000` (the port picked when `port=0`).
+        self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        config = uvicorn.Config(
+            self.app, http=_HeadTimeoutProtocol, lifespan="off", log_config=None, access_log=False,
+            timeout_keep_alive=self.limits.idle_timeout, timeout_graceful_shutdown=1, backlog=BACKLOG,
+        )  # fmt: skip
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until [`shutdown`] (or Ctrl-C in the main thread)."""
+        self._server.run(sockets=[self.socket])
+
+    def start(self) -> RewardServer:
+        """Serve from a daemon thread; returns once the server accepts requests."""
+        self._thread = threading.Thread(target=self.serve_forever, name=f"reward-server-{self.name}", daemon=True)
+        self._thread.start()
+        start = time.monotonic()
+        while not self._server.started and self._thread.is_alive() and time.monotonic() - start < 30:
+            time.sleep(0.01)
+        return self
+
+    def shutdown(self) -> None:
+        """Stop serving (requests in flight get a second to finish)."""
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def server_close(self) -> None:
+        """Close the listening socket."""
+        self.socket.close()
 
 
 def serve(
@@ -172,34 +446,31 @@ def serve(
     port: int = 8000,
     max_concurrency: int = 1,
     block: bool = True,
+    api_key: str | None = None,
+    **limits,
 ) -> RewardServer:
     r"""
-    Serve `reward_func` over HTTP (the wire format is in this module's docstring).
+    Serve `reward_func` over HTTP (the wire format is in [`~trl_arcopo.rewards.wire`]).
 
     Args:
         reward_func (`RewardFunc`): any reward function (`fn(prompts, videos, **kwargs) -> list[float | None]`).
-        host (`str`, defaults to `"127.0.0.1"`): the address to listen on (`"0.0.0.0"`: every interface; the server
-            has no authentication, so expose it on trusted networks only).
+        host (`str`, defaults to `"127.0.0.1"`): the address to listen on.
         port (`int`, defaults to `8000`): `0` picks a free port (read it from `server.url`).
-        max_concurrency (`int`, defaults to `1`): calls of `reward_func` at a time (1: a GPU model is never called from
-            two threads at once). Requests beyond that wait.
+        max_concurrency (`int`, defaults to `1`): calls of `reward_func` at a time.
         block (`bool`, defaults to `True`): serve until interrupted (Ctrl-C) and return the closed server; with
-            `False`, serve from a daemon thread and return at once (stop it with `server.shutdown()`, then
-            `server.server_close()`).
+            `False`, serve from a daemon thread and return once it accepts requests (stop it with
+            `server.shutdown()`, then `server.server_close()`).
+        api_key (`str`, *optional*): the bearer token requests must carry ([`RewardServer`]).
+        **limits: the other fields of [`ServerLimits`] (`max_queue`, `max_body_mb`, `timeout`, `read_timeout`,
+            `idle_timeout`, `max_abandoned`).
 
     Returns:
         [`RewardServer`]: the server.
     """
-    server = RewardServer(reward_func, host, port, max_concurrency)
+    server = RewardServer(reward_func, host, port, ServerLimits(max_concurrency=max_concurrency, **limits), api_key)
     logger.info(f"Serving reward `{server.name}` on {server.url} (POST /score, GET /health)")
     if not block:
-        threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            name=f"reward-server-{server.name}",
-            daemon=True,
-        ).start()
-        return server
+        return server.start()
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -207,119 +478,3 @@ def serve(
     finally:
         server.server_close()
     return server
-
-
-# ---------------------------------------------------------------------------------------------------- client
-class RewardServerClient(RemoteReward):
-    r"""
-    A reward function whose values come from a reward server ([`serve`], or `trl-arcopo reward-server`): it posts the
-    videos and prompts to `{url}/score` and returns the server's values. The dataset columns the trainer passes are
-    forwarded as JSON; `trainer_state` is not, and a column that is not JSON is skipped with a warning.
-
-    Args:
-        url (`str`): the server, e.g. `"http://127.0.0.1:8000"`.
-        name (`str`, *optional*): the name the reward is logged under; by default the served reward's, asked from
-            `GET /health` the first time it is needed (the trainer asks when it is built).
-        batch_size (`int`, *optional*): videos per request (all in one request by default); a failed request gives
-            `None` to its videos only.
-        timeout (`float`, defaults to `60.0`), max_retries (`int`, defaults to `3`), backoff (`float`, defaults to
-            `1.0`), on_failure (`str`, defaults to `"none"`): the policy of
-            [`~trl_arcopo.rewards.remote.RemoteReward`]. `timeout` bounds each wait for the server, including the
-            reward's computation, so give it the slowest batch's time.
-
-    Attributes: those of [`~trl_arcopo.rewards.remote.RemoteReward`], `failures` (videos scored `None` because their
-    request failed; the trainer logs it as `rewards/<name>/failures`) and `last_error`.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        name: str | None = None,
-        batch_size: int | None = None,
-        timeout: float = 60.0,
-        max_retries: int = 3,
-        backoff: float = 1.0,
-        on_failure: str = "none",
-    ):
-        super().__init__(timeout, max_retries, backoff, on_failure)
-        if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
-            raise ValueError(f"`batch_size={batch_size!r}` must be None (one request) or an integer >= 1.")
-        self.url, self.batch_size, self._name = url.rstrip("/"), batch_size, name
-        self._skipped_columns: set[str] = set()
-
-    @property
-    def __name__(self) -> str:
-        if self._name is None:
-            url = self.url + "/health"
-
-            def attempt() -> str:
-                payload = parse_json(http_request(url, timeout=self.timeout), "the /health reply")
-                if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
-                    raise AttemptError(
-                        f"the /health reply has no string `name`: {quoted(json.dumps(payload))}", retry=False
-                    )
-                return payload["name"]
-
-            try:
-                self._name = self._attempts(attempt, url)
-            except RemoteRewardError as error:
-                raise RemoteRewardError(
-                    f"Cannot name the reward served at {self.url} ({error}): start the server or pass `name=`."
-                ) from None
-        return self._name
-
-    def _columns(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The keyword columns that JSON can carry (not `trainer_state`); one warning per skipped column."""
-        columns = {}
-        for key, value in kwargs.items():
-            if key == "trainer_state":
-                continue
-            try:
-                json.dumps(value)
-            except (TypeError, ValueError):
-                if key not in self._skipped_columns:
-                    self._skipped_columns.add(key)
-                    logger.warning(
-                        f"Reward server {self.url}: column `{key}` ({type(value).__name__}) is not JSON and is not sent."
-                    )
-                continue
-            columns[key] = value
-        return columns
-
-    def _post(self, prompts: list[str], videos: torch.Tensor, columns: dict[str, Any]) -> list[float | None] | None:
-        url, data = self.url + "/score", encode_request(prompts, videos, columns)
-
-        def attempt() -> list[float | None]:
-            payload = parse_json(
-                http_request(url, data, {"Content-Type": CONTENT_TYPE}, self.timeout), '{"rewards": [...]}'
-            )
-            rewards = payload.get("rewards") if isinstance(payload, dict) else None
-            if (
-                not isinstance(rewards, list)
-                or len(rewards) != len(prompts)
-                or not all(r is None or (isinstance(r, int | float) and not isinstance(r, bool)) for r in rewards)
-            ):
-                raise AttemptError(
-                    f"the reply's `rewards` is not a list of {len(prompts)} numbers or nulls: {quoted(json.dumps(payload))}",
-                    retry=False,
-                )
-            return [None if r is None else float(r) for r in rewards]
-
-        return self._request(attempt, url, len(prompts))
-
-    def __call__(self, prompts: Sequence[str], videos: torch.Tensor, **kwargs) -> list[float | None]:
-        n = len(prompts)
-        if videos.ndim != 5 or videos.shape[0] != n:
-            raise ValueError(
-                f"`videos` must be [N, F, C, H, W] with N = {n} prompts, got shape {tuple(videos.shape)}."
-            )
-        columns = self._columns(kwargs)
-        size = self.batch_size or max(n, 1)
-        failures, out = self.failures, []
-        for start in range(0, n, size):
-            stop = min(start + size, n)
-            part = {k: v[start:stop] if isinstance(v, list) and len(v) == n else v for k, v in columns.items()}
-            values = self._post(list(prompts[start:stop]), videos[start:stop], part)
-            out.extend(values if values is not None else [None] * (stop - start))
-        self._warn_failures(self._name or self.url, self.failures - failures, n)
-        return out
