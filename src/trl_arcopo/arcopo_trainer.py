@@ -42,6 +42,7 @@ from .policy import add_policy_adapter, check_adapters_in_sync, prepare_for_trai
 from .prompt_cache import PromptEmbeddingCache
 from .replay_buffer import ReplayBuffer, ReplaySource
 from .rewards import RewardFunc, RewardScorer
+from .rewards.base import unscored_groups
 from .rollout import AnchorBatch, RolloutGroup, RolloutSpec, sample_group
 from .split_groups import check_split_groups, gather_group, process_share
 
@@ -166,6 +167,17 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         if self.ema is not None:
             self.add_callback(self.ema)
 
+    def train(self, *args, **kwargs):
+        """
+        As [`~transformers.Trainer.train`] (with the checkpoint checks of the checkpoint mixin). The reward threads of
+        `async_rewards` are closed when training ends or fails: scores not started are cancelled, and a reward still
+        running does not hold the process at exit.
+        """
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.scorer.close(wait=False)
+
     def _share(self, size: int) -> slice:
         """This process's share of `size` items split over the processes (`split_groups_across_processes`)."""
         return process_share(size, self.accelerator.process_index, self.accelerator.num_processes)
@@ -254,6 +266,7 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
             local = self._share(args.num_generations)
             group, rewards = gather_group(self.accelerator, group, rewards, nonfinite, self.scorer, args)
             nonfinite = rewards.nonfinite
+        nonfinite = nonfinite or unscored_groups(rewards.per_func, group.num_generations, self.scorer.funcs)
         group.with_rewards(
             rewards.combined.to(self.accelerator.device), args.scale_rewards, args.quasi_norm_p, nonfinite
         )

@@ -79,11 +79,11 @@ def _add_reward_server(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1).")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one).")
     parser.add_argument("--kwargs", default=None, help="JSON object of keyword arguments, e.g. '{\"scale\": 10}'.")
-    defaults = {"max_concurrency": 1, "max_queue": 8, "max_body_mb": 512.0, "timeout": 300.0, "read_timeout": 30.0,
+    defaults = {"max_concurrency": 1, "max_queue": 2, "max_body_mb": 256.0, "timeout": 300.0, "read_timeout": 30.0,
                 "idle_timeout": 5.0, "max_abandoned": 1}  # fmt: skip
     helps = {
         "max_concurrency": "reward calls at a time",
-        "max_queue": "requests admitted beyond those computing; more get 503 with Retry-After",
+        "max_queue": "requests admitted beyond those computing (their bodies read); others wait unread",
         "max_body_mb": "largest request body in MiB; larger ones get 413 unread",
         "timeout": "seconds a request may take in all (a client's deadline may shorten it); then 504",
         "read_timeout": "seconds a request body may pause",

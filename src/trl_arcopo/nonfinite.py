@@ -11,7 +11,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The non-finite policy: an optimizer step with a NaN or infinite value is skipped, logged, and stops training."""
+"""The non-finite policy: an optimizer step with a NaN or infinite value, or a group no reward scored, is skipped,
+logged, and stops training."""
 
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ def nonfinite_fix(reason: str) -> str:
     """The fix an error about a non-finite `reason` suggests."""
     if reason.startswith(("reward function", "the weighted sum")):
         return "Fix the reward function (return a finite float, or None for 'no opinion'), or rescale its values."
+    if reason.startswith("no candidate"):
+        return (
+            "A reward gave no score (a remote reward's server failed; its last error is above): fix or restart the "
+            "service and resume from the last checkpoint (`resume_from_checkpoint=True`); the skipped steps did not "
+            "move the adapter."
+        )
     if reason.startswith("the temperature"):
         return "Set `temperature` to a positive number, or None for the automatic choice."
     return (
@@ -50,8 +57,8 @@ def check_finite_parameters(named_parameters: dict[str, torch.Tensor], when: str
 
 class NonFiniteGuard(TrainerCallback):
     r"""
-    Skips the optimizer steps that had a non-finite value. The trainer [`~NonFiniteGuard.flag`]s a cause (a rollout,
-    reward, advantage, temperature or loss); right before the optimizer step the guard adds a non-finite gradient,
+    Skips the optimizer steps that had a non-finite value or a group that no reward scored. The trainer
+    [`~NonFiniteGuard.flag`]s a cause (a rollout, reward, advantage, temperature or loss, or a group without a score); right before the optimizer step the guard adds a non-finite gradient,
     agrees across processes, and on a skip drops the gradients (the optimizer leaves the weights and its state as they
     were), records and warns. After `max_consecutive` consecutive skips it raises a `RuntimeError` naming the causes.
     After every optimizer step it checks that the adapter is finite.
@@ -106,8 +113,8 @@ class NonFiniteGuard(TrainerCallback):
             recent = "; ".join(f"step {s['step']}: {s['reason']}" for s in self.skipped_steps[-self.max_consecutive :])
             raise RuntimeError(
                 f"Training stopped: {self.max_consecutive} consecutive optimizer steps (`max_nonfinite_steps="
-                f"{self.max_consecutive}`) were skipped because a value was NaN or infinite ({recent}). The weights and "
-                f"checkpoints hold the last finite state. {nonfinite_fix(reason)}"
+                f"{self.max_consecutive}`) were skipped because a value was NaN or infinite or a group had no score "
+                f"({recent}). The weights and checkpoints hold the last good state. {nonfinite_fix(reason)}"
             )
 
     def on_optimizer_step(self, args, state, control, **kwargs):

@@ -23,7 +23,7 @@ import math
 import numbers
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Executor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..quantization import quantized_parameters
+from .daemon_pool import DaemonThreadPool
 
 
 #: How several reward functions become one reward ([`combine_rewards`]), as TRL's `multi_objective_aggregation`.
@@ -165,6 +166,12 @@ def call_reward_funcs(
         results = [_timed_call(func, prompts, videos, arguments) for func in reward_funcs]
     else:
         futures = [executor.submit(_timed_call, func, prompts, videos, arguments) for func in reward_funcs]
+        wait(futures, return_when=FIRST_EXCEPTION)  # a failure is raised at once, not after the slower functions
+        for future in futures:
+            if future.done() and future.exception() is not None:
+                for other in futures:
+                    other.cancel()
+                raise future.exception()
         results = [future.result() for future in futures]
     out = torch.full((len(prompts), len(reward_funcs)), math.nan, dtype=torch.float64)
     nonfinite = None
@@ -194,6 +201,29 @@ def call_reward_funcs(
                 continue
             out[j, i] = value
     return out, nonfinite, [seconds for _, seconds in results]
+
+
+def unscored_groups(per_func: torch.Tensor, num_generations: int, reward_funcs: Sequence[RewardFunc]) -> str | None:
+    """
+    Why the groups of `per_func` `[N * G, n_funcs]` cannot train when one of them has no candidate that any function
+    scored (all `None`: a remote reward whose requests failed), naming each function's failures and last error;
+    `None` when every group has a scored candidate. Such a group has no advantage, so its step would move the adapter
+    on optimizer momentum alone.
+    """
+    scored = ~per_func.isnan().all(dim=1)  # [N * G]
+    unscored = ~scored.view(-1, num_generations).any(dim=1)  # [N]
+    if not unscored.any():
+        return None
+    details = [
+        f"reward `{reward_func_name(f)}`: {f.failures} videos failed so far, last error: {f.last_error}"
+        for f in reward_funcs
+        if getattr(f, "last_error", None) is not None
+    ]
+    return (
+        f"no candidate of {int(unscored.sum())} of {len(unscored)} groups was scored by any reward function ("
+        + ("; ".join(details) or "every function returned None")
+        + ")"
+    )
 
 
 def normalize_per_group(rewards_per_func: torch.Tensor, num_generations: int, eps: float = 1e-4) -> torch.Tensor:
@@ -291,7 +321,8 @@ class RewardScorer:
     The reward functions of a run, their weights and how they are combined: `start(...)` scores a rollout's videos
     now, or with `async_rewards=True` in a background thread (the functions concurrently with each other, in a pool
     of `num_workers` threads, one per function plus one by default), and returns the function that waits for the
-    [`GroupRewards`]. The values never depend on the mode.
+    [`GroupRewards`]. The values never depend on the mode. The threads are daemons ([`DaemonThreadPool`]); the
+    trainer closes them when training ends or fails.
     """
 
     def __init__(self, reward_funcs: RewardFunc | Sequence[RewardFunc], reward_weights: Sequence[float] | None = None,
@@ -301,19 +332,20 @@ class RewardScorer:
         self.names = [reward_func_name(f) for f in self.funcs]
         check_aggregation(aggregation)
         self.aggregation = aggregation
-        self._functions_pool = self._scoring_thread = None
-        if async_rewards:
-            self._functions_pool = ThreadPoolExecutor(num_workers or len(self.funcs) + 1, "reward")
-            self._scoring_thread = ThreadPoolExecutor(1, "reward-scoring")
+        self.async_rewards, self.num_workers = async_rewards, num_workers or len(self.funcs) + 1
+        self._functions_pool = self._scoring_thread = None  # made at the first `start` (again after `close`)
 
     def start(self, inputs: list[dict[str, Any]], videos: torch.Tensor | None, num_generations: int,
               **kwargs) -> Callable[[], GroupRewards]:  # fmt: skip
         """Start scoring `videos` `[N * G, F, C, H, W]` ([`score_group`]); call the result to get the rewards."""
+        if self.async_rewards and self._scoring_thread is None:
+            self._functions_pool = DaemonThreadPool(self.num_workers, "reward")
+            self._scoring_thread = DaemonThreadPool(1, "reward-scoring")
         score = partial(
             score_group, self.funcs, self.weights, inputs, videos, num_generations, self.aggregation,
             self._functions_pool, **kwargs,
         )  # fmt: skip
-        if self._scoring_thread is None:
+        if not self.async_rewards:
             rewards = score()
             return lambda: rewards
         return self._scoring_thread.submit(score).result
@@ -340,11 +372,16 @@ class RewardScorer:
             if isinstance(getattr(func, "failures", None), int)
         }
 
-    def close(self) -> None:
-        """Stop the threads of `async_rewards` (after the pending scores)."""
-        for pool in (self._functions_pool, self._scoring_thread):
+    def close(self, wait: bool = True) -> None:
+        """
+        Stop the threads of `async_rewards`: scores not started are cancelled; with `wait`, the running ones are
+        waited for. The threads are daemons, so a process that fails while a reward runs exits without waiting for
+        it. The next `start` makes new threads.
+        """
+        pools, self._functions_pool, self._scoring_thread = (self._functions_pool, self._scoring_thread), None, None
+        for pool in pools:
             if pool is not None:
-                pool.shutdown()
+                pool.shutdown(wait=wait, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------------- toy rewards

@@ -18,8 +18,8 @@ model can live in another process, on another GPU or machine, than the trainer. 
 
 What a request may cost the server is bounded before it is read:
 - its size (`max_body_mb`, from `Content-Length`: 413, the body unread);
-- the requests admitted at once (`max_concurrency` computing plus `max_queue` waiting or reading; more get 503 with
-  `Retry-After`), so the memory of bodies is at most `(max_concurrency + max_queue) * max_body_mb`;
+- the requests admitted at once (`max_concurrency` computing plus `max_queue` reading or waiting for a slot; others
+  wait with their body unread), so the memory of bodies is at most `(max_concurrency + max_queue) * max_body_mb`;
 - its time: a connection must send a whole request head within `idle_timeout` seconds of opening or of its last
   reply, the body must keep coming (`read_timeout` seconds at most between pieces), and the request has a deadline,
   the smaller of `timeout` and the client's `X-Reward-Timeout`.
@@ -75,9 +75,11 @@ class ServerLimits:
     Args:
         max_concurrency (`int`, defaults to `1`): reward calls at a time (1: a GPU model is never called from two
             threads at once).
-        max_queue (`int`, defaults to `8`): requests admitted beyond those computing (reading their body or waiting
-            for a slot); more get 503 with `Retry-After: 1`.
-        max_body_mb (`float`, defaults to `512`): the largest request body, in MiB (413 beyond, unread).
+        max_queue (`int`, defaults to `2`): requests admitted beyond those computing (reading their body or waiting
+            for a slot). Others wait with their body unread, and get 503 with `Retry-After: 1` if their deadline
+            passes first. Bodies in memory are at most `(max_concurrency + max_queue) * max_body_mb`.
+        max_body_mb (`float`, defaults to `256`): the largest request body, in MiB (413 beyond, unread); clients split
+            their batches to fit it.
         timeout (`float`, defaults to `300`): seconds a request may take in all, waiting and computing included; a
             client's `X-Reward-Timeout` may shorten it. Then 504, and the call is abandoned.
         read_timeout (`float`, defaults to `30`): seconds the body may pause between two pieces (408 beyond).
@@ -87,8 +89,8 @@ class ServerLimits:
     """
 
     max_concurrency: int = 1
-    max_queue: int = 8
-    max_body_mb: float = 512.0
+    max_queue: int = 2
+    max_body_mb: float = 256.0
     timeout: float = 300.0
     read_timeout: float = 30.0
     idle_timeout: float = 5.0
@@ -154,12 +156,13 @@ class _Call:
 
 
 class _State:
-    """The server's counters: requests admitted, abandoned calls still running."""
+    """The server's admission and call slots (made on its event loop), and its abandoned calls still running."""
 
     def __init__(self, limits: ServerLimits):
-        self.limits, self.admitted, self.abandoned = limits, 0, 0
+        self.limits, self.abandoned = limits, 0
         self.lock = threading.Lock()
-        self.slots: asyncio.Semaphore | None = None  # made on the server's event loop
+        self.admission: asyncio.Semaphore | None = None  # requests reading their body, waiting or computing
+        self.slots: asyncio.Semaphore | None = None  # reward calls
 
 
 def build_app(reward_func: RewardFunc, limits: ServerLimits | None = None, api_key: str | None = None) -> FastAPI:
@@ -221,16 +224,21 @@ def build_app(reward_func: RewardFunc, limits: ServerLimits | None = None, api_k
         except ValueError:
             pass
         deadline = loop.time() + max(seconds, 0.0)
-        if state.admitted >= limits.max_concurrency + limits.max_queue:
+        if state.admission is None:
+            state.admission = asyncio.Semaphore(limits.max_concurrency + limits.max_queue)
+            state.slots = asyncio.Semaphore(limits.max_concurrency)
+        try:  # the body waits unread (in the kernel's buffers) until the request is admitted
+            await asyncio.wait_for(state.admission.acquire(), max(deadline - loop.time(), 0.0))
+        except asyncio.TimeoutError:
             return _error(
-                503, f"busy: {state.admitted} requests admitted (--max-queue {limits.max_queue})", True,
+                503, f"busy until the deadline: {limits.max_concurrency + limits.max_queue} requests admitted "
+                f"(--max-concurrency {limits.max_concurrency}, --max-queue {limits.max_queue})", True,
                 close=True, retry_after=1,
             )  # fmt: skip
-        state.admitted += 1
         try:
             return await _score(request, int(length), deadline)
         finally:
-            state.admitted -= 1
+            state.admission.release()
 
     async def _score(request: Request, length: int, deadline: float) -> Response:
         loop = asyncio.get_running_loop()
@@ -252,8 +260,6 @@ def build_app(reward_func: RewardFunc, limits: ServerLimits | None = None, api_k
         except ValueError as error:
             return _error(400, str(error), False)
         del body
-        if state.slots is None:
-            state.slots = asyncio.Semaphore(limits.max_concurrency)
         try:
             await asyncio.wait_for(state.slots.acquire(), max(deadline - loop.time(), 0.0))
         except asyncio.TimeoutError:
@@ -414,7 +420,6 @@ class RewardServer:
         )  # fmt: skip
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
-
 
     def serve_forever(self) -> None:
         """Serve in this thread until [`shutdown`] (or Ctrl-C in the main thread)."""

@@ -114,6 +114,7 @@ class RewardServerClient(RemoteReward):
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._skipped_columns: set[str] = set()
         self._down: dict[str, float] = {}  # replica -> when it last refused a connection (monotonic seconds)
+        self._max_body_bytes: int | None = None  # the server's body limit, from `GET /health`
 
     @property
     def url(self) -> str:
@@ -152,25 +153,31 @@ class RewardServerClient(RemoteReward):
         self._down.pop(base, None)
         return response.content
 
-    async def _health(self) -> str:
+    async def _health(self, client: httpx2.AsyncClient) -> dict[str, Any]:
+        """The reply of `GET /health` from the first replica that answers; it also gives the server's body limit."""
+
+        async def attempt(i: int) -> dict[str, Any]:
+            url = self._order(0)[i % len(self.urls)] + "/health"
+            payload = parse_json(await self._send(client, url), "the /health reply")
+            if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+                raise AttemptError(
+                    f"the /health reply has no string `name`: {quoted(json.dumps(payload))}", retry=False
+                )
+            if isinstance(limit := payload.get("max_body_bytes"), int) and limit > 0:
+                self._max_body_bytes = limit
+            return payload
+
+        return await self._attempts(attempt, self.url, len(self.urls))
+
+    async def _name_from_health(self) -> str:
         async with self._client() as client:
-
-            async def attempt(i: int) -> str:
-                url = self._order(0)[i % len(self.urls)] + "/health"
-                payload = parse_json(await self._send(client, url), "the /health reply")
-                if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
-                    raise AttemptError(
-                        f"the /health reply has no string `name`: {quoted(json.dumps(payload))}", retry=False
-                    )
-                return payload["name"]
-
-            return await self._attempts(attempt, self.url, len(self.urls))
+            return (await self._health(client))["name"]
 
     @property
     def __name__(self) -> str:
         if self._name is None:
             try:
-                self._name = run_sync(self._health())
+                self._name = run_sync(self._name_from_health())
             except RemoteRewardError as error:
                 raise RemoteRewardError(
                     f"Cannot name the reward served at {self.url} ({error}): start the server or pass `name=`."
@@ -222,8 +229,16 @@ class RewardServerClient(RemoteReward):
     ) -> list[float | None]:
         n = len(prompts)
         size = self.batch_size or max(1, math.ceil(n / len(self.urls)))
-        starts = list(range(0, n, size))
         async with self._client() as client:
+            if self._max_body_bytes is None:
+                try:
+                    await self._health(client)
+                except RemoteRewardError:  # the requests themselves will say what is wrong
+                    pass
+            if self._max_body_bytes is not None and n:  # pieces that fit the server's body limit
+                per_video = videos[0].numel() * videos.element_size() + 4 * max(len(p) for p in prompts) + 1024
+                size = max(1, min(size, (self._max_body_bytes - 2**16) // per_video))
+            starts = list(range(0, n, size))
             tasks = []
             for k, start in enumerate(starts):
                 stop = min(start + size, n)
