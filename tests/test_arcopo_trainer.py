@@ -4,6 +4,7 @@ import sys
 import warnings
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -39,49 +40,93 @@ def _history(trainer, key):
     return [h[key] for h in trainer.state.log_history if key in h]
 
 
-def test_config_errors_name_value_and_fix():
-    with pytest.raises(ValueError, match="num_generations=1.*at least 2"):
-        ARCoPOConfig("out", num_generations=1, use_cpu=True)
-    with pytest.raises(ValueError, match="num_anchors=5.*num_generations=4"):
-        ARCoPOConfig("out", num_generations=4, num_anchors=5, use_cpu=True)
-    with pytest.raises(ValueError, match="loss_type"):
-        ARCoPOConfig("out", loss_type="dpo", use_cpu=True)
-    with pytest.raises(ValueError, match="sde_grpo.*consistency"):
-        ARCoPOConfig("out", loss_type="sde_grpo", sampler="ode", use_cpu=True)
-    with pytest.raises(ValueError, match="denoising_sigmas"):
-        ARCoPOConfig("out", denoising_sigmas=[0.5, 0.75], use_cpu=True)
-    with pytest.raises(ValueError, match=r"train_denoising_steps=\[1, 1\].*distinct"):
-        ARCoPOConfig("out", train_denoising_steps=[1, 1], use_cpu=True)
-    with pytest.raises(ValueError, match=r"train_denoising_steps=\[\]"):
-        ARCoPOConfig("out", train_denoising_steps=[], use_cpu=True)
-    # values that used to be replaced by defaults or accepted silently (NaN passes every `<` check)
-    nan = float("nan")
-    for kwargs, match in (
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(num_generations=1), "num_generations=1.*at least 2"),
+        (dict(num_generations=4, num_anchors=5), "num_anchors=5.*num_generations=4"),
+        (dict(loss_type="dpo"), "loss_type"),
+        (dict(loss_type="sde_grpo", sampler="ode"), "sde_grpo.*consistency"),
+        (dict(denoising_sigmas=[0.5, 0.75]), "denoising_sigmas"),
+        (dict(train_denoising_steps=[1, 1]), r"train_denoising_steps=\[1, 1\].*distinct"),
+        (dict(train_denoising_steps=[]), r"train_denoising_steps=\[\]"),
+        (dict(train_denoising_steps=[0, 1.5]), r"train_denoising_steps=1.5` must be an integer.*e.g."),
+        # values that used to be replaced by defaults or accepted silently (NaN passes every `<` check)
         (dict(height=0), "height=0.*positive size"),
         (dict(width=-32), "width=-32.*positive size"),
         (dict(num_frames=0), "num_frames=0.*positive size"),
+        (dict(height=480.5), r"height=480.5` must be an integer or None, not a float: .*e.g. `height=480`"),
+        (dict(num_frames_per_chunk=NAN), "num_frames_per_chunk=nan` must be an integer or None"),
         (dict(per_device_train_batch_size=0), "per_device_train_batch_size=0.*at least 1"),
+        (dict(per_device_train_batch_size=1.5), "per_device_train_batch_size=1.5` must be an integer, not a float"),
         (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps=0.*at least 1"),
         (dict(max_steps=0), "max_steps=0.*at least 1"),
-        (dict(epsilon=nan), "epsilon=nan.*positive"),
-        (dict(temperature=nan), "temperature=nan.*positive and finite"),
-        (dict(beta=nan), "beta=nan.*non-negative and finite"),
-        (dict(reward_weights=[1.0, nan]), r"reward_weights=\[1.0, nan\].*finite"),
+        (dict(max_steps=2.5), "max_steps=2.5` must be an integer"),
+        (dict(epsilon=NAN), "epsilon=nan.*positive"),
+        (dict(epsilon=INF), "epsilon=inf.*positive and finite"),
+        (dict(temperature=NAN), "temperature=nan.*positive and finite"),
+        (dict(beta=NAN), "beta=nan.*non-negative and finite"),
+        (dict(reward_weights=[1.0, NAN]), r"reward_weights=\[1.0, nan\].*finite"),
         (dict(multi_objective_aggregation="mean"), "multi_objective_aggregation='mean'.*not one of"),
         (dict(reward_num_workers=0), "reward_num_workers=0.*at least 1"),
+        (dict(reward_num_workers=2.0), "reward_num_workers=2.0` must be an integer or None"),
         (dict(rollout_batch_size=0), "rollout_batch_size=0.*positive integer or None"),
         (dict(anchor_batch_size=2.5), "anchor_batch_size=2.5.*positive integer or None"),
         (dict(decode_batch_size=-1), "decode_batch_size=-1.*positive integer or None"),
         (dict(ema_decay=1.0), r"ema_decay=1.0.*\[0, 1\)"),
-    ):
-        with pytest.raises(ValueError, match=match):
-            ARCoPOConfig("out", use_cpu=True, **kwargs)
+        (dict(ema_decay=NAN), r"ema_decay=nan.*\[0, 1\)"),
+        (dict(learning_rate=NAN), "learning_rate=nan.*non-negative and finite"),
+        (dict(max_grad_norm=NAN), "max_grad_norm=nan.*non-negative and finite"),
+        (dict(fork_noise_scale=NAN), r"fork_noise_scale=nan.*\(0, 1\]"),
+        (dict(quasi_norm_p=NAN), r"quasi_norm_p=nan.*\(0, 2\]"),
+        # non-finite and non-integer values of the fields that count something
+        (dict(delta=NAN), r"delta=nan` must exceed 1 \+ epsilon .* and be finite \(e.g. 3\), or be None"),
+        (dict(delta=INF), r"delta=inf` must exceed 1 \+ epsilon .* and be finite"),
+        (dict(delta=1.0), r"delta=1.0` must exceed 1 \+ epsilon"),
+        (dict(max_nonfinite_steps=NAN), r"max_nonfinite_steps=nan` must be an integer, not a float: .*e.g. `max_nonf"),
+        (dict(max_nonfinite_steps=0), "max_nonfinite_steps=0` must be at least 1"),
+        (dict(num_generations=2.5), r"num_generations=2.5` must be an integer, not a float: .*`num_generations=12`"),
+        (dict(num_generations=True), "num_generations=True` must be an integer, not a bool"),
+        (dict(num_iterations=1.5), r"num_iterations=1.5` must be an integer, not a float: .*`num_iterations=2`"),
+        (dict(num_iterations=NAN), "num_iterations=nan` must be an integer, not a float"),
+        (dict(num_iterations=True), "num_iterations=True` must be an integer, not a bool"),
+        (dict(num_iterations=0), "num_iterations=0` must be at least 1"),
+        (dict(num_anchors=2.0), "num_anchors=2.0` must be an integer"),
+        (dict(replay_buffer_size=NAN), "replay_buffer_size=nan` must be an integer"),
+        (dict(pivot_chunk=1.0), "pivot_chunk=1.0` must be an integer or None"),
+        (dict(pivot_chunk=-1), r"pivot_chunk=-1` must be a chunk index \(>= 0\)"),
+        (dict(max_sequence_length=-5), "max_sequence_length=-5` must be a positive number of text tokens, or None"),
+        (dict(max_sequence_length=0), "max_sequence_length=0` must be a positive number of text tokens, or None"),
+        (dict(max_sequence_length=64.0), "max_sequence_length=64.0` must be an integer or None, not a float"),
+    ],
+)
+def test_config_errors_name_value_and_fix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ARCoPOConfig("out", use_cpu=True, **kwargs)
+
+
+def test_config_defaults_and_valid_values():
     config = ARCoPOConfig("out")  # the defaults run on a machine without a GPU
     assert config.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     assert config.gradient_checkpointing is False and config.remove_unused_columns is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no deprecated TrainingArguments field is set by the defaults
         ARCoPOConfig("out", use_cpu=True)
+    # integers of other types (numpy's, from a sweep) are taken as ints; valid values are kept as given
+    config = ARCoPOConfig(
+        "out", use_cpu=True, num_generations=np.int64(6), max_sequence_length=64, delta=3.0, max_nonfinite_steps=1,
+        pivot_chunk=0, max_grad_norm=None,
+    )  # fmt: skip
+    assert type(config.num_generations) is int and config.num_generations == 6
+    assert (config.max_sequence_length, config.delta, config.max_nonfinite_steps, config.pivot_chunk) == (
+        64,
+        3.0,
+        1,
+        0,
+    )
 
 
 def test_trainer_input_errors(tmp_path):

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -28,6 +29,30 @@ from .sampling import SELF_FORCING_SIGMAS, check_sampler
 
 LOSS_TYPES = ("arcopo", "sde_grpo")
 TRAINING_MODES = ("on_policy", "semi_on_policy")
+#: Integer fields (a float, a bool or NaN is refused) and an example value for the error; `None` allowed for the second.
+INTEGER_FIELDS = {
+    "num_generations": 12, "num_anchors": 4, "num_iterations": 2, "per_device_train_batch_size": 1,
+    "gradient_accumulation_steps": 1, "max_steps": -1, "replay_buffer_size": 100, "max_nonfinite_steps": 3,
+}  # fmt: skip
+OPTIONAL_INTEGER_FIELDS = {
+    "height": 480, "width": 832, "num_frames": 81, "num_frames_per_chunk": 3, "max_sequence_length": 512,
+    "pivot_chunk": 0, "reward_num_workers": 4,
+}  # fmt: skip
+
+
+def check_integer(name: str, value, example: int, optional: bool = False) -> int | None:
+    """
+    `value` as an `int` (numpy integers included), refusing a float (NaN included), a bool or anything else with a
+    `ValueError` naming the field, the value and an example; `None` passes where `optional`.
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(  # noqa: TRY004 (a config error, as every other one)
+            f"`{name}={value!r}` must be an integer{' or None' if optional else ''}, not a {type(value).__name__}: "
+            f"set a whole number, e.g. `{name}={example}`."
+        )
+    return int(value)
 
 
 @dataclass
@@ -366,6 +391,9 @@ class ARCoPOConfig(TrainingArguments):
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         super().__post_init__()
 
+        for fields, optional in ((INTEGER_FIELDS, False), (OPTIONAL_INTEGER_FIELDS, True)):
+            for name, example in fields.items():
+                setattr(self, name, check_integer(name, getattr(self, name), example, optional))
         if self.num_generations < 2:
             raise ValueError(
                 f"`num_generations={self.num_generations}`: a group needs at least 2 candidates to have advantages; "
@@ -394,7 +422,12 @@ class ARCoPOConfig(TrainingArguments):
                 "`sampler='consistency'` and at least 2 `denoising_sigmas`."
             )
         if self.num_iterations < 1:
-            raise ValueError(f"`num_iterations={self.num_iterations}` must be at least 1.")
+            raise ValueError(f"`num_iterations={self.num_iterations}` must be at least 1 (paper: 2).")
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
+            raise ValueError(
+                f"`max_sequence_length={self.max_sequence_length}` must be a positive number of text tokens, or None "
+                "for the pipeline's default."
+            )
         for name in ("height", "width", "num_frames"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -408,8 +441,15 @@ class ARCoPOConfig(TrainingArguments):
             raise ValueError(f"`gradient_accumulation_steps={self.gradient_accumulation_steps}` must be at least 1.")
         if self.max_steps == 0:
             raise ValueError("`max_steps=0` would still roll out and update: set it to at least 1, or -1 for epochs.")
-        if not self.epsilon > 0:  # also refuses NaN
-            raise ValueError(f"`epsilon={self.epsilon}` must be positive (paper: 1e-4).")
+        if not 0 < self.epsilon < math.inf:  # also refuses NaN
+            raise ValueError(f"`epsilon={self.epsilon}` must be positive and finite (paper: 1e-4).")
+        if not 0 <= self.learning_rate < math.inf:
+            raise ValueError(f"`learning_rate={self.learning_rate}` must be non-negative and finite (paper: 1e-5).")
+        if self.max_grad_norm is not None and not 0 <= self.max_grad_norm < math.inf:
+            raise ValueError(
+                f"`max_grad_norm={self.max_grad_norm}` must be non-negative and finite (e.g. 1.0), or 0 / None for "
+                "no clipping."
+            )
         check_delta(self.delta, self.epsilon)
         if self.temperature is not None and not 0 < self.temperature < math.inf:
             raise ValueError(
@@ -430,6 +470,8 @@ class ARCoPOConfig(TrainingArguments):
             raise ValueError(f"`beta={self.beta}` must be non-negative and finite (0: no penalty).")
         if self.train_denoising_steps is not None:
             steps = list(self.train_denoising_steps)
+            for j in steps:
+                check_integer("train_denoising_steps", j, 0)
             if not steps or any(j < 0 for j in steps) or len(set(steps)) != len(steps):
                 raise ValueError(
                     f"`train_denoising_steps={steps}` must be a non-empty list of distinct step indices (>= 0, "

@@ -29,8 +29,9 @@ from transformers.trainer import OPTIMIZER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .ema import EMA_FILE
+from .ema import EMA_FILE, nonfinite_ema_names, summarize_names
 from .hub import LORA_WEIGHT_NAME, load_lora_adapter_weights
+from .rollout import rollout_settings, saved_rollout_problems
 
 
 logger = logging.get_logger(__name__)
@@ -191,13 +192,17 @@ class CheckpointMixin:
             between_iterations(self._step, self.args.num_iterations, self.args.training_mode)
             and self._buffered_rollout
         ):
-            self._buffered_rollout.save(path)
+            self._buffered_rollout.save(path, rollout_settings(self.args))
         elif os.path.exists(path):  # left by a killed save of this step
             os.remove(path)
         if self.replay is not None:
             self.replay.save_to(folder)
-        if self.ema is not None and self.args.should_save:
-            self.ema.save(folder)
+        if (
+            self.ema is not None
+        ):  # a non-finite average is refused before `trainer_state.json` marks the folder complete
+            self.ema.check_finite(folder)  # on every process: the same average everywhere, so all stop together
+            if self.args.should_save:
+                self.ema.save(folder)
         self._saving_checkpoint = True  # the adapter of a checkpoint is the last weights, whatever `use_ema_weights`
         try:
             super()._save_checkpoint(model, trial)
@@ -208,7 +213,10 @@ class CheckpointMixin:
         return rollout_file(folder, self.accelerator.process_index, self.accelerator.num_processes)
 
     def checkpoint_problems(self, folder: str) -> list[str]:
-        """What keeps `folder` from resuming this run exactly (an empty list: it can)."""
+        """
+        What keeps `folder` from resuming this run exactly (an empty list: it can): [`checkpoint_problems`], and an
+        EMA (`ema_decay`) holding a NaN or an infinity.
+        """
         args, rank, processes = self.args, self.accelerator.process_index, self.accelerator.num_processes
         ga, iterations, mode = args.gradient_accumulation_steps, args.num_iterations, args.training_mode
         optimizer_in_folder = not (args.save_only_model or self.is_deepspeed_enabled or self.is_fsdp_enabled)
@@ -217,13 +225,45 @@ class CheckpointMixin:
         def required(step: int) -> dict[str, str]:
             return {**rollout_requirement(folder, step, ga, iterations, mode, rank, processes), **ema}
 
-        return checkpoint_problems(folder, optimizer_in_folder, required)
+        problems = checkpoint_problems(folder, optimizer_in_folder, required)
+        ema_path = os.path.join(folder, EMA_FILE)
+        if self.ema is not None and not problems and (bad := nonfinite_ema_names(ema_path)):
+            problems.append(f"its EMA {EMA_FILE} is not finite ({summarize_names(bad)})")
+        return problems
+
+    def check_resumed_rollout(self, folder: str) -> None:
+        """
+        Refuse, with one `ValueError` naming each problem and the fix, a resume from `folder` whose saved rollout
+        ([`rollout_file`]) this run would update on but that does not fit it: shapes that do not fit together, a
+        pivot outside the video, or a group size, batch, sigma schedule, `loss_type`, `num_iterations`,
+        `gradient_accumulation_steps` or pivot chunk other than this run's ([`~trl_arcopo.rollout.saved_rollout_problems`]).
+        A file saved before the settings were recorded is checked on its tensors, with a warning.
+        """
+        path = self._rollout_file(folder)
+        if self.args.training_mode != "on_policy" or not os.path.isfile(path):
+            return  # a missing rollout that is needed is reported by `checkpoint_problems`
+        problems = saved_rollout_problems(path, self.spec, rollout_settings(self.args), self.args.pivot_chunk)
+        if problems:
+            raise ValueError(
+                f"Cannot resume from {folder}: its saved rollout {os.path.basename(path)} (the rollout being updated "
+                f"when it was saved) does not fit this run: {'; '.join(problems)}. Resume with the settings that saved "
+                "it (the saved values above), or from a checkpoint without a rollout file (one saved at a multiple of "
+                "`num_iterations`), or start a fresh `output_dir`."
+            )
+        with safe_open(path, framework="pt") as f:
+            if "settings" not in (f.metadata() or {}):
+                logger.warning(
+                    f"{path} was saved before rollouts recorded their settings: its shapes, schedule and pivot match "
+                    "this run, but `loss_type`, `num_iterations` and `gradient_accumulation_steps` cannot be "
+                    "checked. Resume with the settings that saved it."
+                )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """
         As [`~transformers.Trainer.train`]. `resume_from_checkpoint=True` takes the newest *complete* checkpoint of
-        `output_dir`, skipping (with a warning naming them) folders a killed save left incomplete; a path is checked
-        the same way and refused with the list of what is missing. Temporary files a killed save left behind in
+        `output_dir`, skipping (with a warning naming them) folders a killed save left incomplete or whose EMA is not
+        finite; a path is checked the same way and refused with the list of what is missing. A saved rollout that does
+        not fit this run is refused ([`check_resumed_rollout`]). Temporary files a killed save left behind in
         `output_dir` are removed first.
         """
         if self.is_world_process_zero() and os.path.isdir(self.args.output_dir):
@@ -231,6 +271,8 @@ class CheckpointMixin:
         self._resume_checkpoint = resolve_resume(
             resume_from_checkpoint, self.args.output_dir, self.checkpoint_problems
         )
+        if self._resume_checkpoint is not None:
+            self.check_resumed_rollout(self._resume_checkpoint)
         return super().train(self._resume_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

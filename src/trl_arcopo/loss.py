@@ -214,8 +214,10 @@ def _stats(
 
 def check_delta(delta: float | None, epsilon: float) -> None:
     """Raise if the two-sided clip `delta` does not exceed `1 + epsilon` (shared by the losses and `ARCoPOConfig`)."""
-    if delta is not None and delta <= 1 + epsilon:
-        raise ValueError(f"`delta={delta}` must exceed 1 + epsilon = {1 + epsilon} (e.g. 3), or be None.")
+    if delta is not None and not 1 + epsilon < delta < math.inf:  # also refuses NaN
+        raise ValueError(
+            f"`delta={delta}` must exceed 1 + epsilon = {1 + epsilon} and be finite (e.g. 3), or be None (no cap)."
+        )
 
 
 def _check_epsilon(epsilon: float, delta: float | None = None) -> None:

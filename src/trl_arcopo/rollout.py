@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .io_utils import atomic_path
@@ -288,10 +288,11 @@ class RolloutGroup:
             "temperature": self.temperature.mean().item(),
         }
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, settings: dict | None = None) -> None:
         """
         Write the group (without its video latents), prefix KV cache included, to one safetensors file, atomically:
-        what a checkpoint taken between two inner updates needs to resume exactly.
+        what a checkpoint taken between two inner updates needs to resume exactly. `settings` (the run's
+        [`rollout_settings`]) are stored in the metadata, so that a resume can check them ([`saved_rollout_problems`]).
         """
         tensors = {
             "prompt_embeds": self.prompt_embeds,
@@ -322,12 +323,22 @@ class RolloutGroup:
                 }
             ),
         }
+        if settings is not None:
+            metadata["settings"] = json.dumps(settings)
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=metadata)
 
     @classmethod
     def load(cls, path: str, device: torch.device | str = "cpu") -> RolloutGroup:
-        """Read a group written by [`~RolloutGroup.save`] (safetensors: no code runs while loading)."""
+        """
+        Read a group written by [`~RolloutGroup.save`] (safetensors: no code runs while loading). A file whose tensors
+        do not fit together ([`saved_rollout_problems`]) is refused with a `ValueError` naming each problem.
+        """
+        if problems := saved_rollout_problems(path):
+            raise ValueError(
+                f"{path} is not a usable rollout: {'; '.join(problems)}. It is damaged or was not written by "
+                "`RolloutGroup.save`: resume from another checkpoint, or start a fresh `output_dir`."
+            )
         with safe_open(path, framework="pt", device=str(device)) as f:
             metadata = f.metadata()
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
@@ -346,6 +357,136 @@ class RolloutGroup:
             nonfinite=json.loads(metadata["nonfinite"]),
             **tensors,
         )
+
+
+#: The run's settings a saved rollout records ([`RolloutGroup.save`]) and a resume checks: the rollout was made (`loss_type`,
+#: `num_generations`, `per_device_train_batch_size`) and is updated on (`num_iterations`, `gradient_accumulation_steps`,
+#: which place the checkpoint between two updates) with them.
+ROLLOUT_SETTINGS = (
+    "loss_type", "num_generations", "per_device_train_batch_size", "num_iterations", "gradient_accumulation_steps",
+)  # fmt: skip
+_ROLLOUT_TENSORS = ("prompt_embeds", "states", "x0_preds", "temperature", "timesteps", "sigmas")
+_ROLLOUT_METADATA = ("prompts", "pivot", "frame_offset", "nonfinite", "prefix_cache")
+_STATE_DIMS = (
+    "prompts (batch)",
+    "candidates (group size G)",
+    "denoising steps",
+    "channels",
+    "frames",
+    "rows",
+    "columns",
+)
+
+
+def rollout_settings(args) -> dict:
+    """The [`ROLLOUT_SETTINGS`] of a config, as a saved rollout records them."""
+    return {name: getattr(args, name) for name in ROLLOUT_SETTINGS}
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [round(v, 4) for v in values]
+
+
+def saved_rollout_problems(
+    path: str, spec: RolloutSpec | None = None, settings: dict | None = None, pivot_chunk: int | None = None
+) -> list[str]:
+    """
+    What keeps the rollout file `path` ([`RolloutGroup.save`]) from being updated on (an empty list: nothing), read
+    from its header, metadata and schedule only: tensors whose shapes do not fit together (the batch, the group size
+    `G`, the number of states and of `x̂0` predictions, the schedule, the prefix cache), a pivot that does not match
+    its frame offset; and, given the current run's `spec` and [`rollout_settings`] `settings`, every difference from
+    them (`field: saved ..., current ...`): the settings, the schedule's sigmas, the pivot chunk's latent shape, a
+    pivot outside the video's chunks or other than a fixed `pivot_chunk`. A file saved before the settings were
+    recorded is checked on its tensors only (the group size and batch are read from them; `loss_type`,
+    `num_iterations` and `gradient_accumulation_steps` are not known).
+    """
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            shapes = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+            sigmas = f.get_tensor("sigmas").double() if "sigmas" in shapes else None
+    except (OSError, SafetensorError) as error:
+        return [f"it is not a readable safetensors file ({error})"]
+    missing = [name for name in _ROLLOUT_TENSORS if name not in shapes] + [
+        f"metadata {name!r}" for name in _ROLLOUT_METADATA if name not in metadata
+    ]
+    if missing:
+        return [f"it lacks {', '.join(missing)}"]
+    try:
+        prompts, pivot = json.loads(metadata["prompts"]), int(metadata["pivot"])
+        frame_offset = int(metadata["frame_offset"])
+        cache = json.loads(metadata["prefix_cache"])
+        saved_settings = json.loads(metadata["settings"]) if "settings" in metadata else None
+        layers, tokens_per_frame, end = int(cache["num_layers"]), int(cache["tokens_per_frame"]), int(cache["end"])
+    except (ValueError, TypeError, KeyError) as error:
+        return [f"its metadata is unreadable ({type(error).__name__}: {error})"]
+
+    problems = []
+    states, x0_preds = shapes["states"], shapes["x0_preds"]
+    if len(states) != 7:
+        return [f"`states` has shape {states}, not [prompts, G, steps, C, frames, H, W]"]
+    n, g, t = states[:3]
+    if x0_preds != states:
+        problems += [
+            f"`states` has {a} {dim} but `x0_preds` has {b}"
+            for dim, a, b in zip(_STATE_DIMS, states, x0_preds + [None] * (7 - len(x0_preds)))
+            if a != b
+        ] or [f"`x0_preds` has shape {x0_preds} but `states` {states}"]
+    expected = {
+        "temperature": [n, t], "timesteps": [t], "sigmas": [t + 1], "rewards": [n, g], "advantages": [n, g]
+    }  # fmt: skip
+    for name, shape in expected.items():
+        if name in shapes and shapes[name] != shape:
+            problems.append(
+                f"`{name}` has shape {shapes[name]}, but {n} prompts x {g} candidates x {t} steps need {shape}"
+            )
+    if len(prompts) != n or shapes["prompt_embeds"][:1] != [n]:
+        problems.append(
+            f"`states` holds {n} prompts but there are {len(prompts)} prompts and {shapes['prompt_embeds'][:1]} "
+            "prompt embeddings"
+        )
+    if pivot < 0 or frame_offset != pivot * states[4]:
+        problems.append(f"pivot {pivot} with chunks of {states[4]} frames does not start at frame {frame_offset}")
+    for i in range(layers):
+        keys, values = shapes.get(f"prefix_cache.keys.{i}"), shapes.get(f"prefix_cache.values.{i}")
+        if keys is None or keys != values or len(keys) < 2 or keys[0] != n or keys[1] < end:
+            problems.append(
+                f"the prefix cache's layer {i} has keys {keys} and values {values}, not {n} prompts of at least "
+                f"{end} tokens each"
+            )
+    if end != frame_offset * tokens_per_frame:
+        problems.append(f"the prefix cache ends at token {end}, not at the pivot's {frame_offset * tokens_per_frame}")
+    if saved_settings is not None and saved_settings.get("num_generations", g) != g:
+        problems.append(f"its settings say `num_generations={saved_settings['num_generations']}` but `states` has {g}")
+    if spec is None or settings is None:
+        return problems
+
+    # against the current run
+    saved = dict(saved_settings) if saved_settings is not None else {}
+    saved.setdefault("num_generations", g)
+    saved.setdefault("per_device_train_batch_size", n)
+    for name, value in settings.items():
+        if name in saved and saved[name] != value:
+            problems.append(f"`{name}`: saved {saved[name]!r}, current {value!r}")
+    current = spec.sigmas.double().cpu()
+    if sigmas.shape != current.shape or not torch.allclose(sigmas, current, rtol=1e-6):
+        problems.append(
+            f"sigmas (the schedule from `denoising_sigmas`): saved {_rounded(sigmas.tolist())}, current "
+            f"{_rounded(current.tolist())}"
+        )
+    chunk = [spec.latent_shape[1], spec.num_frames_per_chunk, *spec.latent_shape[3:]]
+    if states[3:] != chunk:
+        problems.append(
+            f"the pivot chunk's latent shape [C, frames, H, W] (from `height`, `width`, `num_frames_per_chunk`): "
+            f"saved {states[3:]}, current {chunk}"
+        )
+    if not 0 <= pivot < spec.num_chunks:
+        problems.append(
+            f"pivot: saved {pivot}, but the video has {spec.num_chunks} chunks (an index in [0, {spec.num_chunks}))"
+        )
+    if pivot_chunk is not None and pivot != pivot_chunk:
+        problems.append(f"`pivot_chunk`: saved {pivot}, current {pivot_chunk}")
+    return problems
 
 
 @dataclass

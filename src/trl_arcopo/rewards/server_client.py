@@ -82,7 +82,8 @@ class RewardServerClient(RemoteReward):
         name (`str`, *optional*): the name the reward is logged under; by default the served reward's, asked from
             `GET /health` the first time it is needed (the trainer asks when it is built).
         batch_size (`int`, *optional*): videos per request (by default the call's videos split evenly over the
-            replicas); a failed request gives `None` to its videos only.
+            replicas); a failed request gives `None` to its videos only. Once the client has asked `GET /health`
+            (for its name), pieces are also cut to fit the server's body limit.
         timeout (`float`, defaults to `60.0`), max_retries (`int`, defaults to `3`), backoff (`float`, defaults to
             `1.0`), on_failure (`str`, defaults to `"none"`): the policy of
             [`~trl_arcopo.rewards.remote.RemoteReward`]. `timeout` is each attempt's whole deadline, the reward's
@@ -230,12 +231,7 @@ class RewardServerClient(RemoteReward):
         n = len(prompts)
         size = self.batch_size or max(1, math.ceil(n / len(self.urls)))
         async with self._client() as client:
-            if self._max_body_bytes is None:
-                try:
-                    await self._health(client)
-                except RemoteRewardError:  # the requests themselves will say what is wrong
-                    pass
-            if self._max_body_bytes is not None and n:  # pieces that fit the server's body limit
+            if self._max_body_bytes is not None and n:  # pieces that fit the server's body limit, once it is known
                 per_video = videos[0].numel() * videos.element_size() + 4 * max(len(p) for p in prompts) + 1024
                 size = max(1, min(size, (self._max_body_bytes - 2**16) // per_video))
             starts = list(range(0, n, size))
