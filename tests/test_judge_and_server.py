@@ -76,7 +76,9 @@ class FakeHandler(BaseHTTPRequestHandler):
     def _handle(self, body):
         server = self.server
         with server.lock:
-            server.requests.append({"path": self.path, "body": body, "headers": {k.lower(): v for k, v in self.headers.items()}})
+            server.requests.append(
+                {"path": self.path, "body": body, "headers": {k.lower(): v for k, v in self.headers.items()}}
+            )
             server.in_flight += 1
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
         try:
@@ -257,7 +259,9 @@ def test_judge_retries_when_the_server_dies_mid_run(start, on_failure):
         return chat_reply("0.75") if len(server.requests) == 1 else None
 
     server = start(FakeServer(respond))
-    reward = judge(server.url, on_failure=on_failure, max_retries=2, backoff=0.05, max_concurrency=1, score_range=(0, 1))
+    reward = judge(
+        server.url, on_failure=on_failure, max_retries=2, backoff=0.05, max_concurrency=1, score_range=(0, 1)
+    )
     if on_failure == "raise":
         with pytest.raises(RuntimeError, match=r"failed after 3 attempts .*connection lost"):
             reward(PROMPTS, videos_for_test())
@@ -404,7 +408,9 @@ def test_reward_server_client_retries_when_the_server_dies_mid_run(start, monkey
     assert first == pytest.approx(redness(PROMPTS[:1], videos[:1]), abs=1e-6)
     assert stopped.wait(5)
     if on_failure == "raise":
-        with pytest.raises(RuntimeError, match=rf"{server.url} failed after 3 attempts .*cannot connect to {server.url}"):
+        with pytest.raises(
+            RuntimeError, match=rf"{server.url} failed after 3 attempts .*cannot connect to {server.url}"
+        ):
             client(PROMPTS[1:], videos[1:])
         assert 1 + 3 <= len(attempts) <= 1 + 2 * 3  # the pieces go concurrently; the first to fail cancels the other
     else:
@@ -477,3 +483,22 @@ def test_load_callable_builds_classes_and_factories():
     assert cli.load_callable("trl_arcopo.rewards.base:redness") is redness
     with pytest.raises(TypeError, match=r"MotionMagnitudeReward' cannot be built with the keyword arguments \{'speed': 1\}"):  # fmt: skip
         cli.load_callable("trl_arcopo.rewards.video_metrics:MotionMagnitudeReward", {"speed": 1})
+
+
+def test_cli_reward_server_bad_port_host_or_port_in_use_exit_cleanly(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags, message in [
+            (["--port", "70000"], "`port=70000` is not a TCP port: use an integer in [0, 65535]"),
+            (["--host", "no-such-host.invalid"], "`host='no-such-host.invalid'` is not an address"),
+            (["--host", "10.255.255.1"], "`host='10.255.255.1'` is not an address of this machine"),
+            (["--port", str(port)], f"port {port} on 127.0.0.1 is in use: pick another `port`, or 0 for a free one"),
+            (["--port", "0", "--max-body-mb", "0"], "`max_body_mb=0.0` must be a positive, finite number"),
+        ]:
+            with pytest.raises(SystemExit) as exit_info:
+                cli.main(["reward-server", "trl_arcopo.rewards.base:redness", *flags])
+            assert exit_info.value.code == 2
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err
