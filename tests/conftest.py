@@ -23,3 +23,27 @@ def pipe():
     from trl_arcopo.testing_utils import tiny_pipeline
 
     return tiny_pipeline()
+
+
+@pytest.fixture
+def start():
+    """
+    `start(server)` serves a standard-library test server (`socketserver.BaseServer`) from a thread, or takes a reward
+    server that already serves (`serve(..., block=False)`); every server is stopped at the end of the test.
+    """
+    import socketserver
+    import threading
+
+    servers = []
+
+    def _start(server):
+        if isinstance(server, socketserver.BaseServer):
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield _start
+    for server in servers:
+        getattr(server, "release", threading.Event()).set()  # a test server's hanging handlers may end
+        server.shutdown()
+        server.server_close()

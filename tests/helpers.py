@@ -3,6 +3,9 @@
 import importlib.util
 import os
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from datasets import Dataset
 from peft import LoraConfig
@@ -69,3 +72,58 @@ def load_script(path: str):
         del sys.modules[name]
         raise
     return module
+
+
+class FakeServer(ThreadingHTTPServer):
+    """
+    A test HTTP server on 127.0.0.1 that answers every request with `respond(server, path, body) -> (status, bytes) |
+    (status, bytes, headers) | None`; `None` closes the connection without a reply (a server dying mid-request).
+    Records the requests (path, body, lower-case headers, arrival time) and the most requests in flight at once.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, respond):
+        self.respond, self.requests, self.in_flight, self.max_in_flight = respond, [], 0, 0
+        self.lock, self.release = threading.Lock(), threading.Event()
+        super().__init__(("127.0.0.1", 0), FakeHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class FakeHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self._handle(b"")
+
+    def do_POST(self):
+        self._handle(self.rfile.read(int(self.headers["Content-Length"])))
+
+    def _handle(self, body):
+        server = self.server
+        with server.lock:
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            server.requests.append({"path": self.path, "body": body, "headers": headers, "time": time.monotonic()})
+            server.in_flight += 1
+            server.max_in_flight = max(server.max_in_flight, server.in_flight)
+        try:
+            out = server.respond(server, self.path, body)
+        finally:
+            with server.lock:
+                server.in_flight -= 1
+        if out is None:
+            self.close_connection = True
+            return
+        status, payload, headers = out if len(out) == 3 else (*out, {})
+        self.send_response(status)
+        for key, value in {"Content-Type": "application/json", **headers}.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass

@@ -26,10 +26,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from helpers import FakeServer
 
 from trl_arcopo import cli
 from trl_arcopo.rewards import server as server_module
@@ -43,79 +43,6 @@ from trl_arcopo.rewards.wire import decode_request, encode_request
 
 
 PROMPTS = ["a red fox jumps", "a dog in snow", "a blue car at night"]
-
-
-# ---------------------------------------------------------------------------------------------------- fake servers
-class FakeServer(ThreadingHTTPServer):
-    """
-    Answers every request with `respond(server, path, body) -> (status, bytes) | None`; `None` closes the connection
-    without a reply (a server dying mid-request). Records the requests and the most requests in flight at once.
-    """
-
-    daemon_threads = True
-
-    def __init__(self, respond):
-        self.respond, self.requests, self.in_flight, self.max_in_flight = respond, [], 0, 0
-        self.lock, self.release = threading.Lock(), threading.Event()
-        super().__init__(("127.0.0.1", 0), FakeHandler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class FakeHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        self._handle(b"")
-
-    def do_POST(self):
-        self._handle(self.rfile.read(int(self.headers["Content-Length"])))
-
-    def _handle(self, body):
-        server = self.server
-        with server.lock:
-            server.requests.append(
-                {"path": self.path, "body": body, "headers": {k.lower(): v for k, v in self.headers.items()}}
-            )
-            server.in_flight += 1
-            server.max_in_flight = max(server.max_in_flight, server.in_flight)
-        try:
-            out = server.respond(server, self.path, body)
-        finally:
-            with server.lock:
-                server.in_flight -= 1
-        if out is None:
-            self.close_connection = True
-            return
-        status, payload = out
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def start():
-    """`start(server)` serves it from a thread; every server is stopped at the end of the test."""
-    servers = []
-
-    def _start(server):
-        if isinstance(server, FakeServer):
-            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield _start
-    for server in servers:
-        getattr(server, "release", threading.Event()).set()
-        server.shutdown()
-        server.server_close()
 
 
 def chat_reply(content: str) -> tuple[int, bytes]:

@@ -27,11 +27,10 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from helpers import ROOT, tiny_trainer
+from helpers import ROOT, FakeServer, tiny_trainer
 from transformers import TrainerCallback
 
 from trl_arcopo.rewards.base import redness
@@ -83,64 +82,13 @@ def processes():
         process.wait()
 
 
-@pytest.fixture
-def start():
-    """`start(server)` serves an in-process server; every server is stopped at the end of the test."""
-    servers = []
-
-    def _start(server):
-        if isinstance(server, Scripted):
-            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield _start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+def scripted(replies) -> FakeServer:
+    """A server that answers request `i` with `replies[i]` (`(status, body, headers)`), then with the last one."""
+    return FakeServer(lambda server, path, body: replies[min(len(server.requests), len(replies)) - 1])
 
 
-class Scripted(ThreadingHTTPServer):
-    """Answers request `i` with `replies[i]`: `(status, headers, body)`; records each request with its time."""
-
-    daemon_threads = True
-
-    def __init__(self, replies):
-        self.replies, self.requests = list(replies), []
-        super().__init__(("127.0.0.1", 0), ScriptedHandler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class ScriptedHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        self._answer(b"")
-
-    def do_POST(self):
-        self._answer(self.rfile.read(int(self.headers["Content-Length"])))
-
-    def _answer(self, body):
-        server = self.server
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        server.requests.append({"time": time.monotonic(), "path": self.path, "headers": headers})
-        status, headers, payload = server.replies[min(len(server.requests), len(server.replies)) - 1]
-        self.send_response(status)
-        for key, value in {"Content-Type": "application/json", **headers}.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
-
-
-def chat(content: str) -> tuple[int, dict, bytes]:
-    return 200, {}, json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+def chat(content: str) -> tuple[int, bytes, dict]:
+    return 200, json.dumps({"choices": [{"message": {"content": content}}]}).encode(), {}
 
 
 def read_reply(sock: socket.socket) -> str:
@@ -170,9 +118,9 @@ def cpu_seconds(pid: int) -> float:
 
 # ---------------------------------------------------------------------------------------------------- the faults
 def test_a_redirect_is_not_followed_and_the_key_goes_nowhere_else(start):
-    thief = start(Scripted([chat("10"), (200, {}, b'{"rewards": [1.0, 1.0]}')]))
+    thief = start(scripted([chat("10"), (200, b'{"rewards": [1.0, 1.0]}', {})]))
     moved = {"Location": thief.url + "/v1/chat/completions"}
-    origin = start(Scripted([(302, moved, b""), (307, moved, b""), (301, {"Location": thief.url + "/score"}, b"")]))
+    origin = start(scripted([(302, b"", moved), (307, b"", moved), (301, b"", {"Location": thief.url + "/score"})]))
     for _ in range(2):  # 302 and 307
         judge = VLMJudgeReward(origin.url + "/v1", "judge", api_key="sk-secret", timeout=2, max_retries=3)
         assert judge(PROMPTS[:1], VIDEOS[:1]) == [None]
@@ -366,15 +314,15 @@ def test_a_bad_return_value_is_a_500_with_the_message(start, value, message):
 
 
 def test_retry_after_is_honoured(start):
-    ok = (200, {}, b'{"rewards": [0.25]}')
-    server = start(Scripted([(429, {"Retry-After": "1"}, b'{"error": "slow down"}'), ok]))
+    ok = (200, b'{"rewards": [0.25]}', {})
+    server = start(scripted([(429, b'{"error": "slow down"}', {"Retry-After": "1"}), ok]))
     client = RewardServerClient(server.url, name="r", timeout=2, max_retries=2, backoff=0.01)
     assert client(PROMPTS[:1], VIDEOS[:1]) == [0.25]
     gap = server.requests[1]["time"] - server.requests[0]["time"]
     assert 1.0 <= gap < 1.5  # the server's wait, not the 0.01 s backoff
 
     date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 3))
-    server = start(Scripted([(503, {"Retry-After": date}, b'{"error": "restarting"}'), ok]))
+    server = start(scripted([(503, b'{"error": "restarting"}', {"Retry-After": date}), ok]))
     late = RewardServerClient(server.url, name="r", timeout=1, max_retries=2, backoff=0.01)
     begin = time.monotonic()
     assert late(PROMPTS[:1], VIDEOS[:1]) == [None] and time.monotonic() - begin < 0.5  # asks for more than timeout

@@ -197,9 +197,7 @@ class CheckpointMixin:
             os.remove(path)
         if self.replay is not None:
             self.replay.save_to(folder)
-        if (
-            self.ema is not None
-        ):  # a non-finite average is refused before `trainer_state.json` marks the folder complete
+        if self.ema is not None:  # a non-finite average is refused before `trainer_state.json` marks it complete
             self.ema.check_finite(folder)  # on every process: the same average everywhere, so all stop together
             if self.args.should_save:
                 self.ema.save(folder)

@@ -125,12 +125,7 @@ def _add_reward_server(subparsers) -> None:
             parser.error(str(error))
         sys.stdout.write(f"Serving reward `{server.name}` on {server.url} (POST /score, GET /health)\n")
         sys.stdout.flush()
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.server_close()
+        server.run()
 
     parser.set_defaults(run=run)
 

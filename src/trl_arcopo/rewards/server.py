@@ -425,6 +425,15 @@ class RewardServer:
         """Serve in this thread until [`shutdown`] (or Ctrl-C in the main thread)."""
         self._server.run(sockets=[self.socket])
 
+    def run(self) -> None:
+        """Serve in this thread until Ctrl-C or [`shutdown`], then close the socket."""
+        try:
+            self.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.server_close()
+
     def start(self) -> RewardServer:
         """Serve from a daemon thread; returns once the server accepts requests."""
         self._thread = threading.Thread(target=self.serve_forever, name=f"reward-server-{self.name}", daemon=True)
@@ -476,10 +485,5 @@ def serve(
     logger.info(f"Serving reward `{server.name}` on {server.url} (POST /score, GET /health)")
     if not block:
         return server.start()
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    server.run()
     return server
