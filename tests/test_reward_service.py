@@ -331,7 +331,8 @@ def test_retry_after_is_honoured(start):
 
 def test_an_async_reward_failure_ends_the_process_at_once(tmp_path):
     script = f"""
-import sys, time
+import atexit, sys, time
+atexit.register(lambda: print("shutdown", time.monotonic(), flush=True))  # runs last: after the threads are joined
 sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
 from helpers import tiny_trainer
 
@@ -356,9 +357,12 @@ except ValueError as error:
     output, _ = process.communicate(timeout=120)
     ended = time.monotonic()
     assert process.returncode == 3, output
-    _, raised, message = output.split(" ", 2)
-    assert "the reward model crashed" in message
-    assert ended - float(raised) < 2.0  # the slow reward (20 s) does not hold the process
+    raised, shutdown = (line.split(" ", 2) for line in output.splitlines())
+    assert raised[0] == "raised" and "the reward model crashed" in raised[2]
+    # the slow reward (20 s) holds neither the exit (threads joined, exit handlers run) nor the process; what is left
+    # after the exit handlers is the interpreter's own teardown (about 1.5 s with torch loaded, with or without it)
+    assert float(shutdown[1]) - float(raised[1]) < 1.0
+    assert ended - float(raised[1]) < 5.0
 
 
 def test_two_replicas_one_killed_mid_run_every_score_arrives_bit_equal(start, processes):
