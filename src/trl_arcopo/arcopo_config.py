@@ -36,7 +36,7 @@ INTEGER_FIELDS = {
 }  # fmt: skip
 OPTIONAL_INTEGER_FIELDS = {
     "height": 480, "width": 832, "num_frames": 81, "num_frames_per_chunk": 3, "max_sequence_length": 512,
-    "pivot_chunk": 0, "reward_num_workers": 4,
+    "pivot_chunk": 0, "reward_num_workers": 4, "num_completions_to_print": 4,
 }  # fmt: skip
 
 
@@ -233,7 +233,12 @@ class ARCoPOConfig(TrainingArguments):
         > Parameters that control logging
 
         log_completions (`bool`, *optional*, defaults to `False`):
-            Save a video grid of the first group of each logged rollout to `output_dir/completions/`.
+            Save a video grid of the first group of each rollout to `output_dir/completions/`, and every
+            `logging_steps` show the last one: its candidates' videos and a table of prompt, candidate, pivot chunk,
+            each reward and the advantage, in each tracker of `report_to` (tensorboard, wandb, trackio, mlflow) and on
+            the console.
+        num_completions_to_print (`int`, *optional*):
+            Rows of that table printed on the console; `None`: all.
     """
 
     # Overridden TrainingArguments defaults
@@ -383,7 +388,11 @@ class ARCoPOConfig(TrainingArguments):
 
     # Logging
     log_completions: bool = field(
-        default=False, metadata={"help": "Save a video grid of the first group of each logged rollout."}
+        default=False,
+        metadata={"help": "Save a video grid of each rollout's first group; log the last one to the trackers."},
+    )
+    num_completions_to_print: int | None = field(
+        default=None, metadata={"help": "Rows of the completions table printed on the console (None: all)."}
     )
 
     def __post_init__(self):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -28,10 +30,12 @@ import torch
 from datasets import Dataset, IterableDataset
 from peft import PeftConfig
 from transformers import Trainer, TrainerCallback, set_seed
+from transformers.integrations import TensorBoardCallback
 from transformers.utils import logging
 
 from .arcopo_config import ARCoPOConfig
 from .checkpointing import CheckpointMixin, between_iterations
+from .completions import Completions, log_to_trackers
 from .data import EpochRepeatSampler, check_datasets, seeded_generator
 from .ema import AdapterEMA
 from .hub import HubMixin, save_sample_gif
@@ -45,6 +49,7 @@ from .rewards import RewardFunc, RewardScorer
 from .rewards.base import unscored_groups
 from .rollout import AnchorBatch, RolloutGroup, RolloutSpec, sample_group
 from .split_groups import check_split_groups, gather_group, process_share
+from .tracker_callbacks import use_diffusers_tracker_callbacks
 
 
 logger = logging.get_logger(__name__)
@@ -159,6 +164,10 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
         self.current_gradient_accumulation_steps = 1  # `train()` sets it per optimizer step
+        use_diffusers_tracker_callbacks(self)  # transformers' TensorBoard and MLflow callbacks, for a diffusers config
+        #: `log_completions`: the last group rolled out, shown at the next log; the GIFs given to trackers by path.
+        self._completions: Completions | None = None
+        self._completions_folder: str | None = None
         self._guard = NonFiniteGuard(args.max_nonfinite_steps, self.accelerator, self.adapter_state_dict)
         self.add_callback(self._guard)
         self._saving_checkpoint = False
@@ -177,6 +186,9 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
             return super().train(*args, **kwargs)
         finally:
             self.scorer.close(wait=False)
+            if self._completions_folder is not None:  # the GIFs the trackers took by path (they copy them)
+                shutil.rmtree(self._completions_folder, ignore_errors=True)
+                self._completions_folder = None
 
     def _share(self, size: int) -> slice:
         """This process's share of `size` items split over the processes (`split_groups_across_processes`)."""
@@ -283,6 +295,16 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
             save_sample_gif(
                 folder, name, group.prompts[0], videos[: local.stop - local.start], group.rewards[0, local]
             )
+            first = rewards.per_func[: group.num_generations][local]  # [G_local, n_funcs]: the first group's
+            self._completions = Completions(
+                step=self.state.global_step,
+                prompt=group.prompts[0],
+                pivot=group.pivot,
+                videos=(videos[: local.stop - local.start].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu(),
+                rewards={name: first[:, i].tolist() for i, name in enumerate(self.scorer.names)},
+                reward=group.rewards[0, local].tolist(),
+                advantages=group.advantages[0, local].tolist(),
+            )  # logged with the next metrics ([`log`])
         if mode != "collect":
             group.latents = None  # only the replay buffer keeps them (the prefix)
         return group
@@ -504,3 +526,12 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
                 logs = {**logs, "loss": math.nan}
         super().log({**logs, **metrics}, start_time)
         self._metrics[mode].clear()
+        if mode == "train" and self._completions is not None:
+            completions, self._completions = self._completions, None
+            completions.print(self.args.num_completions_to_print)
+            if self._completions_folder is None:
+                self._completions_folder = tempfile.mkdtemp(prefix="trl_arcopo_completions_")
+            writer = next(
+                (c.tb_writer for c in self.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None
+            )
+            log_to_trackers(completions, self.args.report_to, self._completions_folder, writer)
