@@ -15,6 +15,7 @@
 
 __version__ = "0.1.0.dev0"
 
+from . import dependency_logging  # first: before peft imports bitsandbytes
 from .arcopo_config import ARCoPOConfig
 from .arcopo_trainer import ARCoPOTrainer
 from .kv_cache import KVCache
