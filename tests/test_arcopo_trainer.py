@@ -101,6 +101,7 @@ NAN, INF = float("nan"), float("inf")
         (dict(max_sequence_length=-5), "max_sequence_length=-5` must be a positive number of text tokens, or None"),
         (dict(max_sequence_length=0), "max_sequence_length=0` must be a positive number of text tokens, or None"),
         (dict(max_sequence_length=64.0), "max_sequence_length=64.0` must be an integer or None, not a float"),
+        (dict(num_completions_to_print=-1), r"num_completions_to_print=-1` must be >= 0 rows, or None for all"),
     ],
 )
 def test_config_errors_name_value_and_fix(kwargs, match):

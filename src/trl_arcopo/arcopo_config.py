@@ -432,6 +432,10 @@ class ARCoPOConfig(TrainingArguments):
             )
         if self.num_iterations < 1:
             raise ValueError(f"`num_iterations={self.num_iterations}` must be at least 1 (paper: 2).")
+        if self.num_completions_to_print is not None and self.num_completions_to_print < 0:
+            raise ValueError(
+                f"`num_completions_to_print={self.num_completions_to_print}` must be >= 0 rows, or None for all."
+            )
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise ValueError(
                 f"`max_sequence_length={self.max_sequence_length}` must be a positive number of text tokens, or None "
