@@ -21,11 +21,14 @@ Align a streaming video generator with AR-CoPO.
     accelerate launch examples/train_arcopo.py --seed 1 --max_steps 20
     accelerate launch examples/train_arcopo.py --pipeline_name_or_path tiny-random --config examples/configs/tiny.yaml
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/train_arcopo.py \\
-        --pipeline_name_or_path path/to/self-forcing-diffusers --prompts_file prompts.txt --reward_funcs mymod.reward
+        --pipeline_name_or_path path/to/self-forcing-diffusers --prompts_file prompts.txt \\
+        --reward_funcs "videoalign:checkpoints/VideoReward?dimensions=VQ+MQ+TA" "flicker"
 
 Without `--config` (or another `--pipeline_name_or_path`) it reads `examples/configs/moving_shapes.yaml`, the main
 job: the Moving Shapes generator of `trl_arcopo.shapes`, a preference next to the verifiable rewards, and the report
-of `trl_arcopo.shapes.write_report`. Reward names resolve with `trl_arcopo.rewards.load_reward_func`.
+of `trl_arcopo.shapes.write_report`. Rewards are names with options, resolved by `trl_arcopo.rewards.load_reward_func`
+(docs/rewards.md, "Rewards by name"): on the command line `--reward_funcs NAME[:ARGUMENT][?KEY=VALUE&...] ...`, in a
+YAML config a `reward_funcs:` list whose entries are such strings or mappings `{name: NAME, KEY: VALUE, ...}`.
 """
 
 import os
@@ -35,13 +38,12 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import PartialState
 from datasets import Dataset, load_dataset
-from peft import LoraConfig
 from trl import TrlParser
 
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer, SelfForcingPipeline, shapes
 from trl_arcopo.policy import DEFAULT_LORA_TARGETS
 from trl_arcopo.quantization import pipeline_quantization_config
-from trl_arcopo.rewards import load_reward_func
+from trl_arcopo.rewards import RewardSpec, parse_reward_spec
 from trl_arcopo.testing_utils import tiny_pipeline
 
 
@@ -59,7 +61,11 @@ class ScriptArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "A datasets name/path with a 'prompt' column."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     prompts_file: str | None = field(default=None, metadata={"help": "Text file, one prompt per line."})
-    reward_funcs: list[str] | None = field(default=None, metadata={"help": "Names for `load_reward_func`."})
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={"help": "Rewards by name, with options: 'videoalign:checkpoints/VideoReward?dimensions=VQ+MQ+TA', "
+                  "'motion_magnitude?scale=20', ...; in YAML also mappings {name: videoalign, path: ...}."},
+    )  # fmt: skip
     shapes_pipeline_path: str | None = field(
         default=None, metadata={"help": "Moving Shapes: a pretrain.py folder instead of the shipped model."}
     )
@@ -88,12 +94,28 @@ def cpu_threads(requested, num_processes, device_type, num_cores):
     return requested or (num_cores if device_type == "cpu" and num_processes == 1 else None)
 
 
+def reward_specs(reward_funcs, world):
+    """
+    The run's rewards, resolved and checked before anything loads (an unknown name or option, or a missing
+    checkpoint, fails now): each entry of `--reward_funcs` or of the YAML list is a name with options or a mapping
+    ([`~trl_arcopo.rewards.parse_reward_spec`]). Without any, the Moving Shapes world's verifiable rewards, or the toy
+    `redness` on another generator.
+    """
+    names = reward_funcs or (shapes.VERIFIABLE_REWARDS if world else ["redness"])
+    return [parse_reward_spec(name) for name in names]
+
+
 def main(script_args, training_args, lora_args):
+    # peft imports bitsandbytes, whose import-time warning about an optional CPU kernel `import trl_arcopo` (above)
+    # demotes to DEBUG; imported at the top, it would come first and print it
+    from peft import LoraConfig
+
     state = PartialState()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if (threads := cpu_threads(script_args.num_threads, state.num_processes, state.device.type, cores)) is not None:
         torch.set_num_threads(threads)
     world = script_args.pipeline_name_or_path == MOVING_SHAPES
+    rewards: list[RewardSpec] = reward_specs(script_args.reward_funcs, world)
     if script_args.load_in_bits is not None and script_args.pipeline_name_or_path in (MOVING_SHAPES, TINY_RANDOM):
         raise ValueError(
             f"--load_in_bits {script_args.load_in_bits} quantises a pipeline loaded from a folder or the Hub on a GPU, "
@@ -123,10 +145,9 @@ def main(script_args, training_args, lora_args):
     )
     before = measure() if report else None
 
-    names = script_args.reward_funcs or (shapes.VERIFIABLE_REWARDS if world else ["redness"])
     trainer = ARCoPOTrainer(  # Training
         pipeline=pipeline,
-        reward_funcs=[load_reward_func(name) for name in names],
+        reward_funcs=[spec.build() for spec in rewards],
         args=training_args,
         train_dataset=dataset,
         peft_config=LoraConfig(r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,

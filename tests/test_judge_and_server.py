@@ -386,7 +386,7 @@ def test_cli_reward_server_serves_until_shut_down(monkeypatch):
 
 def test_cli_bad_callable_names_the_value_and_the_form(capsys):
     for spec, message in [
-        ("redness", "'redness' is not of the form MODULE:CALLABLE"),
+        ("no_such_reward", "Unknown reward 'no_such_reward'"),  # a name (e.g. `redness`) or MODULE:CALLABLE
         ("trl_arcopo.rewards.base:nope", "'trl_arcopo.rewards.base' has no attribute 'nope'"),
         ("no_such_module_xyz:reward", "Cannot import the module 'no_such_module_xyz'"),
         ("trl_arcopo.rewards.frames:CLIP_MEAN", "is a tuple, not a reward function"),

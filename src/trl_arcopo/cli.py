@@ -14,8 +14,9 @@
 """
 The `trl-arcopo` command and its subcommands:
 
-- `trl-arcopo reward-server MODULE:CALLABLE [--host H] [--port N] [--kwargs JSON] [--max-concurrency N]`: serve a
-  reward function over HTTP ([`~trl_arcopo.rewards.server.serve`]).
+- `trl-arcopo reward-server REWARD [--host H] [--port N] [--kwargs JSON] [--max-concurrency N]`: serve a reward
+  function over HTTP ([`~trl_arcopo.rewards.server.serve`]); `REWARD` is a name with its options
+  (`videoalign:checkpoints/VideoReward?device=cuda:1`) or `MODULE:CALLABLE`.
 - `trl-arcopo plan CONFIG.yaml [--preset NAME] [--gpu GPU ...] [--grid] [--json]`: predict the FLOPs, memory and
   time of one iteration before a launch ([`~trl_arcopo.planning.plan`]).
 
@@ -26,8 +27,6 @@ arguments>`; `main` lists them in `SUBCOMMANDS`.
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import logging
 import sys
@@ -36,34 +35,17 @@ from collections.abc import Callable
 
 def load_callable(spec: str, kwargs: dict | None = None) -> Callable:
     """
-    The object `MODULE:CALLABLE` names (`CALLABLE` may be dotted: `module:Class.attribute`). A class is instantiated
-    with `kwargs`; with `kwargs`, a function is called with them to build the reward (a factory, e.g.
+    The reward `spec` names, built with the options `kwargs` ([`~trl_arcopo.rewards.registry.load_reward_func`]): a
+    reward name with its options (`videoalign:checkpoints/VideoReward?dimensions=MQ`, `motion_magnitude?scale=10`,
+    ...) or `MODULE:CALLABLE` (`CALLABLE` may be dotted: `module:Class.attribute`). A class is instantiated with
+    `kwargs`; with `kwargs`, a function is called with them to build the reward (a factory, e.g.
     `trl_arcopo.rewards.base:load_reward_func` with `{"name": "sharpness"}`); without, a function is the reward itself.
-    A malformed `spec` or a missing module or attribute raises a `ValueError`, an object that cannot be built or is not
-    callable a `TypeError`, each naming `spec`.
+    A malformed `spec`, an unknown name or option, or a missing module or attribute raises a `ValueError`, a missing
+    path a `FileNotFoundError`, an object that cannot be built or is not callable a `TypeError`, each naming `spec`.
     """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(
-            f"{spec!r} is not of the form MODULE:CALLABLE (e.g. 'trl_arcopo.rewards.base:redness' or "
-            "'my_rewards:MyReward')."
-        )
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"Cannot import the module {module_name!r} of {spec!r} (MODULE:CALLABLE): {error}.") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{spec!r}: {module_name!r} has no attribute {attr!r}; give MODULE:CALLABLE.")
-        obj = getattr(obj, part)
-    if inspect.isclass(obj) or kwargs:
-        try:
-            obj = obj(**(kwargs or {}))
-        except TypeError as error:
-            raise TypeError(f"{spec!r} cannot be built with the keyword arguments {kwargs or {}}: {error}.") from None
-    if not callable(obj):
-        raise TypeError(f"{spec!r} is a {type(obj).__name__}, not a reward function: give MODULE:CALLABLE.")
-    return obj
+    from .rewards.registry import load_reward_func
+
+    return load_reward_func(spec, **(kwargs or {}))
 
 
 # ---------------------------------------------------------------------------------------------------- reward-server
@@ -74,8 +56,11 @@ def _add_reward_server(subparsers) -> None:
         description="Serve a reward function over HTTP, for `trl_arcopo.rewards.RewardServerClient`.",
     )
     parser.add_argument(
-        "reward", metavar="MODULE:CALLABLE", help="e.g. trl_arcopo.rewards.base:redness; a class is instantiated."
-    )
+        "reward", metavar="REWARD",
+        help="a reward name with its options, e.g. 'videoalign:checkpoints/VideoReward?dimensions=VQ+MQ+TA' or "
+        "'motion_magnitude?scale=10' (docs/rewards.md, 'Rewards by name'), or MODULE:CALLABLE, e.g. "
+        "trl_arcopo.rewards.base:redness (a class is instantiated).",
+    )  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1).")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one).")
     parser.add_argument("--kwargs", default=None, help="JSON object of keyword arguments, e.g. '{\"scale\": 10}'.")
@@ -117,7 +102,7 @@ def _add_reward_server(subparsers) -> None:
             parser.error(f"{error} (flags use dashes: --max-body-mb, ...)")
         try:
             reward = load_callable(args.reward, kwargs)
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, OSError, ImportError) as error:  # OSError: a missing path
             parser.error(str(error))
         try:
             server = RewardServer(reward, args.host, args.port, limits, args.api_key)

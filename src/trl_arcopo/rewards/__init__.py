@@ -17,7 +17,8 @@ Rewards: the reward-function type, how the trainer calls and combines them (`bas
 predictor on the frames), and rewards computed elsewhere (`judge`: a VLM behind an OpenAI-compatible server;
 `videoalign`, `hpsv3`: the Qwen2-VL reward models VideoAlign and HPSv3, on `qwen_vl`'s preprocessing;
 `server`: any reward function served over HTTP with FastAPI, imported on first use; `server_client`: its client;
-`wire`: their format; `remote`: the deadline, retry and failure policy of the clients).
+`wire`: their format; `remote`: the deadline, retry and failure policy of the clients), and `registry`: every reward
+by name, with its options (`load_reward_func`, for the command line, YAML and Python).
 """
 
 from .base import (
@@ -39,6 +40,7 @@ from .clip import AestheticMLP, AestheticReward, CLIPScoreReward, load_aesthetic
 from .hpsv3 import HPSv3Reward
 from .judge import VLMJudgeReward
 from .qwen_vl import QwenVLReward, QwenVLRewardModel
+from .registry import REWARD_FAMILIES, RewardFamily, RewardSpec, parse_reward_spec, reward_names
 from .remote import RemoteReward, RemoteRewardError
 from .server_client import RewardServerClient
 from .video_metrics import FlickerReward, MotionMagnitudeReward, SharpnessReward
@@ -47,6 +49,7 @@ from .videoalign import VIDEOALIGN_CALIBRATION, VideoAlignReward, remap_videoali
 
 __all__ = [
     "MULTI_OBJECTIVE_AGGREGATIONS",
+    "REWARD_FAMILIES",
     "VIDEOALIGN_CALIBRATION",
     "AestheticMLP",
     "AestheticReward",
@@ -59,10 +62,12 @@ __all__ = [
     "QwenVLRewardModel",
     "RemoteReward",
     "RemoteRewardError",
+    "RewardFamily",
     "RewardFunc",
     "RewardScorer",
     "RewardServer",
     "RewardServerClient",
+    "RewardSpec",
     "ServerLimits",
     "SharpnessReward",
     "VLMJudgeReward",
@@ -73,10 +78,12 @@ __all__ = [
     "load_aesthetic_head",
     "load_reward_func",
     "normalize_per_group",
+    "parse_reward_spec",
     "random_reward",
     "redness",
     "remap_videoalign_state_dict",
     "reward_func_name",
+    "reward_names",
     "score_group",
     "serve",
 ]

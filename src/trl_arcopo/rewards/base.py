@@ -18,7 +18,6 @@ into one reward per video. No trainer imports.
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 import time
@@ -399,29 +398,15 @@ def random_reward(prompts: Sequence[str], videos: torch.Tensor, **kwargs) -> lis
     return torch.rand(len(prompts)).tolist()
 
 
-def load_reward_func(name: str) -> RewardFunc:
+def load_reward_func(spec=None, /, **options) -> RewardFunc:
     """
-    The reward function a name denotes, the one place names resolve: `"redness"` and `"random"` (the toy rewards
-    above), `"motion_magnitude"`, `"flicker"` and `"sharpness"` (the weight-free video metrics, default settings), a
-    reward of the Moving Shapes world (`"prominence_reward"`, `"shape_reward"`, ... from `trl_arcopo.shapes`), or a
-    dotted import path `"package.module.function"`.
+    The reward function a name denotes, the one place names resolve: the reward models and clients with their
+    options (`"videoalign:checkpoints/VideoReward?dimensions=VQ+MQ+TA"`, `"pickscore"`, `"judge:URL?model=..."`,
+    `"server:URL"`, ...), the weight-free video metrics (`"motion_magnitude"`, `"flicker"`, `"sharpness"`), the toy
+    rewards `"redness"` and `"random"` above, a reward of the Moving Shapes world (`"prominence_reward"`, ...), or an
+    import path (`"package.module.function"`, `"MODULE:CALLABLE"`); also the YAML form, a mapping with a `name`.
+    See [`~trl_arcopo.rewards.registry.load_reward_func`].
     """
-    from .. import shapes
-    from .video_metrics import FlickerReward, MotionMagnitudeReward, SharpnessReward
+    from .registry import load_reward_func as resolve
 
-    if name in ("redness", "random"):
-        return redness if name == "redness" else random_reward
-    metrics = {"motion_magnitude": MotionMagnitudeReward, "flicker": FlickerReward, "sharpness": SharpnessReward}
-    if name in metrics:
-        return metrics[name]()
-    if not name.startswith("_") and callable(getattr(shapes, name, None)) and name.endswith("_reward"):
-        return getattr(shapes, name)
-    module, _, attr = name.rpartition(".")
-    if not module:
-        raise ValueError(
-            f"Unknown reward {name!r}: use 'redness', 'random', 'motion_magnitude', 'flicker', 'sharpness', a Moving "
-            "Shapes reward (colour_reward, shape_reward, "
-            "direction_reward, temporal_quality_reward, prominence_reward, combined_reward) or a dotted path "
-            "'package.module.function'."
-        )
-    return getattr(importlib.import_module(module), attr)
+    return resolve(spec, **options)
