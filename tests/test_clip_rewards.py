@@ -1,12 +1,22 @@
 """CLIP-family rewards on a tiny random `CLIPModel` (offline): preprocessing, frame policy, calibration, invariances."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel
 
 from trl_arcopo.rewards import CLIPScoreReward
-from trl_arcopo.rewards.frames import CLIP_MEAN, CLIP_STD, frame_indices, resize_center_crop
+from trl_arcopo.rewards.frames import (
+    CLIP_MEAN,
+    CLIP_STD,
+    frame_indices,
+    normalize,
+    resize_bicubic,
+    resize_bicubic_pil,
+    resize_center_crop,
+    shortest_edge_size,
+)
 from trl_arcopo.testing_utils import tiny_tokenizer
 
 
@@ -38,9 +48,47 @@ def test_frame_policies():
 def test_resize_center_crop_sizes_and_normalisation():
     images = torch.full((2, 3, 48, 64), 0.5)
     out = resize_center_crop(images, 32)
-    assert out.shape == (2, 3, 32, 32)  # short side 48 -> 32, width 64 -> 43, then the center 32
+    assert out.shape == (2, 3, 32, 32)  # short side 48 -> 32, width 64 -> int(32 * 64 / 48) = 42, then the center 32
+    assert shortest_edge_size(48, 64, 32) == (32, 42) and shortest_edge_size(64, 48, 32) == (42, 32)
     expected = (0.5 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     assert torch.allclose(out[0, :, 5, 7], expected, atol=1e-5)
+
+
+def _smooth_frame(height, width, seed=0):
+    """An 8-bit RGB frame `[H, W, 3]` of smooth colour waves with a little noise (natural-image-like frequencies)."""
+    y, x = np.mgrid[0:height, 0:width]
+    waves = np.stack([128 + 100 * np.sin(x / 37 + c) * np.cos(y / 23 - c) for c in range(3)], axis=-1)
+    noise = np.random.default_rng(seed).normal(0, 8, waves.shape)
+    return np.clip(waves + noise, 0, 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("height, width", [(480, 854), (480, 832)])
+def test_resize_center_crop_matches_the_transformers_clip_processor(height, width):
+    # transformers' CLIPImageProcessor (here its PIL backend; the torchvision one is the same rule) resizes the short
+    # side to 224 and truncates the long side: 480x854 -> 224x398 (398.53; rounding gave 399 and shifted the crop)
+    processor_module = pytest.importorskip("transformers.models.clip.image_processing_pil_clip")
+    frame = _smooth_frame(height, width)
+    expected = torch.from_numpy(
+        processor_module.CLIPImageProcessorPil()(images=[frame], return_tensors="np")["pixel_values"]
+    )
+    levels = torch.from_numpy(frame).permute(2, 0, 1)[None].float()  # [1, 3, H, W] in 0..255
+    new_h, new_w = shortest_edge_size(height, width, 224)
+    assert (new_h, new_w) == (224, int(224 * width / height)) and new_w == {854: 398, 832: 388}[width]
+    # the same size and crop: with PIL's 8-bit bicubic (reproduced in torch) in place of torch's, the output is equal
+    pil = resize_bicubic_pil(levels, (new_h, new_w)) / 255
+    top, left = (new_h - 224) // 2, (new_w - 224) // 2
+    torch.testing.assert_close(
+        normalize(pil[..., top : top + 224, left : left + 224], CLIP_MEAN, CLIP_STD), expected, atol=1e-6, rtol=0
+    )
+    # ours differs only by the kernel: torch's float bicubic vs PIL's 8-bit one on the same 224xW grid. Measured on
+    # these frames: 0.0040 at most in [0, 1] (about one 8-bit level, PIL's rounding), so 0.015 at most and 0.004 on
+    # average after the normalisation (/ std ~0.27). On white noise it reaches 0.06-0.12 (PIL clips its 8-bit
+    # intermediate image). The rounded size of before was off by up to 0.23 here (the crop one pixel off).
+    kernel_only = (resize_bicubic(levels / 255, (new_h, new_w)).clamp(0, 1) - pil).abs().max().item()
+    assert kernel_only < 1.1 / 255
+    ours = resize_center_crop(levels / 255, 224)
+    assert (ours - expected).abs().max().item() <= kernel_only / min(CLIP_STD) + 1e-5
+    assert (ours - expected).abs().mean().item() < 0.005
 
 
 def test_clip_score_calibration_aggregation_and_invariances():

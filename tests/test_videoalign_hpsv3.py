@@ -5,10 +5,12 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
+from trl_arcopo.rewards.frames import CLIP_MEAN, CLIP_STD, quantize_8bit, resize_bicubic_pil, resize_bicubic_uint8
 from trl_arcopo.rewards.hpsv3 import HPSV3_SPECIAL_TOKEN, HPSv3Reward, hpsv3_prompt
 from trl_arcopo.rewards.qwen_vl import (
     VIDEO_MIN_PIXELS,
@@ -151,6 +153,34 @@ def test_patchify_matches_the_transformers_image_processor():
     torch.testing.assert_close(pixels, expected["pixel_values"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "size, out", [((480, 832), (336, 588)), ((240, 416), (364, 616)), ((37, 53), (20, 70)), ((100, 100), (100, 57))]
+)
+def test_pil_bicubic_resize_is_pils_bit_for_bit(size, out):
+    # HPSv3's reference resizes 8-bit images with PIL: reproduced in torch (fixed point, 8 bits after each pass)
+    from PIL import Image
+
+    image = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)  # white noise: the hardest case
+    expected = np.asarray(Image.fromarray(image).resize(out[::-1], Image.BICUBIC))
+    levels = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    assert np.array_equal(resize_bicubic_pil(levels, out)[0].permute(1, 2, 0).numpy(), expected)
+
+
+def test_resize_modes():
+    frames = torch.rand(2, 3, 40, 60, generator=torch.Generator().manual_seed(0))
+    levels = {}
+    for mode in ("float", "uint8", "pil"):
+        normalised = resize_normalize(frames, (56, 84), resample=mode)
+        std, mean = torch.tensor(CLIP_STD).view(3, 1, 1), torch.tensor(CLIP_MEAN).view(3, 1, 1)
+        levels[mode] = (normalised * std + mean) * 255
+    for mode in ("uint8", "pil"):  # 8-bit levels, within a level or so of the float resize
+        assert torch.allclose(levels[mode], levels[mode].round(), atol=1e-3)
+        assert (levels[mode] - levels["float"].clamp(0, 255)).abs().mean() < 1
+    assert torch.allclose(levels["uint8"], resize_bicubic_uint8(quantize_8bit(frames), (56, 84)), atol=1e-3)
+    with pytest.raises(ValueError, match="`resample='nearest'` must be one of"):
+        resize_normalize(frames, (56, 84), resample="nearest")
+
+
 def test_video_patch_layout_by_hand():
     # a value that encodes where it comes from: frame t, channel c, row y, column x
     t, c, y, x = torch.meshgrid(torch.arange(3), torch.arange(3), torch.arange(56), torch.arange(56), indexing="ij")
@@ -244,6 +274,19 @@ def test_videoalign_calibration_aggregation_and_invariances(tiny, videos):
     )
     raw_sum = _videoalign(tiny, dimensions=("VQ", "TA"), normalize=False)(PROMPTS[1:2], videos[1:2])[0]
     assert raw_sum == pytest.approx((raw[0] + raw[2]).item(), abs=1e-5)
+
+
+def test_reference_exact_switches_the_resize_only(tiny, videos):
+    hpsv3_first = lambda tiny, **kwargs: _hpsv3(tiny, frames="first", **kwargs)  # noqa: E731
+    same_size = torch.round(torch.rand(1, 4, 3, 56, 84, generator=torch.Generator().manual_seed(2)) * 255) / 255
+    for make, mode in ((_videoalign, "uint8"), (hpsv3_first, "pil")):
+        default, exact = make(tiny), make(tiny, reference_exact=True)
+        assert (default.resample, exact.resample) == ("float", mode) and not default.reference_exact
+        # 40x60 frames upscaled to 56x84: rounding to 8 bits (and PIL's kernel) moves the scores a little
+        rounded, unrounded = exact(PROMPTS[:1], videos[:1, :4]), default(PROMPTS[:1], videos[:1, :4])
+        assert rounded == pytest.approx(unrounded, abs=1e-2) and rounded != unrounded
+        # 8-bit frames (k / 255) already of their model size: nothing is resized or rounded, the two agree
+        assert exact(PROMPTS[:1], same_size) == pytest.approx(default(PROMPTS[:1], same_size), abs=1e-6)
 
 
 def test_videoalign_three_column_head_reads_the_diagonal(tiny, videos):

@@ -102,16 +102,22 @@ class HPSv3Reward(QwenVLReward):
             ([`~trl_arcopo.rewards.frames.frame_indices`]), checked now.
         min_pixels, max_pixels (`int`, default to `256 * 28 * 28` each): per-frame pixel bounds, as HPSv3 sets them.
         batch_size (`int`, defaults to `8`): frames per forward pass.
+        reference_exact (`bool`, defaults to `False`): resize as the reference inference does, which reads 8-bit
+            images with PIL: each frame is rounded to 8-bit levels and resized exactly as PIL's
+            `Image.resize(..., BICUBIC)` does (fixed point, 8-bit after each pass; in torch, no PIL needed). The
+            head runs in float32 either way, as in the reference. The default resizes the float frames.
     """
 
     __name__ = "hpsv3"
     media = "image"
     special_tokens = (HPSV3_SPECIAL_TOKEN,)
+    reference_resample = "pil"
+    reference_head_dtype = torch.float32  # the reference casts its head to float32
 
     def __init__(self, model: QwenVLRewardModel, tokenizer, frames: str = "uniform", num_frames: int = 4,
                  fps: float | None = None, video_fps: float = 16.0, min_pixels: int = HPSV3_PIXELS,
-                 max_pixels: int = HPSV3_PIXELS, batch_size: int = 8):  # fmt: skip
-        super().__init__(model, tokenizer, min_pixels, max_pixels, batch_size)
+                 max_pixels: int = HPSV3_PIXELS, batch_size: int = 8, reference_exact: bool = False):  # fmt: skip
+        super().__init__(model, tokenizer, min_pixels, max_pixels, batch_size, reference_exact)
         self.policy = dict(policy=frames, k=num_frames, fps=fps, video_fps=video_fps)
         frame_indices(num_frames, **self.policy)
 

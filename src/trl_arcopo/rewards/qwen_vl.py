@@ -38,7 +38,15 @@ from torch import nn
 
 from ..io_utils import load_tensors_only
 from ..quantization import require_bitsandbytes
-from .frames import CLIP_MEAN, CLIP_STD, normalize, resize_bicubic
+from .frames import (
+    CLIP_MEAN,
+    CLIP_STD,
+    normalize,
+    quantize_8bit,
+    resize_bicubic,
+    resize_bicubic_pil,
+    resize_bicubic_uint8,
+)
 
 
 PATCH_SIZE = 14
@@ -52,6 +60,8 @@ VIDEO_MIN_PIXELS = 128 * IMAGE_FACTOR * IMAGE_FACTOR
 MM_TOKEN_TYPES = {"image": 1, "video": 2}
 #: How the backbone positions the tokens: see [`QwenVLRewardModel`].
 POSITION_MODES = ("sequential", "mrope")
+#: How frames are resized: see [`resize_normalize`].
+RESAMPLE_MODES = ("float", "uint8", "pil")
 _SYSTEM_PROMPT = "You are a helpful assistant."
 
 
@@ -111,13 +121,30 @@ def fps_frame_indices(
 
 
 def resize_normalize(
-    frames: torch.Tensor, size: tuple[int, int], mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+    frames: torch.Tensor,
+    size: tuple[int, int],
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    resample: str = "float",
 ) -> torch.Tensor:
     """
-    `frames` `[B, 3, H, W]` in `[0, 1]` resized to `size` (bicubic, antialiased, as the reference's torchvision and PIL
-    resizes), clamped to `[0, 1]` and normalised with Qwen2-VL's (OpenAI CLIP's) mean and std: `[B, 3, h, w]`.
+    `frames` `[B, 3, H, W]` in `[0, 1]` resized to `size`, clamped to `[0, 1]` and normalised with Qwen2-VL's (OpenAI
+    CLIP's) mean and std: `[B, 3, h, w]`. A frame already of `size` is not resampled. `resample`:
+
+    - `"float"`: torch's bicubic antialiased interpolation of the float frames (the default: no 8-bit rounding);
+    - `"uint8"`: the frames rounded to 8-bit levels, interpolated by the same kernel and rounded to 8 bits again, as
+      torchvision resizes a decoded `uint8` video (VideoAlign's reference);
+    - `"pil"`: the frames rounded to 8-bit levels and resized exactly as PIL's `Image.resize(..., BICUBIC)` resizes an
+      8-bit image ([`~trl_arcopo.rewards.frames.resize_bicubic_pil`]; HPSv3's reference).
     """
-    frames = frames.float() if tuple(frames.shape[-2:]) == tuple(size) else resize_bicubic(frames, size)
+    if resample == "float":
+        frames = frames.float() if tuple(frames.shape[-2:]) == tuple(size) else resize_bicubic(frames, size)
+    elif resample == "uint8":
+        frames = resize_bicubic_uint8(quantize_8bit(frames), size) / 255
+    elif resample == "pil":
+        frames = resize_bicubic_pil(quantize_8bit(frames), size) / 255
+    else:
+        raise ValueError(f"`resample={resample!r}` must be one of {RESAMPLE_MODES}.")
     return normalize(frames, mean, std)
 
 
@@ -239,10 +266,12 @@ def prepare_inputs(
     min_pixels: int,
     max_pixels: int,
     device: torch.device | str | None = None,
+    resample: str = "float",
 ) -> dict[str, torch.Tensor]:
     """
     The model inputs of `B` pairs: `visuals` `[B, T, 3, H, W]` in `[0, 1]` (`T` frames of a video, `T = 1` for an
-    image) resized by [`smart_resize`] to the same size, normalised and patchified, and the `B` texts. Returns
+    image) resized by [`smart_resize`] to the same size (by `resample`, see [`resize_normalize`]), normalised and
+    patchified, and the `B` texts. Returns
     `input_ids`, `attention_mask`, `mm_token_type_ids` and `pixel_values_videos` / `video_grid_thw` (or
     `pixel_values` / `image_grid_thw`), on `device`.
     """
@@ -253,7 +282,8 @@ def prepare_inputs(
         )
     b, t = visuals.shape[:2]
     size = smart_resize(*visuals.shape[-2:], min_pixels=min_pixels, max_pixels=max_pixels)
-    frames = resize_normalize(visuals.flatten(0, 1).to(device), size).unflatten(0, (b, t))  # [B, T, 3, h, w]
+    frames = resize_normalize(visuals.flatten(0, 1).to(device), size, resample=resample)
+    frames = frames.unflatten(0, (b, t))  # [B, T, 3, h, w]
     pixel_values, grid_thw = patchify(frames)
     inputs = build_text_inputs(tokenizer, texts, media, int(grid_thw[0].prod()) // MERGE_SIZE**2)
     prefix = "pixel_values_videos" if media == "video" else "pixel_values"
@@ -269,7 +299,7 @@ class QwenVLRewardModel(nn.Module):
     Args:
         backbone (`transformers.Qwen2VLForConditionalGeneration` or `transformers.Qwen2VLModel`): the vision-language
             model (its `lm_head`, if any, is not used). Put in `eval()`, gradients off.
-        head (`nn.Module`): maps hidden states `[..., D]` to scores `[..., out_dim]`; kept and run in float32.
+        head (`nn.Module`): maps hidden states `[..., D]` to scores `[..., out_dim]`; kept and run in `head_dtype`.
         reward_token_ids (`Sequence[int]`): the tokens read, in the order they appear in the text; each must occur
             exactly once per text.
         positions (`str`, defaults to `"sequential"`): the rotary positions of the tokens. `"sequential"` numbers
@@ -277,20 +307,23 @@ class QwenVLRewardModel(nn.Module):
             checkpoints were trained with (their forward called the language model without Qwen2-VL's 3-D
             positions). `"mrope"` uses Qwen2-VL's own 3-D positions for the vision tokens (from
             `mm_token_type_ids` and the grids), for heads trained that way.
+        head_dtype (`torch.dtype`, defaults to `torch.float32`): the dtype the head is kept and run in; the hidden
+            states are cast to it (VideoAlign's reference runs its head in the checkpoint's bfloat16).
 
     `forward(**inputs)` takes [`prepare_inputs`]'s dict and returns the scores `[B, n_reward_tokens, out_dim]`,
     float32.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, reward_token_ids: Sequence[int],
-                 positions: str = "sequential"):  # fmt: skip
+                 positions: str = "sequential", head_dtype: torch.dtype = torch.float32):  # fmt: skip
         super().__init__()
         if positions not in POSITION_MODES:
             raise ValueError(f"`positions={positions!r}` must be one of {POSITION_MODES}.")
         if not reward_token_ids:
             raise ValueError("`reward_token_ids` is empty: give the ids of the tokens whose hidden states are scored.")
         self.backbone = backbone.eval().requires_grad_(False)
-        self.head = head.float().eval().requires_grad_(False)
+        self.head = head.to(head_dtype).eval().requires_grad_(False)
+        self.head_dtype = head_dtype
         self.reward_token_ids = [int(i) for i in reward_token_ids]
         self.positions = positions
 
@@ -330,7 +363,7 @@ class QwenVLRewardModel(nn.Module):
         hidden = output.last_hidden_state  # [B, L, D]
         index = self.reward_positions(input_ids)  # [B, n]
         picked = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, n, D]
-        return self.head(picked.float())  # [B, n, out_dim]
+        return self.head(picked.to(self.head_dtype)).float()  # [B, n, out_dim]
 
 
 class QwenVLReward:
@@ -339,13 +372,21 @@ class QwenVLReward:
     visuals `[B, T, 3, H, W]` and texts, which [`prepare_inputs`] and the model score by `batch_size`
     ([`raw_scores`] -> `[B, n_reward_tokens, out_dim]`); a visual's score does not depend on its batch mates.
     `from_pretrained` loads a released checkpoint that `read_checkpoint` (defined by each) reads.
+
+    With `reference_exact=True` the frames are resized as the reference inference resizes them, 8-bit rounding
+    included (`reference_resample`, see [`resize_normalize`]), and `from_pretrained` keeps the head in the dtype the
+    reference runs it in (`reference_head_dtype`; `None` is the checkpoint's).
     """
 
     media = "video"
     #: The tokens the model reads, in order; the tokenizer must map them to the model's `reward_token_ids`.
     special_tokens: tuple[str, ...] = ()
+    #: The reference's resize (a mode of [`resize_normalize`]) and head dtype (`None`: the checkpoint's).
+    reference_resample = "float"
+    reference_head_dtype: torch.dtype | None = torch.float32
 
-    def __init__(self, model: QwenVLRewardModel, tokenizer, min_pixels: int, max_pixels: int, batch_size: int):
+    def __init__(self, model: QwenVLRewardModel, tokenizer, min_pixels: int, max_pixels: int, batch_size: int,
+                 reference_exact: bool = False):  # fmt: skip
         if batch_size < 1:
             raise ValueError(f"`batch_size={batch_size}` must be at least 1.")
         smart_resize(IMAGE_FACTOR, IMAGE_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)  # checks the bounds
@@ -357,6 +398,8 @@ class QwenVLReward:
             )
         self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
         self.min_pixels, self.max_pixels, self.batch_size = min_pixels, max_pixels, batch_size
+        self.reference_exact = bool(reference_exact)
+        self.resample = self.reference_resample if self.reference_exact else "float"
 
     @classmethod
     def read_checkpoint(
@@ -382,21 +425,25 @@ class QwenVLReward:
 
         Args:
             path: the release (file or folder) as downloaded.
-            torch_dtype, device: of the backbone (`bfloat16` as trained); the head runs in float32 on `device`.
+            torch_dtype, device: of the backbone (`bfloat16` as trained); the head runs in float32 on `device`
+                (with `reference_exact=True`, in `reference_head_dtype`).
             load_in_8bit (`bool`): quantise the backbone's linear layers with bitsandbytes
                 (`pip install "trl_arcopo[rewards]"`), about half the memory of bfloat16.
             base_model: the Qwen2-VL the checkpoint was fine-tuned from (hub id or folder), for what the release
                 lacks (config, tokenizer, base weights); defaults to the release's own.
             attn_implementation (`str`, defaults to `"sdpa"`).
-            kwargs: the reward's arguments; they override what the release sets.
+            kwargs: the reward's arguments; they override what the release sets. With `reference_exact=True` the
+                head is also kept in the reference's dtype (`reference_head_dtype`), not float32.
         """
         from transformers import Qwen2VLConfig
 
         state, config_source, tokenizer, settings = cls.read_checkpoint(Path(path), base_model)
         token_ids = tokenizer.convert_tokens_to_ids(list(cls.special_tokens))
         config = Qwen2VLConfig.from_pretrained(config_source)
+        head_dtype = cls.reference_head_dtype if kwargs.get("reference_exact") else torch.float32
         model = load_reward_model(state, config, token_ids, torch_dtype=torch_dtype, device=device,
-                                  load_in_8bit=load_in_8bit, attn_implementation=attn_implementation)  # fmt: skip
+                                  load_in_8bit=load_in_8bit, attn_implementation=attn_implementation,
+                                  head_dtype=head_dtype)  # fmt: skip
         return cls(model, tokenizer, **{**settings, **kwargs})
 
     def pairs(self, prompts: Sequence[str], videos: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
@@ -413,7 +460,7 @@ class QwenVLReward:
         """All the model inputs at once (for inspection; scoring goes by `batch_size`)."""
         visuals, texts = self._pairs(prompts, videos)
         return prepare_inputs(self.tokenizer, visuals, texts, self.media, self.min_pixels, self.max_pixels,
-                              self.model.device)  # fmt: skip
+                              self.model.device, self.resample)  # fmt: skip
 
     @torch.no_grad()
     def raw_scores(self, prompts: Sequence[str], videos: torch.Tensor) -> torch.Tensor:
@@ -423,7 +470,7 @@ class QwenVLReward:
         for start in range(0, len(texts), self.batch_size):
             stop = start + self.batch_size
             inputs = prepare_inputs(self.tokenizer, visuals[start:stop], texts[start:stop], self.media,
-                                    self.min_pixels, self.max_pixels, self.model.device)  # fmt: skip
+                                    self.min_pixels, self.max_pixels, self.model.device, self.resample)  # fmt: skip
             scores.append(self.model(**inputs).cpu())
         return torch.cat(scores)
 
@@ -500,11 +547,11 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def build_head(state: Mapping[str, torch.Tensor]) -> nn.Module:
+def build_head(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None = torch.float32) -> nn.Module:
     """
     The reward head whose tensors (keys without the `head.` prefix) are `state`: a linear layer (`weight`, optional
     `bias`; VideoAlign's) or HPSv3's MLP, `Linear -> ReLU -> Dropout -> Linear -> ReLU -> Linear` (`0.*`, `3.*`,
-    `5.*`). Float32, loaded.
+    `5.*`). Loaded, in `dtype` (`None`: the dtype of the checkpoint's tensors).
     """
     keys = set(state)
     if keys in ({"weight"}, {"weight", "bias"}):
@@ -519,8 +566,9 @@ def build_head(state: Mapping[str, torch.Tensor]) -> nn.Module:
             f"Unknown reward head layout {sorted(keys)}: expected a linear layer (`rm_head.weight`) or HPSv3's MLP "
             "(`rm_head.{0,3,5}.weight/bias`)."
         )
-    head.load_state_dict({key: value.float() for key, value in state.items()})
-    return head.float().eval()
+    dtype = dtype or next(iter(state.values())).dtype
+    head.load_state_dict({key: value.to(dtype) for key, value in state.items()})
+    return head.to(dtype).eval()
 
 
 def load_tokenizer(source: str | os.PathLike, special_tokens: Sequence[str]):
@@ -551,6 +599,7 @@ def load_reward_model(
     load_in_8bit: bool = False,
     attn_implementation: str = "sdpa",
     positions: str = "sequential",
+    head_dtype: torch.dtype | None = torch.float32,
 ) -> QwenVLRewardModel:
     r"""
     A [`QwenVLRewardModel`] from a checkpoint in transformers 5's layout ([`remap_qwen2vl_keys`]).
@@ -560,10 +609,11 @@ def load_reward_model(
             reward does not use it).
         config (`transformers.Qwen2VLConfig`): the architecture; its vocabulary size is set from the embedding.
         reward_token_ids, positions: as in [`QwenVLRewardModel`].
-        torch_dtype, device: of the backbone (the head is float32 on the same device).
+        torch_dtype, device: of the backbone (the head is on the same device).
         load_in_8bit (`bool`): quantise the backbone's linear layers with bitsandbytes, about half the memory
             of bfloat16.
         attn_implementation (`str`, defaults to `"sdpa"`).
+        head_dtype (`torch.dtype`, defaults to `torch.float32`): the head's dtype; `None` keeps the checkpoint's.
     """
     from transformers import Qwen2VLModel
 
@@ -594,5 +644,6 @@ def load_reward_model(
     names = ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
     if problems := {name: info[name] for name in names if info.get(name)}:
         raise ValueError(f"The checkpoint does not fit the Qwen2-VL config: {problems}.")
-    head = build_head(head_state).to(device)
-    return QwenVLRewardModel(backbone, head, reward_token_ids, positions=positions)
+    head = build_head(head_state, head_dtype).to(device)
+    return QwenVLRewardModel(backbone, head, reward_token_ids, positions=positions,
+                             head_dtype=next(head.parameters()).dtype)  # fmt: skip

@@ -177,10 +177,16 @@ class VideoAlignReward(QwenVLReward):
         calibration (`Mapping[str, tuple[float, float]]`, *optional*): `(mean, std)` per dimension; defaults to
             `VIDEOALIGN_CALIBRATION`, the release's.
         batch_size (`int`, defaults to `8`): videos per forward pass.
+        reference_exact (`bool`, defaults to `False`): resize as the reference inference does, which reads an 8-bit
+            video: the frames are rounded to 8-bit levels, resized by torchvision's bicubic antialiased kernel and
+            rounded to 8 bits again; `from_pretrained` then also runs the head in the checkpoint's dtype (bfloat16 for
+            the release), as the reference does. The default resizes the float frames and runs the head in float32.
     """
 
     media = "video"
     special_tokens = VIDEOALIGN_SPECIAL_TOKENS
+    reference_resample = "uint8"
+    reference_head_dtype = None  # the checkpoint's: the reference runs the whole model, head included, in it
 
     def __init__(
         self,
@@ -194,8 +200,9 @@ class VideoAlignReward(QwenVLReward):
         normalize: bool = True,
         calibration: Mapping[str, tuple[float, float]] | None = None,
         batch_size: int = 8,
+        reference_exact: bool = False,
     ):
-        super().__init__(model, tokenizer, min_pixels, max_pixels, batch_size)
+        super().__init__(model, tokenizer, min_pixels, max_pixels, batch_size, reference_exact)
         dimensions = (dimensions,) if isinstance(dimensions, str) else tuple(dimensions)
         if (
             not dimensions
