@@ -11,7 +11,7 @@ import torch
 import yaml
 from helpers import ROOT, FakeServer, load_script
 from test_clip_rewards import _tiny_clip
-from test_videoalign_hpsv3 import SMALL, SPECIAL, _config, _old_key, _peft_release, _ranknet_head, _tokenizer
+from test_videoalign_hpsv3 import SMALL, SPECIAL, _old_key, _peft_release, _ranknet_head, _tokenizer, tiny_reward_model
 
 from trl_arcopo import cli, shapes
 from trl_arcopo.rewards import (
@@ -43,14 +43,7 @@ SMALL_OPTIONS = f"min_pixels={SMALL['min_pixels']}&max_pixels={SMALL['max_pixels
 def releases(tmp_path_factory):
     """Tiny models saved as released: VideoReward's folder, HPSv3.safetensors (+ a base), a CLIPModel, a LAION head."""
     root = tmp_path_factory.mktemp("releases")
-    tokenizer = _tokenizer()
-    config = _config(tokenizer)
-    torch.manual_seed(0)
-    from transformers import Qwen2VLForConditionalGeneration
-
-    backbone = Qwen2VLForConditionalGeneration(config).eval()
-    torch.manual_seed(1)
-    head = torch.nn.Linear(64, 1, bias=False)
+    tokenizer, config, backbone, head = tiny_reward_model()
 
     videoalign = root / "VideoReward"  # model_config.json, config.json, checkpoint-<step>/{model.pth, tokenizer/}
     (videoalign / "checkpoint-5").mkdir(parents=True)

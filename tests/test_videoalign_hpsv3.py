@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, load_script
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from trl_arcopo.rewards.frames import CLIP_MEAN, CLIP_STD, quantize_8bit, resize_bicubic_pil, resize_bicubic_uint8
@@ -41,20 +42,8 @@ from trl_arcopo.testing_utils import tiny_tokenizer
 QWEN_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 SPECIAL = [*QWEN_TOKENS, *VIDEOALIGN_SPECIAL_TOKENS, HPSV3_SPECIAL_TOKEN]
 PROMPTS = ["a red fox jumps", "a dog in snow", "a blue car at night"]
-# the chat template of Qwen2-VL-2B/7B-Instruct's tokenizer
-QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
-    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif "
-    "content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}"
-    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n{% endif %}"
-)
+# the chat template of Qwen2-VL-2B/7B-Instruct's tokenizer, as the parity fixtures use it
+QWEN2_VL_CHAT_TEMPLATE = load_script(os.path.join(ROOT, "scripts", "parity", "common.py")).QWEN2_VL_CHAT_TEMPLATE
 SMALL = dict(min_pixels=4 * 28 * 28, max_pixels=56 * 84)  # 40x60 frames -> 56x84 (a 4x6 patch grid)
 MEAN, STD = torch.tensor([VIDEOALIGN_CALIBRATION[d] for d in ("VQ", "MQ", "TA")]).T  # the release's calibration
 
@@ -84,8 +73,8 @@ def _ranknet_head(seed=2):
                                torch.nn.Linear(1024, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def tiny_reward_model():
+    """A tiny Qwen2-VL reward model: its tokenizer, config, backbone (seed 0) and a 1-output head (seed 1)."""
     tokenizer = _tokenizer()
     config = _config(tokenizer)
     torch.manual_seed(0)
@@ -93,6 +82,11 @@ def tiny():
     torch.manual_seed(1)
     head = torch.nn.Linear(64, 1, bias=False)
     return tokenizer, config, backbone, head
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_reward_model()
 
 
 @pytest.fixture(scope="module")
