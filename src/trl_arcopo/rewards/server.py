@@ -414,8 +414,10 @@ class RewardServer:
         host, port = self.socket.getsockname()[:2]
         #: The base URL clients use, e.g. `http://127.0.0.1:8000` (the port picked when `port=0`).
         self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        # the asyncio event loop, not uvloop where it is installed: out of descriptors, asyncio pauses accepting (the
+        # connections wait in the backlog) where uvloop accepts and resets them
         config = uvicorn.Config(
-            self.app, http=_HeadTimeoutProtocol, lifespan="off", log_config=None, access_log=False,
+            self.app, loop="asyncio", http=_HeadTimeoutProtocol, lifespan="off", log_config=None, access_log=False,
             timeout_keep_alive=self.limits.idle_timeout, timeout_graceful_shutdown=1, backlog=BACKLOG,
         )  # fmt: skip
         self._server = uvicorn.Server(config)
