@@ -134,7 +134,8 @@ def _pil_pass(levels: torch.Tensor, out_size: int) -> torch.Tensor:
 def resize_bicubic_pil(levels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """
     PIL's `Image.resize(size, Image.BICUBIC)` of an 8-bit RGB image, reproduced exactly in torch: `levels`
-    `[B, C, H, W]` (8-bit levels, see [`quantize_8bit`]) resampled horizontally then vertically, each pass with PIL's
+    `[B, C, H, W]` (8-bit levels, see [`quantize_8bit`]) resampled horizontally then vertically (vertically first
+    where Pillow 13 does, [`_pil_vertical_first`]), each pass with PIL's
     antialiased bicubic kernel in 22-bit fixed point, rounded and clipped to `[0, 255]` (so the intermediate image is
     8-bit too, as in PIL). A side whose size does not change is not resampled. Returns float32 levels `[B, C, h, w]`.
     """
@@ -142,11 +143,31 @@ def resize_bicubic_pil(levels: torch.Tensor, size: tuple[int, int]) -> torch.Ten
         raise ValueError(f"`levels` must be [B, C, H, W], got shape {tuple(levels.shape)}.")
     height, width = size
     out = levels.double()
-    if width != out.shape[-1]:
-        out = _pil_pass(out, width)
-    if height != out.shape[-2]:
-        out = _pil_pass(out.transpose(-1, -2), height).transpose(-1, -2)
+    passes = [
+        (width != out.shape[-1], lambda x: _pil_pass(x, width)),
+        (height != out.shape[-2], lambda x: _pil_pass(x.transpose(-1, -2), height).transpose(-1, -2)),
+    ]
+    if _pil_vertical_first(tuple(out.shape[-2:]), size):
+        passes.reverse()
+    for needed, resample in passes:
+        if needed:
+            out = resample(out)
     return out.float()
+
+
+def _pil_vertical_first(in_size: tuple[int, int], out_size: tuple[int, int]) -> bool:
+    """
+    Whether PIL resamples vertically first: Pillow 13 does when the height shrinks and the width grows (checked on
+    such sizes against PIL); earlier versions always go horizontally first. The order matters because the
+    intermediate image is rounded to 8 bits. Follows the installed Pillow, or Pillow 13's order without it.
+    """
+    if not (out_size[0] < in_size[0] and out_size[1] > in_size[1]):
+        return False
+    try:
+        import PIL
+    except ImportError:
+        return True
+    return int(PIL.__version__.split(".")[0]) >= 13
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
