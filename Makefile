@@ -1,6 +1,6 @@
 .PHONY: style quality test test-slow benchmark
 
-check_dirs := src tests benchmarks examples
+check_dirs := src tests benchmarks examples scripts
 
 style:
 	ruff check $(check_dirs) --fix
