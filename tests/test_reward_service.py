@@ -268,7 +268,7 @@ def test_a_hung_reward_does_not_hold_the_slot_past_the_deadline(start):
         begin = time.monotonic()
         assert hung(["hang"], VIDEOS[:1]) == [None]
         assert (
-            time.monotonic() - begin < 1.2 and "HTTP 504: reward `sometimes_stuck` did not finish" in hung.last_error
+            time.monotonic() - begin < 1.5 and "HTTP 504: reward `sometimes_stuck` did not finish" in hung.last_error
         )
         # the slot is free, but one abandoned call still runs: with max_abandoned=0 the server says so at once
         busy = RewardServerClient(server.url, name="r", timeout=5, max_retries=0)
@@ -319,7 +319,7 @@ def test_retry_after_is_honoured(start):
     client = RewardServerClient(server.url, name="r", timeout=2, max_retries=2, backoff=0.01)
     assert client(PROMPTS[:1], VIDEOS[:1]) == [0.25]
     gap = server.requests[1]["time"] - server.requests[0]["time"]
-    assert 1.0 <= gap < 1.5  # the server's wait, not the 0.01 s backoff
+    assert 1.0 <= gap < 2.0  # the server's wait, not the 0.01 s backoff
 
     date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 3))
     server = start(scripted([(503, b'{"error": "restarting"}', {"Retry-After": date}), ok]))
