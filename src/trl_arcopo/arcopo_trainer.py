@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset
 from peft import PeftConfig
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import ProgressCallback, Trainer, TrainerCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.utils import logging
 
@@ -186,6 +186,10 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
             return super().train(*args, **kwargs)
         finally:
             self.scorer.close(wait=False)
+            for callback in self.callback_handler.callbacks:  # a failed run's progress bar, closed before the error
+                if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+                    callback.training_bar.close()
+                    callback.training_bar = None
             if self._completions_folder is not None:  # the GIFs the trackers took by path (they copy them)
                 shutil.rmtree(self._completions_folder, ignore_errors=True)
                 self._completions_folder = None
