@@ -47,6 +47,7 @@ from .prompt_cache import PromptEmbeddingCache
 from .replay_buffer import ReplayBuffer, ReplaySource
 from .rewards import RewardFunc, RewardScorer
 from .rewards.base import unscored_groups
+from .rewards.frames import quantize_8bit
 from .rollout import AnchorBatch, RolloutGroup, RolloutSpec, sample_group
 from .split_groups import check_split_groups, gather_group, process_share
 from .tracker_callbacks import use_diffusers_tracker_callbacks
@@ -304,7 +305,7 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
                 step=self.state.global_step,
                 prompt=group.prompts[0],
                 pivot=group.pivot,
-                videos=(videos[: local.stop - local.start].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu(),
+                videos=quantize_8bit(videos[: local.stop - local.start]).to(torch.uint8).cpu(),
                 rewards={name: first[:, i].tolist() for i, name in enumerate(self.scorer.names)},
                 reward=group.rewards[0, local].tolist(),
                 advantages=group.advantages[0, local].tolist(),

@@ -27,6 +27,7 @@ arguments>`; `main` lists them in `SUBCOMMANDS`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -50,6 +51,8 @@ def load_callable(spec: str, kwargs: dict | None = None) -> Callable:
 
 # ---------------------------------------------------------------------------------------------------- reward-server
 def _add_reward_server(subparsers) -> None:
+    from .rewards.server_limits import ServerLimits
+
     parser = subparsers.add_parser(
         "reward-server",
         help="Serve a reward function over HTTP (POST /score, GET /health).",
@@ -64,20 +67,12 @@ def _add_reward_server(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1).")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one).")
     parser.add_argument("--kwargs", default=None, help="JSON object of keyword arguments, e.g. '{\"scale\": 10}'.")
-    defaults = {"max_concurrency": 1, "max_queue": 2, "max_body_mb": 256.0, "timeout": 300.0, "read_timeout": 30.0,
-                "idle_timeout": 5.0, "max_abandoned": 1}  # fmt: skip
-    helps = {
-        "max_concurrency": "reward calls at a time",
-        "max_queue": "requests admitted beyond those computing (their bodies read); others wait unread",
-        "max_body_mb": "largest request body in MiB; larger ones get 413 unread",
-        "timeout": "seconds a request may take in all (a client's deadline may shorten it); then 504",
-        "read_timeout": "seconds a request body may pause",
-        "idle_timeout": "seconds a connection may stay open without sending a request head",
-        "max_abandoned": "abandoned (timed-out) calls that may still run while new calls start",
-    }
-    for key, default in defaults.items():
-        flag = "--" + key.replace("_", "-")
-        parser.add_argument(flag, type=type(default), default=default, help=f"{helps[key]} (default {default:g}).")
+    for limit in dataclasses.fields(ServerLimits):  # one flag per limit, its default and help from the dataclass
+        flag = "--" + limit.name.replace("_", "-")
+        kind = int if limit.type in ("int", int) else float
+        parser.add_argument(
+            flag, type=kind, default=limit.default, help=f"{limit.metadata['help']} (default {limit.default:g})."
+        )
     parser.add_argument(
         "--api-key", default=None,
         help="bearer token every request must carry (default: the environment variable "
@@ -86,7 +81,7 @@ def _add_reward_server(subparsers) -> None:
 
     def run(args: argparse.Namespace) -> None:
         try:
-            from .rewards.server import RewardServer, ServerLimits
+            from .rewards.server import RewardServer
         except ImportError as error:
             parser.error(str(error))
         example = "'{\"scale\": 10}'"
@@ -97,7 +92,9 @@ def _add_reward_server(subparsers) -> None:
         if kwargs is not None and not isinstance(kwargs, dict):
             parser.error(f"--kwargs {args.kwargs!r} is not a JSON object: give an object, e.g. {example}.")
         try:
-            limits = ServerLimits(**{key: getattr(args, key) for key in defaults})
+            limits = ServerLimits(
+                **{limit.name: getattr(args, limit.name) for limit in dataclasses.fields(ServerLimits)}
+            )
         except ValueError as error:
             parser.error(f"{error} (flags use dashes: --max-body-mb, ...)")
         try:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import logging
 
+from .rewards.frames import quantize_8bit
+
 
 logger = logging.get_logger(__name__)
 
@@ -40,7 +42,7 @@ def encode_gif(video: torch.Tensor, fps: int = GIF_FPS) -> bytes:
     from PIL import Image
 
     if video.dtype != torch.uint8:
-        video = (video.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        video = quantize_8bit(video).to(torch.uint8)
     array = video.permute(0, 2, 3, 1).cpu().numpy()  # [F, H, W, C]
     frames = [Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame) for frame in array]
     out = io.BytesIO()

@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers.utils.hub import PushInProgress
 
+from .completions import encode_gif
 from .nonfinite import check_finite_parameters
 from .pipelines import SelfForcingPipeline
 
@@ -541,14 +542,11 @@ def save_sample_gif(folder: str, name: str, prompt: str, videos: torch.Tensor, r
     Write a group's videos `[G, F, C, H, W]` in `[0, 1]` side by side as `folder/name.gif`, with the prompt and the
     rewards in `folder/name.txt`. Returns the GIF's path.
     """
-    from diffusers.utils import export_to_gif
-    from PIL import Image
-
     os.makedirs(folder, exist_ok=True)
     grid = torch.cat(list(videos.float().cpu()), dim=-1)  # [F, C, H, G * W]
-    frames = (grid.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     path = os.path.join(folder, f"{name}.gif")
-    export_to_gif([Image.fromarray(f) for f in frames], path)
+    with open(path, "wb") as f:
+        f.write(encode_gif(grid))
     with open(os.path.join(folder, f"{name}.txt"), "w") as f:
         f.write(f"{prompt}\nrewards: {[round(r, 4) for r in rewards.tolist()]}\n")
     return path

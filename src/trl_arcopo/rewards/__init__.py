@@ -43,6 +43,7 @@ from .qwen_vl import QwenVLReward, QwenVLRewardModel
 from .registry import REWARD_FAMILIES, RewardFamily, RewardSpec, parse_reward_spec, reward_names
 from .remote import RemoteReward, RemoteRewardError
 from .server_client import RewardServerClient
+from .server_limits import ServerLimits
 from .video_metrics import FlickerReward, MotionMagnitudeReward, SharpnessReward
 from .videoalign import VIDEOALIGN_CALIBRATION, VideoAlignReward, remap_videoalign_state_dict
 
@@ -89,7 +90,7 @@ __all__ = [
 ]
 
 #: Names served by `server`, imported on first use (FastAPI and uvicorn are the optional extra `server`).
-_SERVER_NAMES = ("RewardServer", "ServerLimits", "serve")
+_SERVER_NAMES = ("RewardServer", "serve")
 
 
 def __getattr__(name: str):

@@ -32,7 +32,7 @@ from typing import Any
 import httpx2
 import torch
 
-from .frames import frame_indices
+from .frames import frame_indices, quantize_8bit
 from .remote import AttemptError, RemoteReward, parse_json, quoted, run_sync, ssl_context, status_error
 
 
@@ -345,7 +345,7 @@ class VLMJudgeReward(RemoteReward):
         if len(prompts) != videos.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {videos.shape[0]} videos: give one prompt per video.")
         index = frame_indices(videos.shape[1], **self.policy)
-        frames = (videos[:, index].detach().float().clamp(0, 1) * 255).round().to(torch.uint8)  # [N, K, C, H, W]
+        frames = quantize_8bit(videos[:, index].detach()).to(torch.uint8)  # [N, K, C, H, W]
         frames = frames.permute(0, 1, 3, 4, 2).cpu()  # [N, K, H, W, C]
         failures = self.failures
         scores = run_sync(self._score_all(list(prompts), frames))

@@ -42,10 +42,10 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from .base import RewardFunc, reward_func_name
+from .server_limits import ServerLimits
 from .wire import API_KEY_ENV, TIMEOUT_HEADER, check_rewards, decode_request
 
 
@@ -65,50 +65,6 @@ logger = logging.getLogger(__name__)
 
 #: The listen backlog: connections the kernel queues before the server accepts them.
 BACKLOG = 2048
-
-
-@dataclass
-class ServerLimits:
-    r"""
-    What one request may cost the reward server.
-
-    Args:
-        max_concurrency (`int`, defaults to `1`): reward calls at a time (1: a GPU model is never called from two
-            threads at once).
-        max_queue (`int`, defaults to `2`): requests admitted beyond those computing (reading their body or waiting
-            for a slot). Others wait with their body unread, and get 503 with `Retry-After: 1` if their deadline
-            passes first. Bodies in memory are at most `(max_concurrency + max_queue) * max_body_mb`.
-        max_body_mb (`float`, defaults to `256`): the largest request body, in MiB (413 beyond, unread); clients split
-            their batches to fit it.
-        timeout (`float`, defaults to `300`): seconds a request may take in all, waiting and computing included; a
-            client's `X-Reward-Timeout` may shorten it. Then 504, and the call is abandoned.
-        read_timeout (`float`, defaults to `30`): seconds the body may pause between two pieces (408 beyond).
-        idle_timeout (`float`, defaults to `5`): seconds a connection may stay open without a whole request head,
-            from its opening or from its last reply (then it is closed).
-        max_abandoned (`int`, defaults to `1`): abandoned calls that may still run while new calls start.
-    """
-
-    max_concurrency: int = 1
-    max_queue: int = 2
-    max_body_mb: float = 256.0
-    timeout: float = 300.0
-    read_timeout: float = 30.0
-    idle_timeout: float = 5.0
-    max_abandoned: int = 1
-
-    def __post_init__(self):
-        for name in ("max_concurrency", "max_queue", "max_abandoned"):
-            value, low = getattr(self, name), 1 if name == "max_concurrency" else 0
-            if isinstance(value, bool) or not (isinstance(value, int) and value >= low):
-                raise ValueError(f"`{name}={value!r}` must be an integer >= {low}.")
-        for name in ("max_body_mb", "timeout", "read_timeout", "idle_timeout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not (isinstance(value, int | float) and 0 < value < math.inf):
-                raise ValueError(f"`{name}={value!r}` must be a positive, finite number.")
-
-    @property
-    def max_body_bytes(self) -> int:
-        return int(self.max_body_mb * 2**20)
 
 
 def _reply(status: int, payload: dict[str, Any], close: bool = False, retry_after: float | None = None) -> Response:
