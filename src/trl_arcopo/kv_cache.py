@@ -11,13 +11,26 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Self-attention key/value cache for streaming (chunk-by-chunk) generation with a causal Wan transformer."""
+"""
+Self-attention key/value caches for streaming (chunk-by-chunk) generation with a causal transformer, one per cache
+policy: [`KVCache`] (`"full"`: every committed frame), [`RollingKVCache`] (`"rolling"`: sink frames and a ring of
+recent frames, LongLive) and [`RecomputeKVCache`] (`"recompute"`: clean context latents whose keys and values are
+rebuilt every chunk, Krea realtime). [`make_cache`] builds the one a generator's config names.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
+
+
+#: `forward(x, cache, frame_offset)`: runs the clean chunk `x` at `t = 0` through the transformer with
+#: `update_cache=True`, writing its keys and values into `cache` (a pipeline's commit pass).
+CommitForward = Callable[[torch.Tensor, "KVCache", int], None]
+
+CACHE_POLICIES = ("full", "rolling", "recompute")
 
 
 @dataclass
@@ -74,6 +87,9 @@ class KVCache:
     sink_frames: int = 0
     prefix: KVCache | None = None
     offset: int = 0
+
+    #: The cache policy this class implements (a generator config's `cache_policy`).
+    policy = "full"
 
     def __post_init__(self):
         if len(self.keys) != len(self.values):
@@ -214,9 +230,19 @@ class KVCache:
         if self.prefix is not None and tokens.start < self.offset:
             pieces += self.prefix._pieces(layer, slice(tokens.start, min(tokens.stop, self.offset)))
         if tokens.stop > self.offset:
-            own = slice(max(tokens.start, self.offset) - self.offset, tokens.stop - self.offset)
-            pieces.append((self.keys[layer][:, own], self.values[layer][:, own]))
+            pieces += self._own_pieces(layer, max(tokens.start, self.offset), tokens.stop)
         return pieces
+
+    def _own_pieces(self, layer: int, start: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The video's tokens `[start, stop)` (all at or after `offset`) in this cache's own storage, as views."""
+        own = slice(start - self.offset, stop - self.offset)
+        return [(self.keys[layer][:, own], self.values[layer][:, own])]
+
+    def _store(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Copy a chunk's keys and values (detached) to the video's tokens `[start, start + N)` of one layer."""
+        local = start - self.offset
+        self.keys[layer][:, local : local + key.shape[1]] = key.detach()
+        self.values[layer][:, local : local + key.shape[1]] = value.detach()
 
     def read(self, layer: int, start: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `[B, S, heads, head_dim]` that the chunk starting at token `start` attends to (a copy)."""
@@ -277,9 +303,10 @@ class KVCache:
             self.values[layer][:, local : local + n] = value
             return self.keys[layer][:, : local + n], self.values[layer][:, : local + n]
 
-        if commit:
+        out = self._gather(layer, self.context_slices(start, n), key, value)
+        if commit:  # after the read: a ring may reuse the slots of frames the chunk still attends to
             self.write(layer, start, key, value)
-        return self._gather(layer, self.context_slices(start, n), key, value)
+        return out
 
     def write(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store a chunk's keys and values `[B, N, heads, head_dim]` at tokens `[start, start + N)` of one layer."""
@@ -292,22 +319,58 @@ class KVCache:
             raise ValueError(
                 f"Cannot commit a batch of {key.shape[0]} into a cache of batch {self.batch_size}: fork the cache first."
             )
-        n, local = key.shape[1], start - self.offset
-        if local + n > self.keys[layer].shape[1]:
+        if start + key.shape[1] > self.capacity_tokens:
             raise ValueError(
                 f"The KV cache is too short: it can commit {self.capacity_frames} latent frames but the chunk ends "
-                f"at frame {(start + n) // self.tokens_per_frame}."
+                f"at frame {(start + key.shape[1]) // self.tokens_per_frame}."
             )
-        self.keys[layer][:, local : local + n] = key.detach()
-        self.values[layer][:, local : local + n] = value.detach()
+        self._store(layer, start, key, value)
 
     def advance(self, num_tokens: int) -> None:
         """Mark `num_tokens` more tokens as committed (called once after every layer was written)."""
         self.end += num_tokens
 
+    # ------------------------------------------------------------------ what a pipeline calls
+    def attention_cache(self, frame_offset: int) -> tuple[KVCache, int]:
+        """
+        The cache a transformer forward of the chunk starting at latent frame `frame_offset` reads (and a commit
+        writes), and the chunk's RoPE frame position: this cache and `frame_offset` (absolute positions).
+        """
+        return self, frame_offset
+
+    def commit(self, x0: torch.Tensor, frame_offset: int, forward: CommitForward) -> None:
+        """
+        Commit the clean chunk `x0` `[B, C, Fc, H, W]` starting at latent frame `frame_offset`: `forward(x0, self,
+        frame_offset)` runs it at `t = 0` with `update_cache=True`, which writes its keys and values.
+        """
+        forward(x0, self, frame_offset)
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """
+        `(metadata, tensors)` that [`cache_from_state`] turns back into this cache (a fork is materialized first):
+        JSON-able settings and the tensors, named `keys.{layer}` / `values.{layer}`.
+        """
+        cache = self.materialize()
+        tensors = {f"keys.{i}": k for i, k in enumerate(cache.keys)} | {
+            f"values.{i}": v for i, v in enumerate(cache.values)
+        }
+        metadata = {
+            "policy": self.policy,
+            "num_layers": cache.num_layers,
+            "tokens_per_frame": cache.tokens_per_frame,
+            "end": cache.end,
+            "local_attn_frames": cache.local_attn_frames,
+            "sink_frames": cache.sink_frames,
+        }
+        return metadata, tensors
+
     # ------------------------------------------------------------------ forking
     def _map(self, fn) -> KVCache:
         return replace(self, keys=[fn(k) for k in self.keys], values=[fn(v) for v in self.values])
+
+    def _own_tokens(self, capacity: int, end: int) -> int:
+        """Tokens of own storage a cache needs to commit the video's tokens `[end, capacity)`."""
+        return capacity - end
 
     def fork(self, n: int, num_frames: int | None = None) -> KVCache:
         """
@@ -324,10 +387,16 @@ class KVCache:
                 f"`num_frames={num_frames}` is shorter than the {self.num_frames} committed frames of the prefix."
             )
 
-        def own(buf: torch.Tensor) -> torch.Tensor:
-            return buf.new_zeros((buf.shape[0] * n, capacity - self.end, *buf.shape[2:]))
+        tokens = self._own_tokens(capacity, self.end)
 
-        return replace(self._map(own), prefix=self, offset=self.end)
+        def own(buf: torch.Tensor) -> torch.Tensor:
+            return buf.new_zeros((buf.shape[0] * n, tokens, *buf.shape[2:]))
+
+        return replace(self._map(own), prefix=self, offset=self.end, **self._fork_fields(capacity))
+
+    def _fork_fields(self, capacity: int) -> dict:
+        """Fields a fork of the given capacity (tokens of the video) sets beyond its storage and prefix."""
+        return {}
 
     def materialize(self) -> KVCache:
         """The same cache with every committed frame in its own storage (a fork's prefix copied to each branch)."""
@@ -360,3 +429,402 @@ class KVCache:
     def to(self, device=None, dtype=None) -> KVCache:
         prefix = self.prefix.to(device, dtype) if self.prefix is not None else None
         return replace(self._map(lambda buf: buf.to(device=device, dtype=dtype)), prefix=prefix)
+
+
+@dataclass
+class RollingKVCache(KVCache):
+    r"""
+    A [`KVCache`] under a local attention window that holds only what the window reads: the first `sink_frames` frames
+    of the video and a ring of the `local_attn_frames - sink_frames` most recent committed frames (LongLive's cache).
+    Its memory does not grow with the video's length.
+
+    Keys are stored after RoPE at their absolute positions, as in [`KVCache`]; a frame's slot is its index for a sink
+    frame and `sink + (index - sink) % ring` after. A read gathers the frames in the video's order, so every chunk
+    attends to exactly the keys and values of a full [`KVCache`] with the same window, bit for bit.
+
+    Args:
+        max_tokens (`int`): tokens of the video this cache may commit after `offset` (its capacity; the storage stays
+            `local_attn_frames` frames, or none when `max_tokens` is 0).
+        (others): as [`KVCache`]; `local_attn_frames` is required.
+
+    Example:
+
+    ```py
+    >>> cache = make_cache("rolling", pipe.transformer, 1, num_frames=240, latent_height=60, latent_width=104,
+    ...                    local_attn_frames=12, sink_frames=3)  # 12 frames of storage for a 241-frame video
+    ```
+    """
+
+    max_tokens: int = 0
+
+    policy = "rolling"
+
+    def __post_init__(self):
+        if self.local_attn_frames is None:
+            raise ValueError(
+                "A rolling cache needs `local_attn_frames` (the sink plus the recent frames a chunk attends to); "
+                "use the `full` policy for global attention."
+            )
+        super().__post_init__()
+        stored = self.keys[0].shape[1] if self.keys else 0
+        if stored not in (0, self.local_attn_frames * self.tokens_per_frame):
+            raise ValueError(
+                f"A rolling cache stores {self.local_attn_frames} frames ({self.local_attn_frames * self.tokens_per_frame}"
+                f" tokens) or none, not {stored} tokens."
+            )
+
+    @classmethod
+    def from_transformer(
+        cls, transformer, batch_size, num_frames, latent_height, latent_width, dtype=None, device=None,
+        local_attn_frames=None, sink_frames=0,
+    ) -> RollingKVCache:  # fmt: skip
+        """As [`KVCache.from_transformer`]; the storage holds `local_attn_frames` frames whatever `num_frames`."""
+        if local_attn_frames is None:
+            raise ValueError("A rolling cache needs `local_attn_frames`; use the `full` policy for global attention.")
+        full = KVCache.from_transformer(
+            transformer, batch_size, min(num_frames, 0), latent_height, latent_width, dtype, device
+        )  # no frames: the layout only
+        tokens = full.tokens_per_frame * (local_attn_frames if num_frames > 0 else 0)
+        keys = [k.new_zeros((batch_size, tokens, *k.shape[2:])) for k in full.keys]
+        values = [v.new_zeros((batch_size, tokens, *v.shape[2:])) for v in full.values]
+        return cls(
+            keys, values, full.tokens_per_frame, 0, local_attn_frames, sink_frames,
+            max_tokens=num_frames * full.tokens_per_frame,
+        )  # fmt: skip
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.offset + self.max_tokens
+
+    @property
+    def _sink_tokens(self) -> int:
+        return self.sink_frames * self.tokens_per_frame
+
+    @property
+    def _ring_tokens(self) -> int:
+        return (self.local_attn_frames - self.sink_frames) * self.tokens_per_frame
+
+    def check_chunk(self, start: int, num_tokens: int, batch_size: int, commit: bool = False) -> None:
+        super().check_chunk(start, num_tokens, batch_size, commit)
+        if num_tokens > self._ring_tokens:
+            raise ValueError(
+                f"A chunk of {num_tokens // self.tokens_per_frame} frames does not fit the window of "
+                f"`local_attn_frames={self.local_attn_frames}` with `sink_frames={self.sink_frames}`: the window must "
+                "hold the sink frames plus at least one chunk."
+            )
+
+    def _slots(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """The storage ranges `(lo, hi)` holding the video's tokens `[start, stop)`, in the video's order."""
+        sink, ring = self._sink_tokens, self._ring_tokens
+        slots = [(start, min(stop, sink))] if start < sink else []
+        position = max(start, sink)
+        while position < stop:
+            slot = sink + (position - sink) % ring
+            size = min(stop - position, sink + ring - slot)
+            slots.append((slot, slot + size))
+            position += size
+        return slots
+
+    def _own_pieces(self, layer: int, start: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        sink, held = self._sink_tokens, max(self.end - self._ring_tokens, self.offset)
+        if max(start, sink) < min(stop, held):  # ring frames older than the window
+            raise ValueError(
+                f"Frames {start // self.tokens_per_frame}..{stop // self.tokens_per_frame - 1} left the rolling window "
+                f"(it holds the {self.sink_frames} sink frames and frames from {held // self.tokens_per_frame} on): "
+                "a chunk reads only its window."
+            )
+        return [(self.keys[layer][:, lo:hi], self.values[layer][:, lo:hi]) for lo, hi in self._slots(start, stop)]
+
+    def _store(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        position = 0
+        for lo, hi in self._slots(start, start + key.shape[1]):
+            size = hi - lo
+            self.keys[layer][:, lo:hi] = key[:, position : position + size].detach()
+            self.values[layer][:, lo:hi] = value[:, position : position + size].detach()
+            position += size
+
+    def _own_tokens(self, capacity: int, end: int) -> int:
+        return self.local_attn_frames * self.tokens_per_frame if capacity > end else 0
+
+    def _fork_fields(self, capacity: int) -> dict:
+        return {"max_tokens": capacity - self.end}
+
+    def materialize(self) -> RollingKVCache:
+        """The same cache with the frames its window still reads in its own storage (a fork's prefix copied)."""
+        if self.prefix is None:
+            return self
+        tokens = self.local_attn_frames * self.tokens_per_frame
+        batch = self.batch_size
+        cache = replace(
+            self,
+            keys=[k.new_zeros((batch, tokens, *k.shape[2:])) for k in self.keys],
+            values=[v.new_zeros((batch, tokens, *v.shape[2:])) for v in self.values],
+            prefix=None, offset=0, max_tokens=self.capacity_tokens, end=0,
+        )  # fmt: skip
+        held = [
+            slice(0, min(self._sink_tokens, self.end)),
+            slice(max(self._sink_tokens, self.end - self._ring_tokens), self.end),
+        ]
+        held = [s for s in held if s.stop > s.start]
+        for layer in range(self.num_layers):
+            for tokens_ in held:
+                k, v = self._gather(layer, [tokens_])
+                cache._store(layer, tokens_.start, k, v)
+        cache.end = self.end
+        return cache
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        metadata, tensors = super().state()
+        metadata["max_tokens"] = self.capacity_tokens
+        return metadata, tensors
+
+
+@dataclass
+class RecomputeKVCache:
+    r"""
+    The clean latents of the frames a chunk attends to, whose keys and values are rebuilt every chunk (Krea realtime's
+    `recompute_kv_cache`): the first `sink_frames` frames of the video and the `local_attn_frames - sink_frames - Fc`
+    most recent ones (every committed frame when `local_attn_frames` is `None`).
+
+    Committing a chunk appends its clean latents, keeps the context of the next chunk, and runs that context through
+    the transformer at `t = 0`, block-causally in chunks of `Fc` frames from its first frame, at the *relative*
+    positions `0..k-1`; the next chunk then sits at position `k`. This equals one full forward over the context frames
+    with a block-causal mask (Krea's `_prepare_blockwise_causal_attn_mask`), and holds memory for `k` frames whatever
+    the video's length, at the price of a forward over the context per chunk. The context attends to itself under the
+    current prompt, so a prompt change reaches the context at the next commit.
+
+    Args:
+        kv ([`KVCache`]): the rebuilt keys and values of the context (a full cache of `k` frames; empty at the start).
+        latents (`torch.Tensor` of shape `[B, C, k, H, W]`, *optional*): the context's clean latents.
+        frame_indices (`list[int]`): the video frame of each context frame.
+        num_frames (`int`): frames committed so far.
+        max_frames (`int`): frames this cache may commit (its capacity).
+        local_attn_frames (`int`, *optional*), sink_frames (`int`): the window, as in [`KVCache`].
+    """
+
+    kv: KVCache
+    latents: torch.Tensor | None = None
+    frame_indices: list[int] = field(default_factory=list)
+    num_frames: int = 0
+    max_frames: int = 0
+    local_attn_frames: int | None = None
+    sink_frames: int = 0
+
+    policy = "recompute"
+
+    def __post_init__(self):
+        if self.local_attn_frames is not None and self.local_attn_frames <= self.sink_frames:
+            raise ValueError(
+                f"`local_attn_frames={self.local_attn_frames}` must be larger than `sink_frames={self.sink_frames}`: "
+                "the window holds the sink frames plus at least the current chunk."
+            )
+        if self.latents is not None and self.latents.shape[2] != len(self.frame_indices):
+            raise ValueError(f"{self.latents.shape[2]} context latents but {len(self.frame_indices)} frame indices.")
+
+    @classmethod
+    def from_transformer(
+        cls, transformer, batch_size, num_frames, latent_height, latent_width, dtype=None, device=None,
+        local_attn_frames=None, sink_frames=0,
+    ) -> RecomputeKVCache:  # fmt: skip
+        """An empty cache for `batch_size` videos that will commit `num_frames` latent frames."""
+        kv = KVCache.from_transformer(transformer, batch_size, 0, latent_height, latent_width, dtype, device)
+        return cls(kv, max_frames=num_frames, local_attn_frames=local_attn_frames, sink_frames=sink_frames)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.kv.tokens_per_frame
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv.batch_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.kv.num_layers
+
+    @property
+    def end(self) -> int:
+        """Committed tokens of the video."""
+        return self.num_frames * self.tokens_per_frame
+
+    @property
+    def capacity_frames(self) -> int:
+        return self.max_frames
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rebuilt keys and values this cache owns, and of its context latents."""
+        latents = self.latents.numel() * self.latents.element_size() if self.latents is not None else 0
+        return self.kv.nbytes + latents
+
+    # ------------------------------------------------------------------ what a pipeline calls
+    def attention_cache(self, frame_offset: int) -> tuple[KVCache, int]:
+        """The rebuilt keys and values and the chunk's RoPE position (the number of context frames)."""
+        if frame_offset != self.num_frames:
+            raise ValueError(
+                f"The chunk starts at frame {frame_offset} but the cache has {self.num_frames} committed frames: a "
+                "recompute cache serves the chunk right after its committed frames."
+            )
+        return self.kv, len(self.frame_indices)
+
+    def context_indices(self, num_frames: int, chunk_frames: int) -> list[int]:
+        """The frames the chunk after `num_frames` committed frames (of `chunk_frames` frames) attends to."""
+        if self.local_attn_frames is None:
+            return list(range(num_frames))
+        recent = max(self.local_attn_frames - self.sink_frames - chunk_frames, 0)
+        return [f for f in range(num_frames) if f < self.sink_frames or f >= num_frames - recent]
+
+    def commit(self, x0: torch.Tensor, frame_offset: int, forward: CommitForward) -> None:
+        """
+        Append the clean chunk `x0` `[B, C, Fc, H, W]` (starting at latent frame `frame_offset`) to the context and
+        rebuild the keys and values of the next chunk's context with `forward` (see [`KVCache.commit`]).
+        """
+        chunk = x0.shape[2]
+        if frame_offset != self.num_frames:
+            raise ValueError(
+                f"Commit at frame {frame_offset} but the cache has {self.num_frames} committed frames: commit chunks "
+                "in order, each exactly once."
+            )
+        if self.num_frames + chunk > self.max_frames:
+            raise ValueError(
+                f"The KV cache is too short: it can commit {self.max_frames} latent frames but the chunk ends at frame "
+                f"{self.num_frames + chunk}."
+            )
+        if self.local_attn_frames is not None and chunk > self.local_attn_frames - self.sink_frames:
+            raise ValueError(
+                f"A chunk of {chunk} frames does not fit the window of `local_attn_frames={self.local_attn_frames}` "
+                f"with `sink_frames={self.sink_frames}`."
+            )
+        latents = x0.detach() if self.latents is None else torch.cat([self.latents, x0.detach()], dim=2)
+        indices = self.frame_indices + list(range(frame_offset, frame_offset + chunk))
+        total = frame_offset + chunk
+        keep = self.context_indices(total, chunk)
+        where = {f: i for i, f in enumerate(indices)}
+        latents = latents[:, :, [where[f] for f in keep]]  # [B, C, k, H, W]
+
+        kv = self.kv
+        kv = KVCache(
+            [k.new_zeros((self.batch_size, len(keep) * self.tokens_per_frame, *k.shape[2:])) for k in kv.keys],
+            [v.new_zeros((self.batch_size, len(keep) * self.tokens_per_frame, *v.shape[2:])) for v in kv.values],
+            self.tokens_per_frame,
+        )
+        for start in range(0, len(keep), chunk):  # block-causal from the context's first frame, at positions 0..k-1
+            forward(latents[:, :, start : start + chunk], kv, start)
+        self.kv, self.latents, self.frame_indices, self.num_frames = kv, latents, keep, total
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """As [`KVCache.state`], with the context latents (`latents`) and their frame indices."""
+        metadata, tensors = self.kv.state()
+        metadata.update(
+            policy=self.policy, end=self.end, num_frames=self.num_frames, max_frames=self.max_frames,
+            frame_indices=self.frame_indices, local_attn_frames=self.local_attn_frames, sink_frames=self.sink_frames,
+        )  # fmt: skip
+        if self.latents is not None:
+            tensors["latents"] = self.latents
+        return metadata, tensors
+
+    # ------------------------------------------------------------------ forking
+    def _with(self, kv: KVCache, latents_fn) -> RecomputeKVCache:
+        latents = latents_fn(self.latents) if self.latents is not None else None
+        return replace(self, kv=kv, latents=latents, frame_indices=list(self.frame_indices))
+
+    def fork(self, n: int, num_frames: int | None = None) -> RecomputeKVCache:
+        """`n` branches per video reading the rebuilt context of this cache (not copied); see [`KVCache.fork`]."""
+        max_frames = self.max_frames if num_frames is None else num_frames
+        if max_frames < self.num_frames:
+            raise ValueError(
+                f"`num_frames={num_frames}` is shorter than the {self.num_frames} committed frames of the prefix."
+            )
+        forked = self._with(self.kv.fork(n, num_frames=self.kv.num_frames), lambda x: x.repeat_interleave(n, dim=0))
+        forked.max_frames = max_frames
+        return forked
+
+    def materialize(self) -> RecomputeKVCache:
+        return self._with(self.kv.materialize(), lambda x: x)
+
+    def narrow(self, start: int, length: int) -> RecomputeKVCache:
+        return self._with(self.kv.narrow(start, length), lambda x: x.narrow(0, start, length))
+
+    def select(self, indices: torch.Tensor | list[int]) -> RecomputeKVCache:
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.kv.keys[0].device)
+        return self._with(self.kv.select(index), lambda x: x.index_select(0, index.to(x.device)))
+
+    def clone(self) -> RecomputeKVCache:
+        return self._with(self.kv.clone(), lambda x: x.clone())
+
+    def detach(self) -> RecomputeKVCache:
+        return self._with(self.kv.detach(), lambda x: x.detach())
+
+    def to(self, device=None, dtype=None) -> RecomputeKVCache:
+        return self._with(self.kv.to(device, dtype), lambda x: x.to(device=device))
+
+
+#: A cache of any policy: what a pipeline's `prepare_cache` returns.
+AnyKVCache = KVCache | RecomputeKVCache
+
+_POLICY_CLASSES = {"full": KVCache, "rolling": RollingKVCache, "recompute": RecomputeKVCache}
+
+
+def check_cache_policy(policy: str, local_attn_frames: int | None, sink_frames: int) -> None:
+    """Raise a `ValueError` naming the value for a policy or window that cannot work together."""
+    if policy not in CACHE_POLICIES:
+        raise ValueError(f"`cache_policy={policy!r}` is not one of {CACHE_POLICIES}.")
+    if sink_frames < 0:
+        raise ValueError(f"`sink_frames={sink_frames}` must be at least 0.")
+    if policy == "rolling" and local_attn_frames is None:
+        raise ValueError(
+            "`cache_policy='rolling'` needs `local_attn_frames` (the sink plus recent frames a chunk attends to, e.g. "
+            "12 for LongLive); use `cache_policy='full'` for global attention."
+        )
+    if local_attn_frames is not None and local_attn_frames <= sink_frames:
+        raise ValueError(
+            f"`local_attn_frames={local_attn_frames}` must be larger than `sink_frames={sink_frames}`: the window "
+            "holds the sink frames plus at least the current chunk."
+        )
+
+
+def make_cache(
+    policy: str,
+    transformer: torch.nn.Module,
+    batch_size: int,
+    num_frames: int,
+    latent_height: int,
+    latent_width: int,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    local_attn_frames: int | None = None,
+    sink_frames: int = 0,
+) -> AnyKVCache:
+    """
+    An empty cache of `policy` (`"full"`, `"rolling"` or `"recompute"`) for `batch_size` videos that will commit
+    `num_frames` latent frames, sized from `transformer.config` (see each class's `from_transformer`).
+    """
+    check_cache_policy(policy, local_attn_frames, sink_frames)
+    return _POLICY_CLASSES[policy].from_transformer(
+        transformer, batch_size, num_frames, latent_height, latent_width, dtype, device, local_attn_frames, sink_frames
+    )
+
+
+def cache_from_state(metadata: dict, tensors: dict[str, torch.Tensor]) -> AnyKVCache:
+    """The cache whose [`~KVCache.state`] is `(metadata, tensors)` (a file written before policies existed: full)."""
+    metadata = dict(metadata)
+    policy = metadata.pop("policy", "full")
+    if policy not in CACHE_POLICIES:
+        raise ValueError(f"Unknown cache policy {policy!r} (expected one of {CACHE_POLICIES}).")
+    layers = range(metadata.pop("num_layers"))
+    keys = [tensors[f"keys.{i}"] for i in layers]
+    values = [tensors[f"values.{i}"] for i in layers]
+    tokens_per_frame = metadata.pop("tokens_per_frame")
+    local, sink = metadata.pop("local_attn_frames", None), metadata.pop("sink_frames", 0)
+    if policy == "recompute":
+        kv = KVCache(keys, values, tokens_per_frame, keys[0].shape[1] if keys else 0)
+        return RecomputeKVCache(
+            kv, tensors.get("latents"), list(metadata["frame_indices"]), metadata["num_frames"],
+            metadata["max_frames"], local, sink,
+        )  # fmt: skip
+    if policy == "rolling":
+        return RollingKVCache(
+            keys, values, tokens_per_frame, metadata["end"], local, sink, max_tokens=metadata["max_tokens"]
+        )
+    return KVCache(keys, values, tokens_per_frame, metadata["end"], local, sink)

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .io_utils import atomic_path
-from .kv_cache import KVCache
+from .kv_cache import AnyKVCache, cache_from_state
 from .loss import group_advantages, group_temperature
 from .sampling import RolloutNoise, SamplerType, neighbor_noise
 
@@ -59,7 +59,7 @@ class ForkedRollout:
     pivot: int
     states: torch.Tensor
     x0_preds: torch.Tensor
-    prefix_cache: KVCache
+    prefix_cache: AnyKVCache
     num_forward_passes: int
     branch_cache_bytes: int = 0
 
@@ -227,7 +227,7 @@ class RolloutGroup:
     prompt_embeds: torch.Tensor
     pivot: int
     frame_offset: int
-    prefix_cache: KVCache
+    prefix_cache: AnyKVCache
     states: torch.Tensor
     x0_preds: torch.Tensor
     temperature: torch.Tensor
@@ -304,24 +304,15 @@ class RolloutGroup:
         }
         if self.rewards is not None:
             tensors["rewards"], tensors["advantages"] = self.rewards, self.advantages
-        cache = self.prefix_cache.materialize()
-        for i, (key, value) in enumerate(zip(cache.keys, cache.values)):
-            tensors[f"prefix_cache.keys.{i}"], tensors[f"prefix_cache.values.{i}"] = key, value
+        cache_metadata, cache_tensors = self.prefix_cache.state()
+        tensors |= {f"prefix_cache.{name}": tensor for name, tensor in cache_tensors.items()}
         tensors = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
         metadata = {
             "prompts": json.dumps(self.prompts),
             "pivot": str(self.pivot),
             "frame_offset": str(self.frame_offset),
             "nonfinite": json.dumps(self.nonfinite),
-            "prefix_cache": json.dumps(
-                {
-                    "num_layers": cache.num_layers,
-                    "tokens_per_frame": cache.tokens_per_frame,
-                    "end": cache.end,
-                    "local_attn_frames": cache.local_attn_frames,
-                    "sink_frames": cache.sink_frames,
-                }
-            ),
+            "prefix_cache": json.dumps(cache_metadata),
         }
         if settings is not None:
             metadata["settings"] = json.dumps(settings)
@@ -342,13 +333,9 @@ class RolloutGroup:
         with safe_open(path, framework="pt", device=str(device)) as f:
             metadata = f.metadata()
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-        cache = json.loads(metadata["prefix_cache"])
-        layers = range(cache.pop("num_layers"))
-        prefix_cache = KVCache(
-            keys=[tensors.pop(f"prefix_cache.keys.{i}") for i in layers],
-            values=[tensors.pop(f"prefix_cache.values.{i}") for i in layers],
-            **cache,
-        )
+        cache_tensors = {name[len("prefix_cache.") :]: tensors.pop(name) for name in list(tensors)
+                         if name.startswith("prefix_cache.")}  # fmt: skip
+        prefix_cache = cache_from_state(json.loads(metadata["prefix_cache"]), cache_tensors)
         return cls(
             prompts=json.loads(metadata["prompts"]),
             pivot=int(metadata["pivot"]),
@@ -447,12 +434,19 @@ def saved_rollout_problems(
         )
     if pivot < 0 or frame_offset != pivot * states[4]:
         problems.append(f"pivot {pivot} with chunks of {states[4]} frames does not start at frame {frame_offset}")
+    policy = cache.get("policy", "full")
+    if policy == "recompute":  # the context frames' keys; the committed frames are counted by `end`
+        stored = len(cache.get("frame_indices", [])) * tokens_per_frame
+    elif policy == "rolling":  # the window's frames, once anything is committed
+        stored = min(end, int(cache.get("local_attn_frames") or 0) * tokens_per_frame)
+    else:
+        stored = end
     for i in range(layers):
         keys, values = shapes.get(f"prefix_cache.keys.{i}"), shapes.get(f"prefix_cache.values.{i}")
-        if keys is None or keys != values or len(keys) < 2 or keys[0] != n or keys[1] < end:
+        if keys is None or keys != values or len(keys) < 2 or keys[0] != n or keys[1] < stored:
             problems.append(
                 f"the prefix cache's layer {i} has keys {keys} and values {values}, not {n} prompts of at least "
-                f"{end} tokens each"
+                f"{stored} tokens each"
             )
     if end != frame_offset * tokens_per_frame:
         problems.append(f"the prefix cache ends at token {end}, not at the pivot's {frame_offset * tokens_per_frame}")
@@ -591,7 +585,7 @@ class AnchorBatch:
     step: int
     anchor_index: torch.Tensor
     rows: torch.Tensor
-    prefix_cache: KVCache
+    prefix_cache: AnyKVCache
     prompt_embeds: torch.Tensor
     iteration: int | None = None
 

@@ -127,3 +127,31 @@ def tiny_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def cpu_peak_bytes(fn, *args, **kwargs) -> tuple[int, object]:
+    """
+    `(peak, result)`: the CPU allocator's peak of live bytes while `fn(*args, **kwargs)` runs, above what was live when
+    it started (from the memory events of `torch.profiler`), and what `fn` returned.
+    """
+    import json
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn(*args, **kwargs)
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    finally:
+        os.remove(path)
+    if not events:
+        return 0, result
+    # the allocator's running total before the first event, then after each allocation (+) or free (-)
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - start, result

@@ -30,7 +30,7 @@ from diffusers.utils import BaseOutput
 from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..kv_cache import KVCache
+from ..kv_cache import AnyKVCache, KVCache, check_cache_policy, make_cache
 from ..models.causal_wan import CausalWanTransformer3DModel
 from ..models.frame_packing import FramePackingAutoencoder
 from ..sampling import (
@@ -110,6 +110,15 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             none is given; `None` is Self-Forcing's `[1.0, 0.75, 0.5, 0.25]`.
         default_num_frames_per_chunk (`int`, defaults to 3): latent frames per chunk when `__call__` (or the trainer)
             gets none (Self-Forcing: 3).
+        default_first_chunk_sigmas (`list[float]`, *optional*): the first chunk's schedule when it differs from the
+            others' (Causal-Forcing++: 4 steps for the first chunk, 1 or 2 after); `None`: every chunk uses the same.
+        cache_policy (`str`, defaults to `"full"`): how the KV cache of the committed chunks is kept (see
+            [`~trl_arcopo.kv_cache.make_cache`]): `"full"` (every committed frame, Self-Forcing), `"rolling"` (the sink
+            frames and a window of recent frames in a ring, LongLive), or `"recompute"` (clean latents of the sink and
+            window frames, keys and values rebuilt at relative positions every chunk, Krea realtime).
+        local_attn_frames (`int`, *optional*): frames a chunk attends to, itself included (the sink frames plus the
+            most recent ones); `None`: every committed frame. Needed by `"rolling"`.
+        sink_frames (`int`, defaults to 0): frames at the start of the video that stay visible under the window.
 
     Example:
 
@@ -137,9 +146,14 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         default_sampler: str = "consistency",
         default_sigmas: list[float] | None = None,
         default_num_frames_per_chunk: int = 3,
+        default_first_chunk_sigmas: list[float] | None = None,
+        cache_policy: str = "full",
+        local_attn_frames: int | None = None,
+        sink_frames: int = 0,
     ):
         super().__init__()
         check_sampler(default_sampler, "default_sampler")
+        check_cache_policy(cache_policy, local_attn_frames, sink_frames)
         transformer = CausalWanTransformer3DModel.from_wan(transformer)
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler, vae=vae
@@ -152,6 +166,10 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             default_sampler=default_sampler,
             default_sigmas=list(default_sigmas) if default_sigmas is not None else None,
             default_num_frames_per_chunk=default_num_frames_per_chunk,
+            default_first_chunk_sigmas=list(default_first_chunk_sigmas) if default_first_chunk_sigmas else None,
+            cache_policy=cache_policy,
+            local_attn_frames=local_attn_frames,
+            sink_frames=sink_frames,
         )
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 1
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 1
@@ -271,13 +289,20 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         latent_height: int,
         latent_width: int,
         local_attn_frames: int | None = None,
-        sink_frames: int = 0,
-    ) -> KVCache:
+        sink_frames: int | None = None,
+    ) -> AnyKVCache:
         """
-        Start an empty KV cache for `batch_size` videos of the given latent size, able to commit `num_latent_frames`
-        frames: a video's frames less its last chunk, which is never committed.
+        Start an empty KV cache of the pipeline's `cache_policy` for `batch_size` videos of the given latent size,
+        able to commit `num_latent_frames` frames: a video's frames less its last chunk, which is never committed.
+        `local_attn_frames` and `sink_frames` default to the pipeline config's.
         """
-        return KVCache.from_transformer(
+        config = self.config
+        if local_attn_frames is None:
+            local_attn_frames = getattr(config, "local_attn_frames", None)
+        if sink_frames is None:
+            sink_frames = getattr(config, "sink_frames", 0)
+        return make_cache(
+            getattr(config, "cache_policy", "full"),
             self.transformer,
             batch_size,
             num_latent_frames,
@@ -303,7 +328,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         x: torch.Tensor,
         timestep: float | torch.Tensor,
         prompt_embeds: torch.Tensor,
-        kv_cache: KVCache,
+        kv_cache: AnyKVCache,
         frame_offset: int,
         negative_prompt_embeds: torch.Tensor | None,
         guidance_scale: float,
@@ -312,6 +337,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         transformer: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         dtype = self.transformer.dtype
+        kv_cache, frame_offset = kv_cache.attention_cache(frame_offset)  # the keys a chunk reads, its RoPE position
         guided = negative_prompt_embeds is not None
         model_input = torch.cat([x, x]) if guided else x  # [B or 2B, C, Fc, H, W]
         embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
@@ -337,7 +363,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         timestep: float | torch.Tensor,
         sigma: float | torch.Tensor,
         prompt_embeds: torch.Tensor,
-        kv_cache: KVCache,
+        kv_cache: AnyKVCache,
         frame_offset: int,
         negative_prompt_embeds: torch.Tensor | None = None,
         guidance_scale: float = 1.0,
@@ -361,7 +387,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         self,
         noise: torch.Tensor,
         prompt_embeds: torch.Tensor,
-        kv_cache: KVCache,
+        kv_cache: AnyKVCache,
         frame_offset: int,
         timesteps: torch.Tensor,
         sigmas: torch.Tensor,
@@ -412,22 +438,27 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         self,
         x0: torch.Tensor,
         prompt_embeds: torch.Tensor,
-        kv_cache: KVCache,
+        kv_cache: AnyKVCache,
         frame_offset: int,
         negative_prompt_embeds: torch.Tensor | None = None,
         attention_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        """Run the clean chunk `x0` `[B, C, Fc, H, W]` at `t = 0` and write its keys/values into `kv_cache`."""
+        """
+        Commit the clean chunk `x0` `[B, C, Fc, H, W]` to `kv_cache`: run it at `t = 0` and write its keys/values
+        (a recompute cache keeps its latents and rebuilds the next chunk's context instead).
+        """
+
+        def forward(x: torch.Tensor, cache: KVCache, offset: int) -> None:
+            self._velocity(x, 0.0, prompt_embeds, cache, offset, negative_prompt_embeds, 1.0, True, attention_kwargs)
+
         with torch.no_grad():
-            self._velocity(
-                x0, 0.0, prompt_embeds, kv_cache, frame_offset, negative_prompt_embeds, 1.0, True, attention_kwargs
-            )
+            kv_cache.commit(x0, frame_offset, forward)
 
     def generate_latents(
         self,
         prompt_embeds: torch.Tensor,
         noise: RolloutNoise,
-        kv_cache: KVCache,
+        kv_cache: AnyKVCache,
         timesteps: torch.Tensor,
         sigmas: torch.Tensor,
         sampler: SamplerType = "consistency",
@@ -557,7 +588,7 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         max_sequence_length: int | None = None,
         sampler: SamplerType | None = None,
         local_attn_frames: int | None = None,
-        sink_frames: int = 0,
+        sink_frames: int | None = None,
         callback_on_chunk_end: Callable[[SelfForcingPipeline, int], None] | None = None,
     ) -> SelfForcingPipelineOutput | tuple:
         r"""
@@ -581,7 +612,8 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             output_type (`str`, defaults to `"np"`): `"np"`, `"pt"`, `"pil"` or `"latent"`.
             sampler (`str`, *optional*): `"consistency"` (re-noise, Self-Forcing) or `"ode"`; defaults to the
                 pipeline's `default_sampler`.
-            local_attn_frames, sink_frames: optional local attention window with sink frames (see [`KVCache`]).
+            local_attn_frames, sink_frames: a local attention window with sink frames (see [`KVCache`]); default to the
+                pipeline config's (`None`: global attention).
             callback_on_chunk_end (`Callable`, *optional*): called as `callback_on_chunk_end(pipeline, chunk_index)`
                 after each chunk is committed to the KV cache and before the next one starts, e.g. to switch a LoRA
                 adapter off for the chunks that follow (`pipeline.transformer.disable_adapters()`).
