@@ -59,7 +59,9 @@ def test_rolling_cache_equals_the_masked_full_cache_bit_for_bit(policy_pipe, chu
 
 
 def test_a_rolling_cache_refuses_frames_that_left_its_window(policy_pipe):
-    cache = make_cache("rolling", policy_pipe.transformer, 1, 12, SIZE, SIZE, local_attn_frames=4, sink_frames=1)
+    cache = make_cache(
+        "rolling", policy_pipe.transformer.cache_layout(SIZE, SIZE), 1, 12, local_attn_frames=4, sink_frames=1
+    )
     tpf = cache.tokens_per_frame
     for layer in range(cache.num_layers):
         cache.write(layer, 0, torch.randn(1, 6 * tpf, 2, 12), torch.randn(1, 6 * tpf, 2, 12))
@@ -69,7 +71,7 @@ def test_a_rolling_cache_refuses_frames_that_left_its_window(policy_pipe):
     with pytest.raises(ValueError, match="hold the sink frames plus at least one chunk"):
         cache.check_chunk(6 * tpf, 4 * tpf, 1)
     with pytest.raises(ValueError, match="needs `local_attn_frames`"):
-        make_cache("rolling", policy_pipe.transformer, 1, 12, SIZE, SIZE)
+        make_cache("rolling", policy_pipe.transformer.cache_layout(SIZE, SIZE), 1, 12)
 
 
 @torch.no_grad()
@@ -91,7 +93,7 @@ def test_recompute_equals_a_block_causal_forward_over_the_context(policy_pipe):
 
     x_t = torch.randn(1, 3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
     t = torch.tensor(750.0)
-    streamed = pipe._velocity(x_t, t, embeds, cache, 9, None, 1.0, False, None)
+    streamed = pipe.velocity(x_t, t, embeds, cache, 9, None, 1.0, False, None)
 
     context = torch.cat([clean[:, :, [0, 7, 8]], x_t], dim=2)  # positions 0..5
     timestep = torch.tensor([[0.0, 0.0, 0.0, 750.0, 750.0, 750.0]])
@@ -105,7 +107,7 @@ def test_recompute_equals_a_block_causal_forward_over_the_context(policy_pipe):
     full_cache = masked.prepare_cache(1, 12, SIZE, SIZE)
     for c in range(3):
         masked.commit_chunk(clean[:, :, 3 * c : 3 * c + 3], embeds, full_cache, 3 * c)
-    absolute = masked._velocity(x_t, t, embeds, full_cache, 9, None, 1.0, False, None)
+    absolute = masked.velocity(x_t, t, embeds, full_cache, 9, None, 1.0, False, None)
     assert not torch.allclose(absolute, streamed, atol=1e-4)
     # the cache serves only the chunk right after its committed frames
     with pytest.raises(ValueError, match="right after its committed frames"):
@@ -143,10 +145,10 @@ def test_a_cache_state_loads_back_and_serves_the_same_chunk(policy_pipe, policy,
     assert type(loaded) is type(cache) and loaded.num_frames == 5 and loaded.batch_size == 2
     x_t = torch.randn(2, 3, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        expected = pipe._velocity(
+        expected = pipe.velocity(
             x_t, torch.tensor(500.0), embeds.expand(2, -1, -1), branches, 5, None, 1.0, False, None
         )
-        got = pipe._velocity(x_t, torch.tensor(500.0), embeds.expand(2, -1, -1), loaded, 5, None, 1.0, False, None)
+        got = pipe.velocity(x_t, torch.tensor(500.0), embeds.expand(2, -1, -1), loaded, 5, None, 1.0, False, None)
     assert torch.equal(got, expected)
 
 

@@ -18,11 +18,12 @@ __version__ = "0.1.0.dev0"
 from . import dependency_logging  # first: before peft imports bitsandbytes
 from .arcopo_config import ARCoPOConfig
 from .arcopo_trainer import ARCoPOTrainer
-from .kv_cache import KVCache
+from .generator import ChunkDenoisingOutput, StreamingGenerator, StreamingGeneratorMixin, check_generator
+from .kv_cache import KVCache, RecomputeKVCache, RollingKVCache, make_cache
 from .loss import LossStats, arcopo_loss, group_advantages, sde_grpo_loss, sde_transition_log_prob
 from .merging import combine_adapters
 from .models import CausalWanTransformer3DModel, FramePackingAutoencoder, block_causal_mask
-from .pipelines import ChunkDenoisingOutput, SelfForcingPipeline, SelfForcingPipelineOutput
+from .pipelines import SelfForcingPipeline, SelfForcingPipelineOutput
 from .rewards import RewardFunc
 from .rollout import AnchorBatch, ForkedRollout, RolloutGroup, RolloutSpec, forked_rollout, sample_group
 from .sampling import RolloutNoise, get_schedule, neighbor_noise, self_forcing_scheduler
@@ -38,18 +39,24 @@ __all__ = [
     "FramePackingAutoencoder",
     "KVCache",
     "LossStats",
+    "RecomputeKVCache",
     "RewardFunc",
+    "RollingKVCache",
     "RolloutGroup",
     "RolloutNoise",
     "RolloutSpec",
     "SelfForcingPipeline",
     "SelfForcingPipelineOutput",
+    "StreamingGenerator",
+    "StreamingGeneratorMixin",
     "arcopo_loss",
     "block_causal_mask",
+    "check_generator",
     "combine_adapters",
     "forked_rollout",
     "get_schedule",
     "group_advantages",
+    "make_cache",
     "neighbor_noise",
     "sample_group",
     "sde_grpo_loss",

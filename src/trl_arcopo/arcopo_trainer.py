@@ -38,10 +38,10 @@ from .checkpointing import CheckpointMixin, between_iterations
 from .completions import Completions, log_to_trackers
 from .data import EpochRepeatSampler, check_datasets, seeded_generator
 from .ema import AdapterEMA
+from .generator import StreamingGenerator, check_generator
 from .hub import HubMixin, save_sample_gif
 from .loss import LossStats, arcopo_loss, sde_grpo_anchor_loss, x0_penalty
 from .nonfinite import NonFiniteGuard
-from .pipelines import SelfForcingPipeline
 from .policy import add_policy_adapter, check_adapters_in_sync, prepare_for_training, reference_policy
 from .prompt_cache import PromptEmbeddingCache
 from .replay_buffer import ReplayBuffer, ReplaySource
@@ -72,7 +72,7 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
     reference is the transformer with it disabled. A loss variant overrides [`~ARCoPOTrainer._compute_loss`].
 
     Args:
-        pipeline ([`SelfForcingPipeline`]): the streaming generator.
+        pipeline ([`~trl_arcopo.generator.StreamingGenerator`]): the streaming generator, e.g. a [`SelfForcingPipeline`].
         reward_funcs (`RewardFunc` or `list[RewardFunc]`): `fn(prompts, videos, **kwargs) -> list[float | None]`.
         args ([`ARCoPOConfig`], *optional*): defaults to `ARCoPOConfig("arcopo-output")`.
         train_dataset ([`~datasets.Dataset`]): needs a `"prompt"` column; other columns reach the rewards.
@@ -94,7 +94,7 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
 
     def __init__(
         self,
-        pipeline: SelfForcingPipeline,
+        pipeline: StreamingGenerator,
         reward_funcs: RewardFunc | list[RewardFunc],
         args: ARCoPOConfig | None = None,
         train_dataset: Dataset | IterableDataset | None = None,
@@ -104,8 +104,7 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
     ):
         args = args if args is not None else ARCoPOConfig("arcopo-output")
-        if not isinstance(pipeline, SelfForcingPipeline):
-            raise TypeError(f"`pipeline` must be a SelfForcingPipeline, got {type(pipeline).__name__}.")
+        check_generator(pipeline)  # every member the rollout and the update use, named if missing
         self.scorer = RewardScorer(
             reward_funcs, args.reward_weights, args.multi_objective_aggregation, args.async_rewards,
             args.reward_num_workers,

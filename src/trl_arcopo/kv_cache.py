@@ -33,6 +33,33 @@ CommitForward = Callable[[torch.Tensor, "KVCache", int], None]
 CACHE_POLICIES = ("full", "rolling", "recompute")
 
 
+@dataclass(frozen=True)
+class CacheLayout:
+    r"""
+    The shape of a transformer's self-attention keys and values: what a cache is allocated from, whatever the model.
+    A transformer gives its own with a `cache_layout(latent_height, latent_width, dtype=None, device=None)` method
+    ([`~trl_arcopo.CausalWanTransformer3DModel.cache_layout`]).
+
+    Args:
+        num_layers (`int`): attention layers (one key and one value buffer each).
+        num_heads (`int`), head_dim (`int`): the keys' last two dimensions.
+        tokens_per_frame (`int`): tokens of one latent frame.
+        dtype (`torch.dtype`), device (`torch.device`): of the buffers.
+    """
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    tokens_per_frame: int
+    dtype: torch.dtype = torch.float32
+    device: torch.device | str = "cpu"
+
+    def buffers(self, batch_size: int, num_frames: int) -> list[torch.Tensor]:
+        """One zero buffer `[batch_size, num_frames * tokens_per_frame, heads, head_dim]` per layer."""
+        shape = (batch_size, num_frames * self.tokens_per_frame, self.num_heads, self.head_dim)
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+
+
 @dataclass
 class KVCache:
     r"""
@@ -112,6 +139,15 @@ class KVCache:
 
     # ------------------------------------------------------------------ construction
     @classmethod
+    def empty(
+        cls, layout: CacheLayout, batch_size: int, num_frames: int, local_attn_frames: int | None = None,
+        sink_frames: int = 0,
+    ) -> KVCache:  # fmt: skip
+        """An empty cache of `layout` for `batch_size` videos that will commit `num_frames` latent frames."""
+        keys, values = layout.buffers(batch_size, num_frames), layout.buffers(batch_size, num_frames)
+        return cls(keys, values, layout.tokens_per_frame, 0, local_attn_frames, sink_frames)
+
+    @classmethod
     def from_transformer(
         cls,
         transformer: torch.nn.Module,
@@ -125,30 +161,18 @@ class KVCache:
         sink_frames: int = 0,
     ) -> KVCache:
         """
-        Allocate an empty cache sized from `transformer.config` and the frames that will be committed.
+        Allocate an empty cache sized from `transformer.cache_layout(latent_height, latent_width, dtype, device)` and
+        the frames that will be committed.
 
         Args:
-            transformer: a Wan transformer (its `config` gives layers, heads, head dim and patch size).
+            transformer: a transformer with a `cache_layout` method (e.g. [`CausalWanTransformer3DModel`]).
             batch_size: number of videos generated together.
             num_frames: latent frames that will be committed (the capacity): the video's frames less its last chunk.
             latent_height, latent_width: spatial size of the latents (before patching).
             dtype, device: default to the transformer's.
         """
-        config = transformer.config
-        _, p_h, p_w = config.patch_size
-        if latent_height % p_h or latent_width % p_w:
-            raise ValueError(
-                f"Latent size {latent_height}x{latent_width} is not divisible by the patch size {p_h}x{p_w}; "
-                "choose a height and width that are multiples of the patch size (times the VAE's spatial factor)."
-            )
-        tokens_per_frame = (latent_height // p_h) * (latent_width // p_w)
-        param = next(transformer.parameters())
-        dtype = dtype or param.dtype
-        device = device or param.device
-        shape = (batch_size, num_frames * tokens_per_frame, config.num_attention_heads, config.attention_head_dim)
-        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        return cls(keys, values, tokens_per_frame, 0, local_attn_frames, sink_frames)
+        layout = transformer.cache_layout(latent_height, latent_width, dtype, device)
+        return cls.empty(layout, batch_size, num_frames, local_attn_frames, sink_frames)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -450,8 +474,8 @@ class RollingKVCache(KVCache):
     Example:
 
     ```py
-    >>> cache = make_cache("rolling", pipe.transformer, 1, num_frames=240, latent_height=60, latent_width=104,
-    ...                    local_attn_frames=12, sink_frames=3)  # 12 frames of storage for a 241-frame video
+    >>> layout = pipe.transformer.cache_layout(latent_height=60, latent_width=104)
+    >>> cache = RollingKVCache.empty(layout, 1, num_frames=240, local_attn_frames=12, sink_frames=3)  # 12 frames stored
     ```
     """
 
@@ -474,22 +498,17 @@ class RollingKVCache(KVCache):
             )
 
     @classmethod
-    def from_transformer(
-        cls, transformer, batch_size, num_frames, latent_height, latent_width, dtype=None, device=None,
-        local_attn_frames=None, sink_frames=0,
+    def empty(
+        cls, layout: CacheLayout, batch_size: int, num_frames: int, local_attn_frames: int | None = None,
+        sink_frames: int = 0,
     ) -> RollingKVCache:  # fmt: skip
-        """As [`KVCache.from_transformer`]; the storage holds `local_attn_frames` frames whatever `num_frames`."""
+        """As [`KVCache.empty`]; the storage holds `local_attn_frames` frames whatever `num_frames`."""
         if local_attn_frames is None:
             raise ValueError("A rolling cache needs `local_attn_frames`; use the `full` policy for global attention.")
-        full = KVCache.from_transformer(
-            transformer, batch_size, min(num_frames, 0), latent_height, latent_width, dtype, device
-        )  # no frames: the layout only
-        tokens = full.tokens_per_frame * (local_attn_frames if num_frames > 0 else 0)
-        keys = [k.new_zeros((batch_size, tokens, *k.shape[2:])) for k in full.keys]
-        values = [v.new_zeros((batch_size, tokens, *v.shape[2:])) for v in full.values]
+        stored = local_attn_frames if num_frames > 0 else 0
         return cls(
-            keys, values, full.tokens_per_frame, 0, local_attn_frames, sink_frames,
-            max_tokens=num_frames * full.tokens_per_frame,
+            layout.buffers(batch_size, stored), layout.buffers(batch_size, stored), layout.tokens_per_frame, 0,
+            local_attn_frames, sink_frames, max_tokens=num_frames * layout.tokens_per_frame,
         )  # fmt: skip
 
     @property
@@ -622,13 +641,22 @@ class RecomputeKVCache:
             raise ValueError(f"{self.latents.shape[2]} context latents but {len(self.frame_indices)} frame indices.")
 
     @classmethod
+    def empty(
+        cls, layout: CacheLayout, batch_size: int, num_frames: int, local_attn_frames: int | None = None,
+        sink_frames: int = 0,
+    ) -> RecomputeKVCache:  # fmt: skip
+        """An empty cache for `batch_size` videos that will commit `num_frames` latent frames."""
+        kv = KVCache.empty(layout, batch_size, 0)
+        return cls(kv, max_frames=num_frames, local_attn_frames=local_attn_frames, sink_frames=sink_frames)
+
+    @classmethod
     def from_transformer(
         cls, transformer, batch_size, num_frames, latent_height, latent_width, dtype=None, device=None,
         local_attn_frames=None, sink_frames=0,
     ) -> RecomputeKVCache:  # fmt: skip
-        """An empty cache for `batch_size` videos that will commit `num_frames` latent frames."""
-        kv = KVCache.from_transformer(transformer, batch_size, 0, latent_height, latent_width, dtype, device)
-        return cls(kv, max_frames=num_frames, local_attn_frames=local_attn_frames, sink_frames=sink_frames)
+        """As [`KVCache.from_transformer`]."""
+        layout = transformer.cache_layout(latent_height, latent_width, dtype, device)
+        return cls.empty(layout, batch_size, num_frames, local_attn_frames, sink_frames)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -786,24 +814,25 @@ def check_cache_policy(policy: str, local_attn_frames: int | None, sink_frames: 
 
 def make_cache(
     policy: str,
-    transformer: torch.nn.Module,
+    layout: CacheLayout,
     batch_size: int,
     num_frames: int,
-    latent_height: int,
-    latent_width: int,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
     local_attn_frames: int | None = None,
     sink_frames: int = 0,
 ) -> AnyKVCache:
     """
-    An empty cache of `policy` (`"full"`, `"rolling"` or `"recompute"`) for `batch_size` videos that will commit
-    `num_frames` latent frames, sized from `transformer.config` (see each class's `from_transformer`).
+    An empty cache of `policy` (`"full"`, `"rolling"` or `"recompute"`) and `layout` for `batch_size` videos that will
+    commit `num_frames` latent frames (see each class's `empty`).
+
+    Example:
+
+    ```py
+    >>> layout = pipe.transformer.cache_layout(latent_height=60, latent_width=104)
+    >>> cache = make_cache("rolling", layout, 1, num_frames=240, local_attn_frames=12, sink_frames=3)
+    ```
     """
     check_cache_policy(policy, local_attn_frames, sink_frames)
-    return _POLICY_CLASSES[policy].from_transformer(
-        transformer, batch_size, num_frames, latent_height, latent_width, dtype, device, local_attn_frames, sink_frames
-    )
+    return _POLICY_CLASSES[policy].empty(layout, batch_size, num_frames, local_attn_frames, sink_frames)
 
 
 def cache_from_state(metadata: dict, tensors: dict[str, torch.Tensor]) -> AnyKVCache:

@@ -21,7 +21,7 @@ import torch
 
 
 if TYPE_CHECKING:
-    from .pipelines import SelfForcingPipeline
+    from .generator import StreamingGenerator
 
 
 class PromptEmbeddingCache:
@@ -35,7 +35,7 @@ class PromptEmbeddingCache:
     [`~PromptEmbeddingCache.add`]ed; a pipeline without a text encoder then trains on those prompts.
 
     Args:
-        pipeline ([`SelfForcingPipeline`]): its `encode_prompt` and `text_encoder`.
+        pipeline ([`~trl_arcopo.generator.StreamingGenerator`]): its `encode_prompt` and `text_encoder`.
         max_sequence_length (`int`, *optional*): text tokens (the pipeline's default when `None`).
         device (`torch.device`): where the embeddings are used (and the text encoder runs).
         offload (`bool`, defaults to `False`): keep the text encoder on the CPU between encodings.
@@ -51,7 +51,7 @@ class PromptEmbeddingCache:
 
     def __init__(
         self,
-        pipeline: SelfForcingPipeline,
+        pipeline: StreamingGenerator,
         max_sequence_length: int | None = None,
         device: torch.device | str = "cpu",
         offload: bool = False,

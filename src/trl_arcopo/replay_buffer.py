@@ -34,7 +34,7 @@ from .rollout import RolloutGroup, RolloutSpec
 
 
 if TYPE_CHECKING:
-    from .pipelines import SelfForcingPipeline
+    from .generator import StreamingGenerator
 
 logger = logging.get_logger(__name__)
 
@@ -164,7 +164,7 @@ class ReplayBuffer:
 
 @torch.no_grad()
 def rebuild_prefix_cache(
-    pipeline: SelfForcingPipeline,
+    pipeline: StreamingGenerator,
     entry: BufferEntry | list[BufferEntry],
     num_frames_per_chunk: int,
     num_latent_frames: int,
@@ -211,7 +211,7 @@ def entries_from_group(group: RolloutGroup) -> list[BufferEntry]:
 
 
 def group_from_entries(
-    pipeline: SelfForcingPipeline,
+    pipeline: StreamingGenerator,
     spec: RolloutSpec,
     entries: list[BufferEntry],
     temperature: float | None = None,
@@ -421,7 +421,7 @@ class ReplaySource:
 
     def draw(
         self,
-        pipeline: SelfForcingPipeline,
+        pipeline: StreamingGenerator,
         n: int,
         generator: torch.Generator,
         informative_only: bool = True,

@@ -34,7 +34,7 @@ from .sampling import RolloutNoise, SamplerType, neighbor_noise
 
 
 if TYPE_CHECKING:
-    from .pipelines import SelfForcingPipeline
+    from .generator import StreamingGenerator
 
 
 @dataclass
@@ -82,7 +82,7 @@ def branch_sub_batches(batch_size: int, num_branches: int, rollout_batch_size: i
 
 @torch.no_grad()
 def forked_rollout(
-    pipeline: SelfForcingPipeline,
+    pipeline: StreamingGenerator,
     prompt_embeds: torch.Tensor,
     noise: RolloutNoise,
     pivot: int,
@@ -163,7 +163,8 @@ def forked_rollout(
 
         # the sub-batch's rows of the whole batch: computed with the same bits as in one batch
         offset = b * group_size + first_branch + rows.start - b * num_branches  # the row in the whole batch
-        rows_of = nullcontext() if b < 0 else pipeline.transformer.sub_batch(offset, batch_size * group_size)
+        sub_batch = getattr(pipeline.transformer, "sub_batch", None)  # without it: rows computed at their batch size
+        rows_of = nullcontext() if b < 0 or sub_batch is None else sub_batch(offset, batch_size * group_size)
         with rows_of:
             # 3. Pivot chunk with its trajectory
             pivot_out = pipeline.denoise_chunk(
@@ -507,7 +508,7 @@ class RolloutSpec:
     @classmethod
     def from_pipeline(
         cls,
-        pipeline: SelfForcingPipeline,
+        pipeline: StreamingGenerator,
         height: int | None = None,
         width: int | None = None,
         num_frames: int | None = None,
@@ -529,7 +530,7 @@ class RolloutSpec:
         return cls(video_size, latent_shape, frames, latent_shape[2] // frames, timesteps, sigmas, sampler)
 
     @classmethod
-    def from_config(cls, pipeline: SelfForcingPipeline, args) -> RolloutSpec:
+    def from_config(cls, pipeline: StreamingGenerator, args) -> RolloutSpec:
         """
         The spec of an [`ARCoPOConfig`] on `pipeline`. Raises a `ValueError` naming the value for a pivot or trained
         step outside the video or schedule, or `sde_grpo` without the consistency sampler.
@@ -653,7 +654,7 @@ EXPLORATIONS = ("neighbors", "sde")
 
 @torch.no_grad()
 def sample_group(
-    pipeline: SelfForcingPipeline,
+    pipeline: StreamingGenerator,
     spec: RolloutSpec,
     prompts: list[str],
     prompt_embeds: torch.Tensor,

@@ -26,7 +26,7 @@ from diffusers import ModelMixin, WanTransformer3DModel  # noqa: F401  (diffuser
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale
 
-from ..kv_cache import KVCache
+from ..kv_cache import CacheLayout, KVCache
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -134,6 +134,30 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
     def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
         _, p_h, p_w = self.config.patch_size
         return (latent_height // p_h) * (latent_width // p_w)
+
+    def cache_layout(
+        self,
+        latent_height: int,
+        latent_width: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> CacheLayout:
+        """The layout of this model's keys and values for latents of the given size (dtype and device: the model's)."""
+        _, p_h, p_w = self.config.patch_size
+        if latent_height % p_h or latent_width % p_w:
+            raise ValueError(
+                f"Latent size {latent_height}x{latent_width} is not divisible by the patch size {p_h}x{p_w}; "
+                "choose a height and width that are multiples of the patch size (times the VAE's spatial factor)."
+            )
+        param = next(self.parameters())
+        return CacheLayout(
+            num_layers=self.config.num_layers,
+            num_heads=self.config.num_attention_heads,
+            head_dim=self.config.attention_head_dim,
+            tokens_per_frame=self.tokens_per_frame(latent_height, latent_width),
+            dtype=dtype or param.dtype,
+            device=device or param.device,
+        )
 
     def _rotary_embedding(self, frame_indices: torch.Tensor, pph: int, ppw: int) -> tuple[torch.Tensor, torch.Tensor]:
         rope = self.rope

@@ -1,1 +1,5 @@
-from .pipeline_self_forcing import ChunkDenoisingOutput, SelfForcingPipeline, SelfForcingPipelineOutput
+from ..generator import ChunkDenoisingOutput
+from .pipeline_self_forcing import SelfForcingPipeline, SelfForcingPipelineOutput
+
+
+__all__ = ["ChunkDenoisingOutput", "SelfForcingPipeline", "SelfForcingPipelineOutput"]

@@ -30,18 +30,11 @@ from diffusers.utils import BaseOutput
 from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..kv_cache import AnyKVCache, KVCache, check_cache_policy, make_cache
+from ..generator import StreamingGeneratorMixin
+from ..kv_cache import AnyKVCache, check_cache_policy, make_cache
 from ..models.causal_wan import CausalWanTransformer3DModel
 from ..models.frame_packing import FramePackingAutoencoder
-from ..sampling import (
-    RolloutNoise,
-    SamplerType,
-    check_sampler,
-    consistency_step,
-    get_schedule,
-    ode_step,
-    x0_from_velocity,
-)
+from ..sampling import RolloutNoise, SamplerType, check_sampler
 
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
@@ -61,27 +54,11 @@ class SelfForcingPipelineOutput(BaseOutput):
     frames: torch.Tensor | np.ndarray | list[list[PIL.Image.Image]]
 
 
-@dataclass
-class ChunkDenoisingOutput:
-    r"""
-    Result of denoising one chunk.
-
-    Args:
-        x0 (`torch.Tensor` of shape `[B, C, Fc, H, W]`): the chunk's output (the last step's clean estimate).
-        states (`torch.Tensor` of shape `[B, T, C, Fc, H, W]`, *optional*): the state `x_t` fed to each step.
-        x0_preds (`torch.Tensor` of shape `[B, T, C, Fc, H, W]`, *optional*): the clean estimate `x̂0` of each step.
-    """
-
-    x0: torch.Tensor
-    states: torch.Tensor | None = None
-    x0_preds: torch.Tensor | None = None
-
-
 def _clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
 
 
-class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
+class SelfForcingPipeline(DiffusionPipeline, StreamingGeneratorMixin, WanLoraLoaderMixin):
     r"""
     Text-to-video generation with a streaming autoregressive Wan transformer (Self-Forcing and its family).
 
@@ -301,29 +278,12 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             local_attn_frames = getattr(config, "local_attn_frames", None)
         if sink_frames is None:
             sink_frames = getattr(config, "sink_frames", 0)
-        return make_cache(
-            getattr(config, "cache_policy", "full"),
-            self.transformer,
-            batch_size,
-            num_latent_frames,
-            latent_height,
-            latent_width,
-            device=self._execution_device,
-            local_attn_frames=local_attn_frames,
-            sink_frames=sink_frames,
-        )
-
-    def get_schedule(self, sigmas: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        `(timesteps [T], sigmas [T + 1])` of one chunk, from the scheduler (see [`trl_arcopo.sampling.get_schedule`]);
-        `sigmas=None` uses the pipeline's `default_sigmas`.
-        """
-        if sigmas is None:
-            sigmas = getattr(self.config, "default_sigmas", None)
-        return get_schedule(self.scheduler, sigmas)
+        layout = self.transformer.cache_layout(latent_height, latent_width, device=self._execution_device)
+        policy = getattr(config, "cache_policy", "full")
+        return make_cache(policy, layout, batch_size, num_latent_frames, local_attn_frames, sink_frames)
 
     # ------------------------------------------------------------------ the network calls
-    def _velocity(
+    def velocity(
         self,
         x: torch.Tensor,
         timestep: float | torch.Tensor,
@@ -356,165 +316,6 @@ class SelfForcingPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             uncond, cond = velocity.chunk(2)
             velocity = uncond + guidance_scale * (cond - uncond)
         return velocity
-
-    def predict_x0(
-        self,
-        x_t: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sigma: float | torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        kv_cache: AnyKVCache,
-        frame_offset: int,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
-        attention_kwargs: dict[str, Any] | None = None,
-        transformer: torch.nn.Module | None = None,
-    ) -> torch.Tensor:
-        """
-        The clean estimate `x̂0 = x_t - σ·v_θ(x_t, t)` `[B, C, Fc, H, W]` of a chunk starting at latent frame
-        `frame_offset`, attending to the committed frames in `kv_cache` (nothing is committed). Runs with gradients
-        when they are enabled. `denoise_chunk` computes every step with the same two calls, so a recorded `x̂0`
-        and its recomputation are equal bit for bit. `transformer` replaces `self.transformer` for this call (e.g.
-        the same module wrapped for distributed training).
-        """
-        velocity = self._velocity(
-            x_t, timestep, prompt_embeds, kv_cache, frame_offset, negative_prompt_embeds, guidance_scale, False,
-            attention_kwargs, transformer,
-        )  # fmt: skip
-        return x0_from_velocity(x_t, sigma, velocity)
-
-    def denoise_chunk(
-        self,
-        noise: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        kv_cache: AnyKVCache,
-        frame_offset: int,
-        timesteps: torch.Tensor,
-        sigmas: torch.Tensor,
-        renoise: torch.Tensor | None = None,
-        sampler: SamplerType = "consistency",
-        record_trajectory: bool = False,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
-        attention_kwargs: dict[str, Any] | None = None,
-    ) -> ChunkDenoisingOutput:
-        """
-        Denoise one chunk from its initial `noise` `[B, C, Fc, H, W]` with `len(timesteps)` steps.
-
-        `sampler="consistency"` (Self-Forcing): `x̂0 = x - σ·v`, then `x ← (1 - σ')·x̂0 + σ'·renoise[:, j]`;
-        `sampler="ode"`: Euler steps of the flow ODE. The output is the last step's `x̂0`. With
-        `record_trajectory=True` the per-step states and clean estimates are returned too (what AR-CoPO stores).
-        """
-        check_sampler(sampler)
-        num_steps = len(timesteps)
-        if sampler == "consistency" and num_steps > 1 and (renoise is None or renoise.shape[1] != num_steps - 1):
-            raise ValueError(
-                f"The consistency sampler needs `renoise` of shape [B, {num_steps - 1}, C, Fc, H, W] for {num_steps} "
-                "steps; draw it with `RolloutNoise.sample`."
-            )
-        x = noise
-        states, x0_preds = [], []
-        for j in range(num_steps):
-            sigma, sigma_next = sigmas[j].item(), sigmas[j + 1].item()
-            velocity = self._velocity(
-                x, timesteps[j], prompt_embeds, kv_cache, frame_offset, negative_prompt_embeds, guidance_scale,
-                False, attention_kwargs,
-            )  # fmt: skip
-            x0 = x0_from_velocity(x, sigma, velocity)
-            if record_trajectory:
-                states.append(x)
-                x0_preds.append(x0)
-            if j < num_steps - 1:
-                x = (
-                    consistency_step(x0, sigma_next, renoise[:, j])
-                    if sampler == "consistency"
-                    else ode_step(x, sigma, sigma_next, velocity)
-                )
-        if not record_trajectory:
-            return ChunkDenoisingOutput(x0=x0)
-        return ChunkDenoisingOutput(x0=x0, states=torch.stack(states, 1), x0_preds=torch.stack(x0_preds, 1))
-
-    def commit_chunk(
-        self,
-        x0: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        kv_cache: AnyKVCache,
-        frame_offset: int,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        attention_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        """
-        Commit the clean chunk `x0` `[B, C, Fc, H, W]` to `kv_cache`: run it at `t = 0` and write its keys/values
-        (a recompute cache keeps its latents and rebuilds the next chunk's context instead).
-        """
-
-        def forward(x: torch.Tensor, cache: KVCache, offset: int) -> None:
-            self._velocity(x, 0.0, prompt_embeds, cache, offset, negative_prompt_embeds, 1.0, True, attention_kwargs)
-
-        with torch.no_grad():
-            kv_cache.commit(x0, frame_offset, forward)
-
-    def generate_latents(
-        self,
-        prompt_embeds: torch.Tensor,
-        noise: RolloutNoise,
-        kv_cache: AnyKVCache,
-        timesteps: torch.Tensor,
-        sigmas: torch.Tensor,
-        sampler: SamplerType = "consistency",
-        start_chunk: int = 0,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
-        attention_kwargs: dict[str, Any] | None = None,
-        progress: bool = False,
-        end_chunk: int | None = None,
-        callback_on_chunk_end: Callable[[SelfForcingPipeline, int], None] | None = None,
-    ) -> torch.Tensor:
-        """
-        Stream chunks `start_chunk..end_chunk-1` (by default to the last chunk) from `noise`, committing to `kv_cache`
-        (which must already hold the chunks before `start_chunk`) each chunk it has room for: a cache sized for the
-        video less its last chunk ([`prepare_cache`]) skips that chunk's commit pass, which no later chunk would read.
-        Returns the generated chunks concatenated along frames `[B, C, F', H, W]` (no frames when the range is empty).
-        `callback_on_chunk_end(self, c)` runs after chunk `c` is committed (the last chunk: denoised), before the next
-        chunk starts.
-        """
-        chunks = []
-        frames = noise.num_frames_per_chunk
-        end_chunk = noise.num_chunks if end_chunk is None else end_chunk
-        needed = min(end_chunk, noise.num_chunks - 1) * frames  # frames that later chunks read
-        if kv_cache.capacity_frames < needed:
-            raise ValueError(
-                f"The KV cache is too short for the requested video: it can commit {kv_cache.capacity_frames} latent "
-                f"frames but later chunks read the first {needed}. Create it with `num_frames>={needed}` (the "
-                "video's frames less its last chunk, which is never committed)."
-            )
-        iterator = range(start_chunk, end_chunk)
-        if progress:
-            iterator = self.progress_bar(iterator)
-        for c in iterator:
-            out = self.denoise_chunk(
-                noise.chunk_initial(c),
-                prompt_embeds,
-                kv_cache,
-                c * frames,
-                timesteps,
-                sigmas,
-                renoise=noise.chunk_renoise(c),
-                sampler=sampler,
-                negative_prompt_embeds=negative_prompt_embeds,
-                guidance_scale=guidance_scale,
-                attention_kwargs=attention_kwargs,
-            )
-            if kv_cache.capacity_frames >= (c + 1) * frames:  # a cache sized without the video's last chunk
-                self.commit_chunk(
-                    out.x0, prompt_embeds, kv_cache, c * frames, negative_prompt_embeds, attention_kwargs
-                )
-            chunks.append(out.x0)
-            if callback_on_chunk_end is not None:
-                callback_on_chunk_end(self, c)
-        if not chunks:
-            return noise.initial[:, :, :0]
-        return torch.cat(chunks, dim=2)
 
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pt", batch_size: int | None = None):
         """
