@@ -46,6 +46,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ ENV = {
     "NO_MKDOCS_2_WARNING": "1",
 }
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
+# a line that `pymdownx.snippets` replaces by a file, or by the lines between `--8<-- [start:NAME]` and `[end:NAME]`
+_SNIPPET = re.compile(r'^\s*--8<--\s+"(?P<path>[^":]+)(?::(?P<section>[\w-]+))?"\s*$')
 
 
 @dataclass
@@ -126,9 +129,26 @@ def extract_blocks(path: Path) -> list[Block]:
         while end < len(lines) and not closing.match(lines[end]):
             end += 1
         body = [line[len(indent) :] if line.startswith(indent) else line.lstrip() for line in lines[i + 1 : end]]
-        blocks.append(Block(page, i + 1, language, "\n".join(body) + "\n"))
+        blocks.append(Block(page, i + 1, language, "\n".join(expand_snippets(line) for line in body) + "\n"))
         i = end + 1
     return blocks
+
+
+def expand_snippets(line: str) -> str:
+    """A block's line as the site shows it: a `--8<-- "path:section"` line becomes that part of the file, dedented."""
+    match = _SNIPPET.match(line)
+    if not match:
+        return line
+    text = (ROOT / match["path"]).read_text(encoding="utf-8").split("\n")
+    if match["section"]:
+        marks = [i for i, row in enumerate(text) if f"--8<-- [start:{match['section']}]" in row]
+        marks += [i for i, row in enumerate(text) if f"--8<-- [end:{match['section']}]" in row]
+        if len(marks) != 2:
+            raise ValueError(
+                f"{match['path']} has no section {match['section']!r} (`--8<-- [start:...]`/`[end:...]`)."
+            )
+        text = text[marks[0] + 1 : marks[1]]
+    return textwrap.dedent("\n".join(text)).rstrip("\n")
 
 
 def collect_blocks() -> list[Block]:
