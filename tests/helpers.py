@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from datasets import Dataset
 from peft import LoraConfig
+from transformers import TrainerCallback
 
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
 from trl_arcopo.testing_utils import tiny_pipeline
@@ -54,6 +55,18 @@ def tiny_trainer(
         train_dataset=dataset if dataset is not None else Dataset.from_dict({"prompt": list(prompts)}),
         peft_config=peft_config or LoraConfig(**LORA),
     )
+
+
+class StopAt(TrainerCallback):
+    """Stops training after optimizer step `step` (a run interrupted right after its checkpoint there)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
 
 
 def load_script(path: str):

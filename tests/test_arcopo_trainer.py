@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from helpers import LORA, PROMPTS, ROOT, load_script, redness, tiny_args, tiny_trainer
+from helpers import LORA, PROMPTS, ROOT, StopAt, load_script, redness, tiny_args, tiny_trainer
 from huggingface_hub import ModelCard
 from peft import LoraConfig
-from transformers import TrainerCallback
 
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer, shapes
 from trl_arcopo.rewards import load_reward_func
@@ -24,16 +23,6 @@ _args = tiny_args
 
 def _trainer(tmp_path, pipe=None, reward_funcs=(redness,), dataset=None, **kwargs):
     return tiny_trainer(tmp_path, pipe=pipe, reward_funcs=reward_funcs, dataset=dataset, **kwargs)
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
 
 
 def _history(trainer, key):

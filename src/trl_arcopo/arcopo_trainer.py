@@ -402,7 +402,7 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
             anchors = anchors.sub_batches(args.num_anchors // self.accelerator.num_processes)[
                 self.accelerator.process_index
             ]  # the gradients' mean over processes is the mean over every anchor
-        steps = self.spec.trained_steps(args.loss_type, args.train_denoising_steps)
+        steps = self.spec.trained_steps(args.loss_type, args.train_denoising_steps, group.pivot)
         scale = weight / len(steps) / self.current_gradient_accumulation_steps
         total = torch.zeros((), device=group.states.device)
         self._loss_stats, self._penalties = [], []

@@ -163,6 +163,15 @@ class StreamingGeneratorMixin:
             sigmas = getattr(self.config, "default_sigmas", None)
         return get_schedule(self.scheduler, sigmas)
 
+    def get_first_chunk_schedule(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """
+        The first chunk's `(timesteps, sigmas)` when the config's `default_first_chunk_sigmas` gives it its own
+        (Causal-Forcing++: 4 steps for the first chunk, 1 or 2 for the others), else `None`: the first chunk uses
+        [`get_schedule`]'s.
+        """
+        sigmas = getattr(self.config, "default_first_chunk_sigmas", None)
+        return None if sigmas is None else get_schedule(self.scheduler, sigmas)
+
     def predict_x0(
         self,
         x_t: torch.Tensor,
@@ -275,6 +284,7 @@ class StreamingGeneratorMixin:
         progress: bool = False,
         end_chunk: int | None = None,
         callback_on_chunk_end: Callable[[Any, int], None] | None = None,
+        first_chunk_schedule: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """
         Stream chunks `start_chunk..end_chunk-1` (by default to the last chunk) from `noise`, committing to `kv_cache`
@@ -282,7 +292,8 @@ class StreamingGeneratorMixin:
         video less its last chunk ([`prepare_cache`]) skips that chunk's commit pass, which no later chunk would read.
         Returns the generated chunks concatenated along frames `[B, C, F', H, W]` (no frames when the range is empty).
         `callback_on_chunk_end(self, c)` runs after chunk `c` is committed (the last chunk: denoised), before the next
-        chunk starts.
+        chunk starts. `first_chunk_schedule` `(timesteps, sigmas)` denoises chunk 0 with its own schedule
+        ([`get_first_chunk_schedule`]); the noise must then have the re-noise of the longer of the two.
         """
         chunks = []
         frames = noise.num_frames_per_chunk
@@ -298,14 +309,17 @@ class StreamingGeneratorMixin:
         if progress:
             iterator = self.progress_bar(iterator)
         for c in iterator:
+            chunk_timesteps, chunk_sigmas = (
+                first_chunk_schedule if c == 0 and first_chunk_schedule else (timesteps, sigmas)
+            )
             out = self.denoise_chunk(
                 noise.chunk_initial(c),
                 prompt_embeds,
                 kv_cache,
                 c * frames,
-                timesteps,
-                sigmas,
-                renoise=noise.chunk_renoise(c),
+                chunk_timesteps,
+                chunk_sigmas,
+                renoise=noise.chunk_renoise(c, len(chunk_timesteps)),
                 sampler=sampler,
                 negative_prompt_embeds=negative_prompt_embeds,
                 guidance_scale=guidance_scale,

@@ -234,8 +234,8 @@ def group_from_entries(
         states=torch.stack([e.states for e in entries]).to(device),  # [N, G, T, C, Fc, H, W]
         x0_preds=x0_preds,
         temperature=group_temperature(x0_preds, temperature, distance_reduction),
-        timesteps=spec.timesteps,
-        sigmas=spec.sigmas,
+        timesteps=spec.schedule(entries[0].pivot)[0],
+        sigmas=spec.schedule(entries[0].pivot)[1],
         rewards=torch.stack([e.rewards for e in entries]).to(device),  # [N, G]
     )
 
@@ -255,9 +255,10 @@ def check_buffer_compatible(buffer: ReplayBuffer, spec: RolloutSpec, num_generat
     Refuse a buffer collected for another run: its groups must have this run's (num_generations, denoising steps,
     channels, frames per chunk), and every pivot must be a chunk of this run's videos.
     """
-    expected = (num_generations, len(spec.timesteps), spec.latent_shape[1], spec.num_frames_per_chunk)
     num_chunks = spec.num_chunks
     for entry in buffer.entries:
+        steps = len(spec.schedule(entry.pivot)[0])  # the pivot's schedule (the first chunk may have its own)
+        expected = (num_generations, steps, spec.latent_shape[1], spec.num_frames_per_chunk)
         got = tuple(entry.states.shape[:4])
         if got != tuple(expected) or entry.pivot >= num_chunks:
             raise ValueError(

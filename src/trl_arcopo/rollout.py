@@ -96,6 +96,7 @@ def forked_rollout(
     rollout_batch_size: int | None = None,
     group_size: int | None = None,
     first_branch: int = 0,
+    first_chunk_schedule: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ForkedRollout:
     """
     Generate chunks `0..pivot-1` once per prompt, fork the KV cache into `G = branch_noise.shape[0] // B` branches,
@@ -119,6 +120,8 @@ def forked_rollout(
         group_size (`int`, *optional*), first_branch (`int`): the branches given are `first_branch ..` of groups of
             `group_size` (a process's share of groups split over processes); they are computed as those rows of the
             whole batch, with the same bits. `None`: the branches given are the whole groups.
+        first_chunk_schedule (`tuple[torch.Tensor, torch.Tensor]`, *optional*): chunk 0's own `(timesteps, sigmas)`
+            ([`~trl_arcopo.StreamingGeneratorMixin.get_first_chunk_schedule`]); the pivot chunk 0 then records its steps.
 
     The result equals `B * G` independent rollouts with `noise.repeat_interleave(G).with_chunk_initial(pivot,
     branch_noise)`, at a fraction of the cost.
@@ -139,14 +142,21 @@ def forked_rollout(
         )
     if group_size != num_branches and rollout_batch_size is None:
         rollout_batch_size = num_branches  # a share of each group: one sub-batch per prompt
-    steps = len(timesteps)
+
+    def steps_of(chunk: int) -> int:
+        return len(first_chunk_schedule[0]) if chunk == 0 and first_chunk_schedule else len(timesteps)
+
+    pivot_timesteps, pivot_sigmas = (
+        first_chunk_schedule if pivot == 0 and first_chunk_schedule else (timesteps, sigmas)
+    )
 
     # 1. Shared prefix, once per group: a cache of the prefix's chunks only
     cache = pipeline.prepare_cache(batch_size, pivot * frames, latent_height, latent_width)
+    extra = {"first_chunk_schedule": first_chunk_schedule} if first_chunk_schedule else {}
     prefix = pipeline.generate_latents(
-        prompt_embeds, noise, cache, timesteps, sigmas, sampler, start_chunk=0, end_chunk=pivot
+        prompt_embeds, noise, cache, timesteps, sigmas, sampler, start_chunk=0, end_chunk=pivot, **extra
     )  # [B, C, pivot * Fc, H, W]
-    passes = batch_size * pivot * (steps + 1)
+    passes = batch_size * sum(steps_of(c) + 1 for c in range(pivot))
 
     # 2. Branches, in sub-batches: each reads the prefix and owns the chunks from the pivot on (the last excluded)
     outputs, branch_cache_bytes = [], 0
@@ -168,8 +178,9 @@ def forked_rollout(
         with rows_of:
             # 3. Pivot chunk with its trajectory
             pivot_out = pipeline.denoise_chunk(
-                branch_noise_sub.chunk_initial(pivot), embeds, branch_cache, pivot * frames, timesteps, sigmas,
-                branch_noise_sub.chunk_renoise(pivot), sampler, record_trajectory=True,
+                branch_noise_sub.chunk_initial(pivot), embeds, branch_cache, pivot * frames, pivot_timesteps,
+                pivot_sigmas, branch_noise_sub.chunk_renoise(pivot, len(pivot_timesteps)), sampler,
+                record_trajectory=True,
             )  # fmt: skip
             if pivot < num_chunks - 1:
                 pipeline.commit_chunk(pivot_out.x0, embeds, branch_cache, pivot * frames)
@@ -180,7 +191,7 @@ def forked_rollout(
             )  # [n, C, (L - pivot - 1) * Fc, H, W]
         outputs.append((pivot_out, suffix))
         del branch_cache
-    passes += batch_size * num_branches * ((num_chunks - pivot) * (steps + 1) - 1)
+    passes += batch_size * num_branches * (sum(steps_of(c) + 1 for c in range(pivot, num_chunks)) - 1)
 
     latents = torch.cat(
         [
@@ -463,7 +474,7 @@ def saved_rollout_problems(
     for name, value in settings.items():
         if name in saved and saved[name] != value:
             problems.append(f"`{name}`: saved {saved[name]!r}, current {value!r}")
-    current = spec.sigmas.double().cpu()
+    current = spec.schedule(pivot)[1].double().cpu()
     if sigmas.shape != current.shape or not torch.allclose(sigmas, current, rtol=1e-6):
         problems.append(
             f"sigmas (the schedule from `denoising_sigmas`): saved {_rounded(sigmas.tolist())}, current "
@@ -495,6 +506,8 @@ class RolloutSpec:
         num_frames_per_chunk (`int`), num_chunks (`int`).
         timesteps (`torch.Tensor` of shape `[T]`), sigmas (`torch.Tensor` of shape `[T + 1]`): the denoising schedule.
         sampler (`str`): `"consistency"` or `"ode"`.
+        first_chunk_schedule (`tuple[torch.Tensor, torch.Tensor]`, *optional*): chunk 0's own `(timesteps, sigmas)`
+            when it differs (Causal-Forcing++).
     """
 
     video_size: tuple[int, int, int]
@@ -504,6 +517,17 @@ class RolloutSpec:
     timesteps: torch.Tensor
     sigmas: torch.Tensor
     sampler: str
+    first_chunk_schedule: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def schedule(self, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(timesteps, sigmas)` of chunk `chunk`: the first chunk's own when there is one."""
+        return self.first_chunk_schedule if chunk == 0 and self.first_chunk_schedule else (self.timesteps, self.sigmas)
+
+    @property
+    def num_noise_steps(self) -> int:
+        """Steps of the longest chunk schedule: the re-noise a rollout draws per chunk (less one)."""
+        first = len(self.first_chunk_schedule[0]) if self.first_chunk_schedule else 0
+        return max(len(self.timesteps), first)
 
     @classmethod
     def from_pipeline(
@@ -526,8 +550,11 @@ class RolloutSpec:
         frames = num_frames_per_chunk or getattr(config, "default_num_frames_per_chunk", 3)
         latent_shape = pipeline.latent_shape(1, *video_size, frames)
         timesteps, sigmas = pipeline.get_schedule(denoising_sigmas)
+        first_chunk = getattr(pipeline, "get_first_chunk_schedule", lambda: None)()
         sampler = sampler or getattr(config, "default_sampler", "consistency")
-        return cls(video_size, latent_shape, frames, latent_shape[2] // frames, timesteps, sigmas, sampler)
+        return cls(
+            video_size, latent_shape, frames, latent_shape[2] // frames, timesteps, sigmas, sampler, first_chunk
+        )
 
     @classmethod
     def from_config(cls, pipeline: StreamingGenerator, args) -> RolloutSpec:
@@ -544,7 +571,7 @@ class RolloutSpec:
                 f"`pivot_chunk={args.pivot_chunk}` but the video has {spec.num_chunks} chunks; use an index in "
                 f"[0, {spec.num_chunks}) or None (uniform)."
             )
-        steps = len(spec.timesteps)
+        steps = min(len(spec.timesteps), len(spec.schedule(0)[0]))  # every pivot's schedule has them
         trainable = steps - (1 if args.loss_type == "sde_grpo" else 0)
         if args.train_denoising_steps is not None and max(args.train_denoising_steps) >= trainable:
             raise ValueError(
@@ -559,11 +586,16 @@ class RolloutSpec:
             )
         return spec
 
-    def trained_steps(self, loss_type: str = "arcopo", train_denoising_steps: list[int] | None = None) -> list[int]:
-        """The denoising steps an update trains: the given ones, else all (`sde_grpo`: all but the last)."""
+    def trained_steps(
+        self, loss_type: str = "arcopo", train_denoising_steps: list[int] | None = None, pivot: int | None = None
+    ) -> list[int]:
+        """
+        The denoising steps an update of a group forked at `pivot` trains: the given ones, else all of the pivot's
+        schedule (`sde_grpo`: all but the last).
+        """
         if train_denoising_steps is not None:
             return sorted(train_denoising_steps)
-        return list(range(len(self.timesteps) - (1 if loss_type == "sde_grpo" else 0)))
+        return list(range(len(self.schedule(pivot)[0]) - (1 if loss_type == "sde_grpo" else 0)))
 
 
 @dataclass
@@ -701,10 +733,12 @@ def sample_group(
     """
     if exploration not in EXPLORATIONS:
         raise ValueError(f"`exploration={exploration!r}` is not one of {EXPLORATIONS}.")
-    n, g, steps = len(prompts), num_generations, len(spec.timesteps)
+    n, g = len(prompts), num_generations
     device = prompt_embeds.device
     shape = (n, *spec.latent_shape[1:])
-    noise = RolloutNoise.sample(shape, spec.num_frames_per_chunk, steps, spec.sampler, generator, device=device)
+    noise = RolloutNoise.sample(
+        shape, spec.num_frames_per_chunk, spec.num_noise_steps, spec.sampler, generator, device=device
+    )
     if pivot is None:
         pivot = int(torch.randint(noise.num_chunks, (1,), generator=generator, device=device).item())
     base = noise.chunk_initial(pivot)  # [N, C, Fc, H, W]
@@ -713,8 +747,9 @@ def sample_group(
         branch_noise = neighbor_noise(base, g, fork_noise_scale, generator)  # [N * G, C, Fc, H, W]
     else:
         branch_noise = base.repeat_interleave(g, dim=0)
+        steps = len(spec.schedule(pivot)[0])
         branch_renoise = torch.randn(
-            (n * g, *noise.chunk_renoise(pivot).shape[1:]), generator=generator, device=device
+            (n * g, *noise.chunk_renoise(pivot, steps).shape[1:]), generator=generator, device=device
         )  # [N * G, T - 1, C, Fc, H, W]
     first, local = 0, g
     if branches is not None:  # this share of every group's candidates
@@ -726,6 +761,7 @@ def sample_group(
     fork = forked_rollout(
         pipeline, prompt_embeds, noise, pivot, branch_noise, spec.timesteps, spec.sigmas, shape[3], shape[4],
         spec.sampler, branch_renoise, rollout_batch_size, group_size=g, first_branch=first,
+        first_chunk_schedule=spec.first_chunk_schedule,
     )  # fmt: skip
     g = local
     x0_preds = fork.x0_preds.unflatten(0, (n, g))  # [N, G, T, C, Fc, H, W]
@@ -738,8 +774,8 @@ def sample_group(
         states=fork.states.unflatten(0, (n, g)),
         x0_preds=x0_preds.clone(),
         temperature=group_temperature(x0_preds, temperature, distance_reduction) if branches is None else None,
-        timesteps=spec.timesteps,
-        sigmas=spec.sigmas,
+        timesteps=spec.schedule(pivot)[0],
+        sigmas=spec.schedule(pivot)[1],
         latents=fork.latents.unflatten(0, (n, g)),
         num_forward_passes=fork.num_forward_passes,
     )

@@ -160,8 +160,14 @@ class RolloutNoise:
     def chunk_initial(self, chunk: int) -> torch.Tensor:
         return self.initial[:, :, self.chunk_slice(chunk)]  # [B, C, Fc, H, W]
 
-    def chunk_renoise(self, chunk: int) -> torch.Tensor | None:
-        return None if self.renoise is None else self.renoise[:, chunk]  # [B, T - 1, C, Fc, H, W]
+    def chunk_renoise(self, chunk: int, num_steps: int | None = None) -> torch.Tensor | None:
+        """
+        The re-noise of chunk `chunk`, `[B, T - 1, C, Fc, H, W]`; with `num_steps`, of its first `num_steps - 1`
+        steps (a chunk with a shorter schedule than the longest, e.g. every chunk after a longer first one).
+        """
+        if self.renoise is None:
+            return None
+        return self.renoise[:, chunk] if num_steps is None else self.renoise[:, chunk, : max(num_steps - 1, 0)]
 
     def with_chunk_initial(self, chunk: int, noise: torch.Tensor) -> RolloutNoise:
         """A copy whose chunk `chunk` starts from `noise` `[B, C, Fc, H, W]`; everything else is shared."""
@@ -174,7 +180,7 @@ class RolloutNoise:
         if self.renoise is None:
             raise ValueError("This noise has no re-noise (ODE sampler): nothing to replace.")
         new = self.renoise.clone()
-        new[:, chunk] = renoise
+        new[:, chunk, : renoise.shape[1]] = renoise  # a chunk with fewer steps than the longest fills the first ones
         return replace(self, renoise=new)
 
     def repeat_interleave(self, n: int) -> RolloutNoise:

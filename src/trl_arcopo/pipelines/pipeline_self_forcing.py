@@ -448,9 +448,9 @@ class SelfForcingPipeline(DiffusionPipeline, StreamingGeneratorMixin, WanLoraLoa
         batch_size = prompt_embeds.shape[0]
         shape = self.latent_shape(batch_size, height, width, num_frames, num_frames_per_chunk)
         timesteps, sigmas_t = self.get_schedule(sigmas)
-        noise = RolloutNoise.sample(
-            shape, num_frames_per_chunk, len(timesteps), sampler, generator, latents, device=device
-        )
+        first_chunk = self.get_first_chunk_schedule()  # Causal-Forcing++: the first chunk's own steps
+        steps = max(len(timesteps), len(first_chunk[0]) if first_chunk else 0)
+        noise = RolloutNoise.sample(shape, num_frames_per_chunk, steps, sampler, generator, latents, device=device)
 
         # 4. The KV cache of the committed chunks
         cache = self.prepare_cache(
@@ -471,6 +471,7 @@ class SelfForcingPipeline(DiffusionPipeline, StreamingGeneratorMixin, WanLoraLoa
             attention_kwargs=attention_kwargs,
             progress=True,
             callback_on_chunk_end=callback_on_chunk_end,
+            first_chunk_schedule=first_chunk,
         )
         # 6. Decode
         frames = self.decode_latents(video_latents, output_type)
