@@ -36,7 +36,7 @@ INTEGER_FIELDS = {
 }  # fmt: skip
 OPTIONAL_INTEGER_FIELDS = {
     "height": 480, "width": 832, "num_frames": 81, "num_frames_per_chunk": 3, "max_sequence_length": 512,
-    "pivot_chunk": 0, "reward_num_workers": 4, "num_completions_to_print": 4,
+    "pivot_chunk": 0, "reward_num_workers": 4, "num_completions_to_print": 4, "reward_window_chunks": 2,
 }  # fmt: skip
 
 
@@ -107,6 +107,13 @@ class ARCoPOConfig(TrainingArguments):
             `s` in `ε_p^(i) = sqrt(1 - s²)·ε_p + s·δ^(i)`.
         pivot_chunk (`int` or `None`, *optional*, defaults to `None`):
             Chunk where the group forks; `None` draws it uniformly from all chunks at every rollout.
+        reward_window_chunks (`int` or `None`, *optional*, defaults to `None`):
+            The rewards score only this many chunks from the pivot on (a long video's candidates differ from the
+            pivot on; the reward then judges the change, not minutes of shared frames); `None`: the whole video.
+            Reward functions get `frame_range=(start, stop)`, the video frames they see, and `pivot_chunk`.
+        reward_context_chunks (`int`, *optional*, defaults to `0`):
+            With `reward_window_chunks`, also show the rewards this many chunks before the pivot (shared by the
+            group's candidates: context for the reward model).
 
         > Parameters that control the objective
 
@@ -297,6 +304,12 @@ class ARCoPOConfig(TrainingArguments):
     pivot_chunk: int | None = field(
         default=None, metadata={"help": "Chunk where groups fork; None draws it uniformly at every rollout."}
     )
+    reward_window_chunks: int | None = field(
+        default=None, metadata={"help": "Chunks from the pivot on that the rewards score; None: the whole video."}
+    )
+    reward_context_chunks: int = field(
+        default=0, metadata={"help": "With reward_window_chunks: chunks before the pivot also shown to the rewards."}
+    )
 
     # Objective
     loss_type: str = field(default="arcopo", metadata={"help": "'arcopo' or the 'sde_grpo' baseline."})
@@ -432,6 +445,19 @@ class ARCoPOConfig(TrainingArguments):
             )
         if self.num_iterations < 1:
             raise ValueError(f"`num_iterations={self.num_iterations}` must be at least 1 (paper: 2).")
+        if self.reward_window_chunks is not None and self.reward_window_chunks < 1:
+            raise ValueError(
+                f"`reward_window_chunks={self.reward_window_chunks}` must be at least 1 (the pivot chunk), or None "
+                "to score the whole video."
+            )
+        self.reward_context_chunks = check_integer("reward_context_chunks", self.reward_context_chunks, 1)
+        if self.reward_context_chunks < 0:
+            raise ValueError(f"`reward_context_chunks={self.reward_context_chunks}` must be at least 0.")
+        if self.reward_context_chunks and self.reward_window_chunks is None:
+            raise ValueError(
+                f"`reward_context_chunks={self.reward_context_chunks}` needs `reward_window_chunks`: without a window "
+                "the rewards already see the whole video."
+            )
         if self.num_completions_to_print is not None and self.num_completions_to_print < 0:
             raise ValueError(
                 f"`num_completions_to_print={self.num_completions_to_print}` must be >= 0 rows, or None for all."

@@ -48,7 +48,7 @@ from .replay_buffer import ReplayBuffer, ReplaySource
 from .rewards import RewardFunc, RewardScorer
 from .rewards.base import unscored_groups
 from .rewards.frames import quantize_8bit
-from .rollout import AnchorBatch, RolloutGroup, RolloutSpec, sample_group
+from .rollout import AnchorBatch, RolloutGroup, RolloutSpec, reward_chunk_range, sample_group
 from .split_groups import check_split_groups, gather_group, process_share
 from .tracker_callbacks import use_diffusers_tracker_callbacks
 
@@ -269,9 +269,16 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         )  # [N * G, F, C, H, W]
         rollout_seconds = time.perf_counter() - start
         finite = bool(torch.isfinite(group.latents).all())  # rewards are not asked to judge non-finite videos
-        rewards = self.scorer.start(
-            inputs, videos if finite else None, group.num_generations, trainer_state=self.state
+        first, stop = reward_chunk_range(
+            group.pivot, self.spec.num_chunks, args.reward_window_chunks, args.reward_context_chunks
         )
+        frames = self.spec.num_frames_per_chunk
+        frame_range = getattr(self.pipeline, "pixel_frame_range", lambda a, b: (a, b))(first * frames, stop * frames)
+        scored = videos[:, frame_range[0] : frame_range[1]]  # [N * G, F', C, H, W]: the frames the rewards see
+        rewards = self.scorer.start(
+            inputs, scored if finite else None, group.num_generations, trainer_state=self.state,
+            frame_range=frame_range, pivot_chunk=group.pivot,
+        )  # fmt: skip
         return partial(self._finish_group, group, rewards, videos, mode, rollout_seconds, finite)
 
     def _finish_group(self, group: RolloutGroup, rewards, videos, mode: str, rollout_seconds: float, finite: bool):

@@ -154,6 +154,13 @@ class StreamingGeneratorMixin:
 
     velocity: Callable[..., torch.Tensor]
 
+    def pixel_frame_range(self, start: int, stop: int) -> tuple[int, int]:
+        """
+        The decoded video's frames `[start', stop')` that the latent frames `[start, stop)` become: the same frames
+        for a generator without a temporal VAE factor (override it otherwise).
+        """
+        return start, stop
+
     def get_schedule(self, sigmas: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """
         `(timesteps [T], sigmas [T + 1])` of one chunk, from the scheduler (see [`trl_arcopo.sampling.get_schedule`]);

@@ -495,6 +495,18 @@ def saved_rollout_problems(
     return problems
 
 
+def reward_chunk_range(
+    pivot: int, num_chunks: int, window_chunks: int | None = None, context_chunks: int = 0
+) -> tuple[int, int]:
+    """
+    The chunks `[start, stop)` a group forked at `pivot` is scored on: `window_chunks` chunks from the pivot on and
+    `context_chunks` before it, clipped to the video; every chunk when `window_chunks` is `None`.
+    """
+    if window_chunks is None:
+        return 0, num_chunks
+    return max(0, pivot - context_chunks), min(num_chunks, pivot + window_chunks)
+
+
 @dataclass
 class RolloutSpec:
     r"""

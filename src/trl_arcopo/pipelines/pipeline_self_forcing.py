@@ -219,6 +219,19 @@ class SelfForcingPipeline(DiffusionPipeline, StreamingGeneratorMixin, WanLoraLoa
         return hidden * keep[..., None]  # zero past each prompt's length  [B, S, text_dim]
 
     # ------------------------------------------------------------------ shapes and inputs
+    def pixel_frame_range(self, start: int, stop: int) -> tuple[int, int]:
+        """
+        The decoded video's frames `[start', stop')` made from the latent frames `[start, stop)`: Wan's VAE makes
+        frame 0 of latent frame 0 and frames `4f - 3 .. 4f` of latent frame `f`; a `FramePackingAutoencoder` frames
+        `t·f .. t·f + t - 1`; without a VAE, the same frames.
+        """
+        t = self.vae_scale_factor_temporal
+        if t == 1 or stop <= start:
+            return start, stop
+        if hasattr(self.vae, "latent_num_frames"):  # frame packing: `t` frames per latent frame
+            return start * t, stop * t
+        return (0 if start == 0 else t * start - (t - 1)), t * stop - (t - 1)
+
     def latent_shape(
         self, batch_size: int, height: int, width: int, num_frames: int, num_frames_per_chunk: int
     ) -> tuple[int, int, int, int, int]:
