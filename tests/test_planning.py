@@ -26,6 +26,8 @@ from trl_arcopo.planning import (
     plan,
     plan_config,
     transformer_parameters,
+    wan_block_parameters,
+    wan_transformer_parameters,
 )
 from trl_arcopo.testing_utils import tiny_pipeline
 
@@ -311,3 +313,234 @@ def test_gpu_check_tiny_runs_the_same_code_path_on_cpu(tmp_path, one_thread):
         assert row["passes"] == row["predicted_passes"]
         assert abs(row["peak_bytes"] / row["predicted_peak_bytes"] - 1) <= MEMORY_TOLERANCE
     assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check")
+
+
+# ---------------------------------------------------------------------------------------------------- presets
+# The generators `trl-arcopo-convert` makes, by preset: (format, variant) of `pipeline_settings`.
+CONVERTED = {
+    "self-forcing-1.3b": ("self-forcing", None),
+    "longlive-1.3b": ("longlive", None),
+    "causal-forcing-1.3b": ("causal-forcing", "chunkwise"),
+    "causal-forcing-1.3b-framewise": ("causal-forcing", "framewise"),
+    "krea-14b": ("krea", None),
+}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_transformer_parameters_equal_the_closed_form_and_a_diffusers_build(name):
+    from diffusers import WanTransformer3DModel
+
+    shape = TransformerShape.from_config(PRESETS[name].transformer)
+    with torch.device("meta"):
+        wan = WanTransformer3DModel(**PRESETS[name].transformer)
+    assert (
+        wan_transformer_parameters(shape) == transformer_parameters(shape) == sum(p.numel() for p in wan.parameters())
+    )
+    assert wan_block_parameters(shape) == sum(p.numel() for p in wan.blocks[0].parameters())
+    expected = 14_288_491_584 if name == "krea-14b" else 1_418_996_800  # Wan2.1-T2V-14B, Wan2.1-T2V-1.3B
+    assert transformer_parameters(shape) == expected
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_stream_as_the_converted_pipelines(name):
+    """Chunk, cache policy, window, sink and steps as `trl-arcopo-convert` writes them in the pipeline config."""
+    from trl_arcopo.convert import pipeline_settings
+
+    settings = pipeline_settings(*CONVERTED[name])
+    preset, spec = PRESETS[name], GeneratorSpec.from_preset(name)
+    video = preset.video
+    assert spec.video == video and spec.transformer == preset.transformer
+    assert (video.num_frames_per_chunk, video.cache_policy, video.local_attn_frames, video.sink_frames) == (
+        settings["default_num_frames_per_chunk"], settings["cache_policy"], settings["local_attn_frames"],
+        settings["sink_frames"],
+    )  # fmt: skip
+    assert preset.num_denoising_steps == len(settings["default_sigmas"] or [1.0, 0.75, 0.5, 0.25])
+    assert (video.height, video.width, video.latent_frames) == (480, 832, 21)
+    assert preset.text_encoder_parameters == PRESETS["self-forcing-1.3b"].text_encoder_parameters
+    # wherever self-forcing-1.3b works: plan, plan_config, GeneratorSpec.resolve and the CLI
+    p = plan({"torch_dtype": "bfloat16", "bf16": True}, name)
+    shape = TransformerShape.from_config(preset.transformer)
+    assert p.video == video and p.parameters["transformer"] == transformer_parameters(shape)
+    assert plan_config({"pipeline_name_or_path": name}).video == video
+    text = _cli(os.path.join(ROOT, "examples", "configs", "self_forcing.yaml"), "--preset", name)
+    assert f"KV cache {video.cache_policy}" in text and "| branches |" in text
+
+
+def test_long_videos_are_counted_in_latent_frames():
+    """`num_frames` is pixel frames: Wan's VAE makes `1 + (num_frames - 1) / 4` latent frames, in chunks of 3."""
+    p = plan({"num_frames": 957, "torch_dtype": "bfloat16", "bf16": True}, "longlive-1.3b")  # 59.8 s at 16 fps
+    assert (p.video.latent_frames, p.video.num_chunks) == (240, 80)
+    with pytest.raises(ValueError, match=r"241 latent frames \(`num_frames=961`\).*e\.g\. 957 \(240 latent frames\)"):
+        plan({"num_frames": 961}, "longlive-1.3b")
+
+
+# ---------------------------------------------------------------------------------------------------- cache policies
+def _with_policy(pipe, policy, window=None, sink=0):
+    pipe.register_to_config(cache_policy=policy, local_attn_frames=window, sink_frames=sink)
+    return pipe
+
+
+@pytest.mark.parametrize(("policy", "window", "sink"), [("full", 4, 1), ("rolling", 4, 1), ("recompute", 6, 1)])
+def test_kv_cache_of_every_policy_equals_the_built_caches(policy, window, sink, tmp_path, one_thread):
+    """
+    The prefix's and the branches' caches against a forked rollout's at every pivot (a recompute cache's branches
+    against a video's cache after its last commit: a fork measures them before its first), 4 chunks of 3 frames.
+    """
+    from trl_arcopo import RolloutNoise, forked_rollout, neighbor_noise
+
+    pipe = _with_policy(tiny_pipeline(), policy, window, sink)
+    video = VideoShape.from_pipeline(pipe)
+    assert (video.cache_policy, video.local_attn_frames, video.sink_frames) == (policy, window, sink)
+    pipe.save_pretrained(tmp_path)
+    assert GeneratorSpec.from_folder(str(tmp_path)).video == video
+    embeds, _ = pipe.encode_prompt(["a red fox", "a cat"])
+    noise = RolloutNoise.sample(pipe.latent_shape(2, 16, 16, 12, 3), 3, 4, generator=torch.Generator().manual_seed(0))
+    timesteps, sigmas = pipe.get_schedule()
+    with torch.no_grad():  # the branches' cache at the end of one video, as its last commit leaves it
+        ended = pipe.prepare_cache(6, 9, 16, 16)
+        pipe.generate_latents(embeds.repeat_interleave(3, 0), noise.repeat_interleave(3), ended, timesteps, sigmas)
+    for pivot in range(4):
+        p = plan({"num_generations": 3, "num_anchors": 2, "per_device_train_batch_size": 2, "pivot_chunk": pivot,
+                  "num_frames": 12}, pipe.transformer.config, video)  # fmt: skip
+        items = {m.name.split(" (")[0]: m.bytes for m in p.memory}
+        branch = neighbor_noise(noise.chunk_initial(pivot), 3, 0.5, torch.Generator().manual_seed(1))
+        fork = forked_rollout(pipe, embeds, noise, pivot, branch, timesteps, sigmas, 16, 16)
+        assert items["KV cache: prefix"] == fork.prefix_cache.nbytes
+        if policy != "recompute" or pivot == 3:
+            assert items["KV cache: branches"] == fork.branch_cache_bytes
+        else:
+            assert items["KV cache: branches"] == ended.nbytes
+            assert items["KV cache rebuilt by a commit next to the old one"] == ended.kv.nbytes
+
+
+LONG_VIDEOS = (81, 165, 333)  # 21, 42 and 84 latent frames: 7, 14 and 28 chunks of 3
+
+
+def test_rolling_kv_cache_does_not_grow_with_the_video_and_a_full_one_does():
+    base = dict(num_generations=12, num_anchors=4, pivot_chunk=2, torch_dtype="bfloat16", bf16=True)
+    shape = TransformerShape.from_config(PRESETS["longlive-1.3b"].transformer)
+    per_frame = shape.num_layers * 2 * 1560 * shape.num_attention_heads * shape.attention_head_dim * 2  # one video
+    full = []
+    for frames in LONG_VIDEOS:
+        p = plan({**base, "num_frames": frames}, "longlive-1.3b")
+        items = {m.name.split(" (")[0]: m.bytes for m in p.memory}
+        # layers x 2 x window x tokens per frame x heads x head dim x bytes x videos (1 prompt, 12 branches)
+        assert items["KV cache: prefix"] == 12 * per_frame * 1
+        assert items["KV cache: branches"] == p.branch_cache_bytes == 12 * per_frame * 12
+        f = plan({**base, "num_frames": frames}, "self-forcing-1.3b")
+        full.append({m.name.split(" (")[0]: m.bytes for m in f.memory}["KV cache: branches"])
+        assert full[-1] == (p.video.num_chunks - 1 - 2) * 3 * per_frame * 12  # every frame after the prefix
+    assert full[2] - full[1] == 2 * (full[1] - full[0])  # linear in the length
+
+
+def test_rollout_flops_grow_linearly_under_a_window_and_quadratically_without():
+    base = dict(num_generations=12, num_anchors=4, pivot_chunk=0, torch_dtype="bfloat16", bf16=True)
+
+    def rollout(preset: str, frames: int) -> float:
+        p = plan({**base, "num_frames": frames}, preset)
+        return p.phase("prefix").flops + p.phase("branches").flops
+
+    windowed = [rollout("longlive-1.3b", frames) for frames in LONG_VIDEOS]  # 2x the chunks: 2x the added FLOPs
+    assert windowed[2] - windowed[1] == pytest.approx(2 * (windowed[1] - windowed[0]))
+    for preset in ("krea-14b", "causal-forcing-1.3b"):
+        flops = [rollout(preset, frames) for frames in LONG_VIDEOS]
+        if preset == "krea-14b":
+            assert flops[2] - flops[1] == pytest.approx(2 * (flops[1] - flops[0]))
+        else:  # global attention: every chunk reads every frame before it
+            assert flops[2] - flops[1] > 2.5 * (flops[1] - flops[0])
+    # the update reads the pivot's window: the same at every length
+    updates = {
+        plan({**base, "num_frames": f, "pivot_chunk": 5}, "longlive-1.3b").phase("update").flops for f in LONG_VIDEOS
+    }
+    assert len(updates) == 1
+
+
+@pytest.mark.parametrize(("chunk", "window", "sink"), [(3, 6, 1), (2, 7, 1), (1, 4, 0)])
+def test_recompute_commits_are_the_forwards_the_cache_runs(chunk, window, sink):
+    """
+    `VideoShape.commit_forwards` against the forwards `RecomputeKVCache.commit` calls: the next chunk's context in
+    blocks of a chunk from its first frame, each attending to itself and the blocks before it ((2, 7, 1): 5 context
+    frames, blocks of 2, 2 and 1).
+    """
+    from trl_arcopo.kv_cache import CacheLayout, make_cache
+
+    num_chunks = 6
+    video = VideoShape(16, 16, chunk * num_chunks, chunk, cache_policy="recompute", local_attn_frames=window,
+                       sink_frames=sink)  # fmt: skip
+    cache = make_cache("recompute", CacheLayout(1, 1, 4, 2), 1, chunk * num_chunks, window, sink)
+    calls = []  # (frames, attended frames) of each forward of one commit
+
+    def forward(x, kv, start):
+        calls.append((x.shape[2], start + x.shape[2]))
+
+    for c in range(num_chunks - 1):
+        calls.clear()
+        cache.commit(torch.zeros(1, 1, chunk, 1, 1), c * chunk, forward)
+        assert video.commit_forwards(c) == calls
+        assert video.prefix_cache_frames(c + 1) == len(cache.frame_indices)
+        assert video.attended_frames(c + 1) == len(cache.frame_indices) + chunk  # the context and the chunk
+
+
+def test_recompute_replaces_each_commit_by_a_forward_over_the_context():
+    """Krea: a commit is one forward of the 3 context frames (sink and the 2 most recent), a chunk reads 6 at most."""
+    from trl_arcopo.planning import _LoRALayout, _Pass, forward_flops
+
+    base = dict(num_generations=4, num_anchors=2, num_iterations=1, torch_dtype="bfloat16", bf16=True, pivot_chunk=2)
+    p = plan(base, "krea-14b")
+    shape = TransformerShape.from_config(PRESETS["krea-14b"].transformer)
+    lora = _LoRALayout.build(shape, DEFAULT_LORA_TARGETS)
+
+    def forward(frames: int, attended: int) -> float:
+        return forward_flops(shape, _Pass(frames * 1560, attended * 1560, 512, frames), lora, 64)
+
+    context = forward(3, 3)
+    denoise = [forward(3, min(3 * (c + 1), 6)) for c in range(7)]
+    assert p.phase("prefix").forward_flops == pytest.approx(4 * sum(denoise[:2]) + 2 * context)
+    assert p.phase("branches").forward_flops == pytest.approx(4 * (4 * sum(denoise[2:]) + 4 * context))  # 4 commits
+    assert (p.phase("prefix").chunk_forwards, p.phase("branches").chunk_forwards) == (2 * 5, 4 * (5 * 4 + 4))
+    assert p.phase("update").forward_flops == pytest.approx(8 * denoise[2])  # the pivot reads its context only
+    # with every frame stored under the same window, chunk c >= 1's commit reads 6 frames instead of 3
+    full = plan({**base, "cache_policy": "full"}, "krea-14b")
+    saved = full.phase("branches").forward_flops - p.phase("branches").forward_flops
+    assert saved == pytest.approx(4 * 4 * (denoise[2] - context))
+    items = {m.name.split(" (")[0]: m.bytes for m in p.memory}
+    per_frame = 40 * 2 * 1560 * 40 * 128 * 2
+    assert items["KV cache: branches"] == 4 * 3 * (per_frame + 16 * 60 * 104 * 4)  # 3 frames and their latents
+    assert {m.name.split(" (")[0]: m.bytes for m in full.memory}[
+        "KV cache: branches"
+    ] == 4 * 12 * per_frame  # chunks 2..5
+
+
+# ---------------------------------------------------------------------------------------------------- FSDP
+def test_fsdp_shards_the_transformer_the_lora_and_its_optimizer_state():
+    base = dict(num_generations=8, num_anchors=8, split_groups_across_processes=True, torch_dtype="bfloat16",
+                bf16=True, activation_checkpointing=True)  # fmt: skip
+    whole = plan(base, "krea-14b", num_processes=8)
+    sharded = plan({**base, "fsdp": True}, "krea-14b", num_processes=8)
+    shape = TransformerShape.from_config(PRESETS["krea-14b"].transformer)
+    block, total = wan_block_parameters(shape), wan_transformer_parameters(shape)
+    items = {m.name.split(" (")[0].split(",")[0]: m.bytes for m in sharded.memory}
+    # a 1/8 shard, plus the parameters outside the blocks and 2 blocks gathered
+    assert items["transformer weights"] == (total // 8 + (total - 40 * block) + 2 * block) * 2
+    lora_block = 8 * 64 * (5120 + 5120) + 64 * (5120 + 13824) * 2  # q, k, v, out of both attentions; the FFN
+    assert sharded.parameters["lora"] == 40 * lora_block
+    assert items["LoRA parameters"] == items["LoRA gradients"] == (40 * lora_block // 8 + 2 * lora_block) * 4
+    optimizer = next(m.bytes for m in whole.memory if m.name.startswith("optimizer state"))
+    assert items["optimizer state"] == optimizer // 8
+    assert sharded.peak_memory_bytes < whole.peak_memory_bytes and sharded.flops == whole.flops
+    with pytest.raises(ValueError, match="num_processes=1"):
+        plan({"fsdp": True}, "krea-14b")
+
+
+def test_krea_14b_fits_8_h100s_with_fsdp_and_split_groups():
+    """docs/planning.md, "Krea realtime 14B": the fastest setting that fits each H100 with 15 % headroom."""
+    config = load_yaml(os.path.join(ROOT, "examples", "configs", "self_forcing.yaml"))
+    split = dict(num_generations=8, num_anchors=8, split_groups_across_processes=True)
+    best, _ = fit({**config, **split, "fsdp": True}, "krea-14b", gpu="h100", num_processes=8)
+    assert best is not None and best.settings.gradient_checkpointing
+    assert (round(best.seconds, 1), round(best.peak_memory_bytes / 2**30, 1)) == (26.4, 28.1)
+    assert round(best.flops * 8 / 1e15, 1) == 73.1  # PFLOP per iteration, the 8 GPUs together
+    without_fsdp, _ = fit({**config, **split}, "krea-14b", gpu="h100", num_processes=8)
+    assert round(without_fsdp.peak_memory_bytes / 2**30, 1) == 52.6
+    one_gpu, _ = fit(config, "krea-14b", gpu="h100")  # whole groups of 12 on one H100
+    assert (round(one_gpu.seconds, 1), round(one_gpu.peak_memory_bytes / 2**30, 1)) == (152.7, 66.2)

@@ -17,8 +17,9 @@ parameter and optimizer bytes, the peak memory of a process, and seconds on a gi
 
 Everything is computed from the configuration alone (closed forms over the transformer config and the video size; the
 parameter counts of the frozen components from `torch.device("meta")` builds), without weights. The closed forms
-mirror this library's code path (`sample_group`, `ARCoPOTrainer.compute_loss`, `CausalWanTransformer3DModel`); see
-`docs/planning.md` for how they were derived and checked against measurements.
+mirror this library's code path (`sample_group`, `ARCoPOTrainer.compute_loss`, `CausalWanTransformer3DModel`, the
+cache policies of `trl_arcopo.kv_cache`); see `docs/planning.md` for how they were derived and checked against
+measurements.
 
 ```py
 >>> from trl_arcopo.planning import plan
@@ -29,6 +30,7 @@ mirror this library's code path (`sample_group`, `ARCoPOTrainer.compute_loss`, `
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -45,6 +47,8 @@ GiB = 2**30
 #: planning imports no model code).
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 SELF_FORCING_NUM_STEPS = 4
+#: The KV-cache policies of `trl_arcopo.kv_cache` (`CACHE_POLICIES`, repeated here for the same reason).
+CACHE_POLICIES = ("full", "rolling", "recompute")
 
 
 # ---------------------------------------------------------------------------------------------------- GPUs
@@ -188,6 +192,19 @@ class VideoShape:
         frame_packing (`bool`): a `FramePackingAutoencoder` (`F / t` latent frames) rather than a causal VAE
             (`1 + (F - 1) / t`).
         max_sequence_length (`int`): text tokens of the prompt embeddings.
+        cache_policy (`str`): how the generator keeps the keys and values of the committed frames (the pipeline
+            config's `cache_policy`, see `trl_arcopo.kv_cache.make_cache`):
+
+            - `"full"`: every committed frame is stored (Self-Forcing, Causal-Forcing); with `local_attn_frames` a
+              chunk attends to fewer keys, but the storage still holds every frame;
+            - `"rolling"`: `local_attn_frames` frames per video (the sink frames and a ring of recent ones), whatever
+              the video's length (LongLive);
+            - `"recompute"`: the clean latents of the context (`local_attn_frames - num_frames_per_chunk` frames, the
+              sink frames included) and their keys and values, rebuilt every chunk by a block-causal forward over the
+              context instead of the commit pass (Krea realtime).
+        local_attn_frames (`int`, *optional*): frames a chunk attends to, itself included; `None`: every committed
+            frame (required by `"rolling"`).
+        sink_frames (`int`): first frames of the video that stay in the window.
     """
 
     height: int
@@ -198,6 +215,32 @@ class VideoShape:
     vae_scale_factor_spatial: int = 1
     frame_packing: bool = False
     max_sequence_length: int = 512
+    cache_policy: str = "full"
+    local_attn_frames: int | None = None
+    sink_frames: int = 0
+
+    def __post_init__(self):
+        policy, window, sink, chunk = (self.cache_policy, self.local_attn_frames, self.sink_frames,
+                                       self.num_frames_per_chunk)  # fmt: skip
+        if policy not in CACHE_POLICIES:
+            raise ValueError(f"`cache_policy={policy!r}` is not one of {CACHE_POLICIES}.")
+        if sink < 0:
+            raise ValueError(f"`sink_frames={sink}` must be at least 0.")
+        if policy == "rolling" and window is None:
+            raise ValueError(
+                "`cache_policy='rolling'` needs `local_attn_frames` (the sink plus recent frames a chunk attends to, "
+                "e.g. 12 for LongLive); use `cache_policy='full'` for global attention."
+            )
+        if window is not None and window <= sink:
+            raise ValueError(
+                f"`local_attn_frames={window}` must be larger than `sink_frames={sink}`: the window holds the sink "
+                "frames plus at least the current chunk."
+            )
+        if policy != "full" and window is not None and chunk > window - sink:
+            raise ValueError(
+                f"A chunk of `num_frames_per_chunk={chunk}` frames does not fit the window of "
+                f"`local_attn_frames={window}` with `sink_frames={sink}` (`cache_policy={policy!r}`)."
+            )
 
     @classmethod
     def from_pipeline(cls, pipeline) -> VideoShape:
@@ -212,6 +255,9 @@ class VideoShape:
             vae_scale_factor_spatial=pipeline.vae_scale_factor_spatial,
             frame_packing=hasattr(pipeline.vae, "latent_num_frames"),
             max_sequence_length=config.default_max_sequence_length,
+            cache_policy=getattr(config, "cache_policy", "full"),
+            local_attn_frames=getattr(config, "local_attn_frames", None),
+            sink_frames=getattr(config, "sink_frames", 0),
         )
 
     @property
@@ -237,15 +283,85 @@ class VideoShape:
     def latent_width(self) -> int:
         return self.width // self.vae_scale_factor_spatial
 
+    def pixel_frames(self, latent_frames: int) -> int:
+        """The `num_frames` that gives `latent_frames` latent frames (the inverse of `latent_frames`)."""
+        t = self.vae_scale_factor_temporal
+        return latent_frames * t if self.frame_packing or t == 1 else (latent_frames - 1) * t + 1
+
     @property
     def num_chunks(self) -> int:
         frames, chunk = self.latent_frames, self.num_frames_per_chunk
         if chunk < 1 or frames % chunk:
+            near = [n for n in (frames - frames % chunk, frames - frames % chunk + chunk) if n > 0 and chunk > 0]
+            example = " or ".join(f"{self.pixel_frames(n)} ({n} latent frames)" for n in near)
             raise ValueError(
                 f"{frames} latent frames (`num_frames={self.num_frames}`) are not a multiple of "
-                f"`num_frames_per_chunk={chunk}`: change `num_frames` or `num_frames_per_chunk`."
+                f"`num_frames_per_chunk={chunk}`: change `num_frames`"
+                + (f" (e.g. {example})" if example else "")
+                + " or `num_frames_per_chunk`."
             )
         return frames // chunk
+
+    # ---- the cache policy, in latent frames (mirrors `KVCache.context_slices` and `RecomputeKVCache`)
+    def context_frames(self, committed: int) -> int:
+        """
+        Frames a chunk starting after `committed` frames attends to before itself: the sink and the most recent
+        frames of its window (every committed frame without a window). For `"recompute"` these are the context whose
+        latents the cache keeps (`RecomputeKVCache.context_indices`).
+        """
+        window, sink, chunk = self.local_attn_frames, self.sink_frames, self.num_frames_per_chunk
+        if window is None:
+            return committed
+        if self.cache_policy == "recompute":
+            recent = max(window - sink - chunk, 0)
+            return committed if committed - recent <= sink else sink + recent
+        recent_start = min(max(0, committed + chunk - (window - sink)), committed)  # `KVCache.context_slices`
+        return min(sink, recent_start) + committed - recent_start
+
+    def attended_frames(self, chunk: int) -> int:
+        """Frames a pass of chunk `chunk` (a denoising step or a commit) attends to, itself included."""
+        frames = self.num_frames_per_chunk
+        return self.context_frames(chunk * frames) + frames
+
+    def commit_forwards(self, chunk: int) -> list[tuple[int, int]]:
+        """
+        `(frames, attended frames)` of each transformer forward that commits chunk `chunk`: its own pass at `t = 0`;
+        for `"recompute"`, the forwards that rebuild the next chunk's context (`RecomputeKVCache.commit`: its `k`
+        frames in blocks of `num_frames_per_chunk` from its first frame, each attending to the blocks before it).
+        """
+        frames = self.num_frames_per_chunk
+        if self.cache_policy != "recompute":
+            return [(frames, self.attended_frames(chunk))]
+        k = self.context_frames((chunk + 1) * frames)
+        return [(min(frames, k - start), min(start + frames, k)) for start in range(0, k, frames)]
+
+    def prefix_cache_frames(self, pivot: int) -> int:
+        """Frames of keys and values the prefix's cache (chunks `< pivot`) stores per video."""
+        committed = pivot * self.num_frames_per_chunk
+        if self.cache_policy == "rolling":
+            return self.local_attn_frames if committed else 0
+        return self.context_frames(committed) if self.cache_policy == "recompute" else committed
+
+    def branch_cache_frames(self, pivot: int) -> int:
+        """
+        Frames of keys and values a branch forked at `pivot` stores beyond the prefix, at the end of its rollout (it
+        commits chunks `pivot .. L - 2`; the last chunk is never committed).
+        """
+        frames, last = self.num_frames_per_chunk, self.num_chunks - 1
+        if pivot >= last:
+            return 0
+        if self.cache_policy == "rolling":
+            return self.local_attn_frames
+        if self.cache_policy == "recompute":
+            return self.context_frames(last * frames)
+        return (last - pivot) * frames
+
+    def describe_cache(self) -> str:
+        """The policy and window in words."""
+        window = self.local_attn_frames
+        if window is None:
+            return f"KV cache {self.cache_policy}, global attention"
+        return f"KV cache {self.cache_policy}, window {window} frames ({self.sink_frames} sink)"
 
     def tokens_per_frame(self, transformer: TransformerShape) -> int:
         _, p_h, p_w = transformer.patch_size
@@ -266,6 +382,16 @@ WAN_2_1_T2V_1_3B = dict(
     text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
     eps=1e-6, rope_max_seq_len=1024,
 )  # fmt: skip
+#: The Wan2.1-T2V-14B transformer config, which Krea realtime 14B fine-tunes: dim 5120 = 40 heads x 128, 40 layers, FFN
+#: 13824, text dim 4096, patch (1, 2, 2), 16 latent channels. These are diffusers' `WanTransformer3DModel` defaults
+#: (diffusers 0.42.1, `models/transformers/transformer_wan.py`: its defaults are the 14B's), the values of Wan's own
+#: `wan/configs/wan_t2v_14B.py` (`dim=5120`, `ffn_dim=13824`, `num_heads=40`, `num_layers=40`, `freq_dim=256`) and of
+#: the 14B configs in diffusers' `scripts/convert_wan_to_diffusers.py`; the rest as the 1.3B's.
+WAN_2_1_T2V_14B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, rope_max_seq_len=1024,
+)  # fmt: skip
 #: Wan's text encoder: the UMT5-XXL encoder (`google/umt5-xxl`).
 UMT5_XXL_ENCODER = dict(
     vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
@@ -280,7 +406,7 @@ class ModelPreset:
 
     Args:
         transformer (`dict`): the transformer config.
-        video ([`VideoShape`]): the default video (the pipeline's defaults).
+        video ([`VideoShape`]): the default video and cache policy (the pipeline's defaults).
         text_encoder_parameters, vae_parameters (`int`): parameters of the frozen components that sit on the device
             next to the transformer (`torch.device("meta")` counts of their published configs; checked in the tests).
         num_denoising_steps (`int`), sampler (`str`): the default schedule.
@@ -294,14 +420,39 @@ class ModelPreset:
     sampler: str = "consistency"
 
 
+UMT5_XXL_PARAMETERS = 5_680_910_336  # UMT5EncoderModel(UMT5_XXL_ENCODER)
+WAN_2_1_VAE_PARAMETERS = 126_892_531  # AutoencoderKLWan() (diffusers' default is Wan2.1's VAE)
+
+
+def _wan_video(num_frames_per_chunk: int = 3, cache_policy: str = "full", local_attn_frames=None, sink_frames=0):
+    """Wan2.1's 480x832 video of 81 frames (VAE 4x temporal, 8x spatial), 512 text tokens, and a cache policy."""
+    return VideoShape(480, 832, 81, num_frames_per_chunk, 4, 8, False, 512, cache_policy, local_attn_frames,
+                      sink_frames)  # fmt: skip
+
+
 PRESETS: dict[str, ModelPreset] = {
     # Self-Forcing (Wan2.1-T2V-1.3B): 480x832, 81 frames -> 21 latent frames (VAE 4x temporal, 8x spatial), 7 chunks of
     # 3, 30x52 = 1560 tokens per latent frame, 512 text tokens; UMT5-XXL text encoder and Wan2.1 VAE on the device.
     "self-forcing-1.3b": ModelPreset(
         transformer=WAN_2_1_T2V_1_3B,
-        video=VideoShape(480, 832, 81, 3, 4, 8, False, 512),
-        text_encoder_parameters=5_680_910_336,  # UMT5EncoderModel(UMT5_XXL_ENCODER)
-        vae_parameters=126_892_531,  # AutoencoderKLWan() (diffusers' default is Wan2.1's VAE)
+        video=_wan_video(),
+        text_encoder_parameters=UMT5_XXL_PARAMETERS,
+        vae_parameters=WAN_2_1_VAE_PARAMETERS,
+    ),
+    # The others as `trl_arcopo.convert.pipeline_settings` configures each converted generator (every one 4 steps).
+    # LongLive 1.0 (Wan2.1-T2V-1.3B): chunks of 3, a rolling cache of 12 frames with 3 sink frames.
+    "longlive-1.3b": ModelPreset(
+        WAN_2_1_T2V_1_3B, _wan_video(3, "rolling", 12, 3), UMT5_XXL_PARAMETERS, WAN_2_1_VAE_PARAMETERS
+    ),
+    # Causal-Forcing (Wan2.1-T2V-1.3B), every committed frame cached: chunk-wise (3 frames) and frame-wise (1 frame).
+    "causal-forcing-1.3b": ModelPreset(WAN_2_1_T2V_1_3B, _wan_video(3), UMT5_XXL_PARAMETERS, WAN_2_1_VAE_PARAMETERS),
+    "causal-forcing-1.3b-framewise": ModelPreset(
+        WAN_2_1_T2V_1_3B, _wan_video(1), UMT5_XXL_PARAMETERS, WAN_2_1_VAE_PARAMETERS
+    ),
+    # Krea realtime 14B (Wan2.1-T2V-14B): chunks of 3; the keys and values of the context (the first frame and the 2
+    # most recent: 6 frames with the chunk) recomputed every chunk; the 1.3B's text encoder and VAE.
+    "krea-14b": ModelPreset(
+        WAN_2_1_T2V_14B, _wan_video(3, "recompute", 6, 1), UMT5_XXL_PARAMETERS, WAN_2_1_VAE_PARAMETERS
     ),
 }
 
@@ -346,6 +497,11 @@ class RunSettings:
         decode_batch_size (`int`, *optional*): videos per VAE decode call (`None`: all `B·G`).
         split_groups_across_processes (`bool`): each process rolls out `G / num_processes` of every group and updates
             on `K / num_processes` anchors (every process builds the same prefix and holds the gathered group).
+        fsdp (`bool`): the transformer is sharded over the `num_processes` processes (FSDP2 over its blocks,
+            `examples/accelerate_configs/fsdp.yaml`): each process holds `1 / num_processes` of its weights, of the
+            LoRA, of the LoRA's gradients and of the optimizer state, plus the parameters outside the blocks and two
+            blocks gathered at a time (the one running and the one prefetched); the text encoder and the VAE are whole
+            on every process. The all-gathers' time is not counted (the seconds assume they overlap the compute).
     """
 
     num_generations: int = 12
@@ -371,6 +527,7 @@ class RunSettings:
     offload_text_encoder: bool = False
     decode_batch_size: int | None = 1
     split_groups_across_processes: bool = False
+    fsdp: bool = False
 
     def __post_init__(self):
         checks = [
@@ -386,6 +543,8 @@ class RunSettings:
             ("anchor_batch_size", self.anchor_batch_size is None or self.anchor_batch_size >= 1, "None or >= 1"),
             ("decode_batch_size", self.decode_batch_size is None or self.decode_batch_size >= 1, "None or >= 1"),
         ]
+        if self.fsdp:
+            checks.append(("num_processes", self.num_processes >= 2, "at least 2 with `fsdp` (it shards over them)"))
         if self.split_groups_across_processes:
             checks += [
                 ("num_generations", self.num_generations % self.num_processes == 0, "a multiple of num_processes"),
@@ -502,7 +661,15 @@ class RunSettings:
             offload_text_encoder=bool(pick("offload_text_encoder", False)),
             decode_batch_size=_optional_int(value("decode_batch_size")) if present("decode_batch_size") else 1,
             split_groups_across_processes=bool(pick("split_groups_across_processes", False)),
+            fsdp=_flag(pick("fsdp", False)),
         )
+
+
+def _flag(value) -> bool:
+    """A boolean setting that a YAML or the command line may give as a string (`"false"`, `"no"`: off)."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "false", "no", "0", "none")
+    return bool(value)
 
 
 def _optional_int(value) -> int | None:
@@ -595,6 +762,11 @@ class _LoRALayout:
     def num_parameters(self, shape: TransformerShape, r: int) -> int:
         return sum(self.tensor_sizes(shape, r))
 
+    def block_parameters(self, shape: TransformerShape, r: int) -> int:
+        """LoRA parameters of the block with the most (what FSDP gathers per block)."""
+        linears = _block_linears(shape)
+        return max(sum(r * (i + o) for n, i, o, _ in linears if n in block) for block in self.blocks)
+
 
 def count_parameters(cls, config: Mapping, **kwargs) -> int:
     """Parameters of `cls` built from `config` on the meta device (no memory, no weights)."""
@@ -605,11 +777,35 @@ def count_parameters(cls, config: Mapping, **kwargs) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@functools.cache
 def transformer_parameters(shape: TransformerShape) -> int:
     """Exact parameter count of `CausalWanTransformer3DModel` with this shape (a meta-device build)."""
     from .models import CausalWanTransformer3DModel
 
     return count_parameters(CausalWanTransformer3DModel, shape.to_config())
+
+
+def wan_block_parameters(shape: TransformerShape) -> int:
+    """
+    Parameters of one Wan transformer block, in closed form: self- and cross-attention (q, k, v, out with biases:
+    `8 (D² + D)`), their q/k RMSNorms (`4 D`), the cross-attention's affine LayerNorm (`2 D`), the FFN
+    (`2 D F + F + D`) and the block's modulation table (`6 D`).
+    """
+    d, f = shape.dim, shape.ffn_dim
+    return 8 * d * d + 2 * d * f + f + (21 if shape.cross_attn_norm else 19) * d
+
+
+def wan_transformer_parameters(shape: TransformerShape) -> int:
+    """
+    Parameters of a Wan transformer, in closed form: the blocks, the patch embedding (a `p_t x p_h x p_w`
+    convolution), the time embedder (`freq -> D -> D`) and its `6 D` projection, the text embedder
+    (`text -> D -> D`), the output projection and the output modulation table (`2 D`); the norms outside the blocks
+    have no affine parameters.
+    """
+    d, pv = shape.dim, shape.patch_volume
+    outer = (shape.in_channels * pv + 1) * d + (shape.freq_dim + 1) * d + (d + 1) * d + (d + 1) * 6 * d
+    outer += (shape.text_dim + 1) * d + (d + 1) * d + (d + 1) * shape.out_channels * pv + 2 * d
+    return shape.num_layers * wan_block_parameters(shape) + outer
 
 
 # ---------------------------------------------------------------------------------------------------- FLOPs
@@ -967,7 +1163,8 @@ class Plan:
         peak_bytes (`dict[bool, int]`): the process's predicted peak, with and without gradient checkpointing.
         parameters (`dict[str, int]`): transformer, LoRA, text encoder, VAE.
         warnings (`list[str]`): e.g. a peak above the GPU's memory.
-        branch_cache_bytes (`int`): the branches' KV cache of one forward at its largest (the earliest pivot).
+        branch_cache_bytes (`int`): the branches' KV cache of one forward at its largest over the pivots (the
+            earliest for `full`; the same at every pivot but the last for `rolling` and `recompute`).
     """
 
     settings: RunSettings
@@ -1066,12 +1263,15 @@ class Plan:
             (
                 f"- video: {v.height}x{v.width}x{v.num_frames} -> latent {v.latent_frames}x{v.latent_height}x"
                 f"{v.latent_width}, {v.num_chunks} chunks of {v.num_frames_per_chunk} "
-                f"({v.num_frames_per_chunk * tpf} tokens), {v.max_sequence_length} text tokens"
+                f"({v.num_frames_per_chunk * tpf} tokens), {v.max_sequence_length} text tokens; {v.describe_cache()}"
             ),
             (
                 f"- G={s.num_generations}, anchors={s.num_anchors}, {s.num_denoising_steps} denoising steps "
                 f"({len(s.trained_steps)} trained), num_iterations={s.num_iterations}, "
-                f"{s.per_device_train_batch_size} prompt(s) per process, {s.num_processes} process(es), pivot {pivot}"
+                f"{s.per_device_train_batch_size} prompt(s) per process, {s.num_processes} process(es)"
+                + (", groups split across them" if s.split_groups_across_processes else "")
+                + (", the transformer sharded over them (FSDP)" if s.fsdp else "")
+                + f", pivot {pivot}"
             ),
             f"- LoRA r={s.lora_r} on {self._targets()} ({_format_count(self.parameters['lora'])} parameters)"
             + (
@@ -1140,6 +1340,7 @@ def optimizer_bytes(tensor_sizes: Sequence[int], eight_bit: bool) -> int:
 
 
 _VIDEO_KEYS = ("height", "width", "num_frames", "num_frames_per_chunk", "max_sequence_length")
+_CACHE_KEYS = ("cache_policy", "local_attn_frames", "sink_frames")  # a pipeline config's names
 #: What `plan(..., **overrides)` accepts: the `RunSettings` fields, the config names they are read from, the video.
 _OVERRIDES = {
     *RunSettings.__dataclass_fields__,
@@ -1148,6 +1349,7 @@ _OVERRIDES = {
     "activation_checkpointing",
     "denoising_sigmas",
     *_VIDEO_KEYS,
+    *_CACHE_KEYS,
 }
 
 
@@ -1170,7 +1372,8 @@ def plan(
     Args:
         config (`dict` or [`ARCoPOConfig`]): the run (a YAML of `examples/train_arcopo.py` as a dict works; see
             [`RunSettings.from_config`]). Its `height`, `width`, `num_frames`, `num_frames_per_chunk` and
-            `max_sequence_length` override the video's.
+            `max_sequence_length` override the video's, and its `cache_policy`, `local_attn_frames` and
+            `sink_frames` the generator's cache policy.
         transformer_config (`dict`, a diffusers config, or a preset name such as `"self-forcing-1.3b"`).
         video ([`VideoShape`], *optional*): the pipeline's default video; required unless a preset is named.
         gpu (`str` or [`GPUSpec`]): a key of `GPUS` (`"h100"`, `"h200"`, `"a100"`, `"l40s"`, ...).
@@ -1181,7 +1384,8 @@ def plan(
             preset's, else 0).
         transformer_parameters_count (`int`, *optional*): skip the meta-device count (e.g. a model you already have).
         overrides: [`RunSettings`] fields (e.g. `num_generations=8`, `gradient_checkpointing=True`), config names
-            (`bf16`, `activation_checkpointing`, `denoising_sigmas`) or the video's (`height`, `num_frames`, ...).
+            (`bf16`, `activation_checkpointing`, `denoising_sigmas`), the video's (`height`, `num_frames`, ...) or the
+            cache policy's (`cache_policy`, `local_attn_frames`, `sink_frames`).
 
     Returns:
         [`Plan`]
@@ -1206,8 +1410,12 @@ def plan(
             return overrides[key]
         return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
 
-    video = replace(video, **{k: int(get(k)) for k in _VIDEO_KEYS if get(k)})
-    overrides = {k: v for k, v in overrides.items() if k not in _VIDEO_KEYS}
+    video = replace(
+        video,
+        **{k: int(get(k)) for k in _VIDEO_KEYS if get(k)},
+        **{k: get(k) if k == "cache_policy" else int(get(k)) for k in _CACHE_KEYS if get(k) is not None},
+    )
+    overrides = {k: v for k, v in overrides.items() if k not in _VIDEO_KEYS + _CACHE_KEYS}
     defaults = {}
     if preset is not None:
         if get("denoising_sigmas") is None:
@@ -1238,7 +1446,6 @@ def _make_plan(
 ) -> Plan:
     prec = _Precision(weight=DTYPE_BYTES[s.torch_dtype], autocast=s.mixed_precision is not None)
     tpf = video.tokens_per_frame(shape)
-    n = video.num_frames_per_chunk * tpf  # tokens of one chunk
     num_chunks, steps, r = video.num_chunks, s.num_denoising_steps, s.lora_r
     b, g_all = s.per_device_train_batch_size, s.num_generations
     g, k = s.branches_per_process, s.anchors_per_process  # this process's branches and anchors of each group
@@ -1248,26 +1455,48 @@ def _make_plan(
     sub_batched = s.rollout_batch_size is not None or s.split_groups_across_processes
     scale = b * g_all / m if sub_batched else 1.0  # a sub-batch embeds for the whole batch: per branch
 
+    def frames_pass(num_frames: int, attended: int, embed_scale: float = 1.0) -> _Pass:
+        return _Pass(num_frames * tpf, attended * tpf, text, num_frames, embed_scale)
+
     def chunk_pass(c: int, embed_scale: float = 1.0) -> _Pass:
-        return _Pass(n, (c + 1) * n, text, frames, embed_scale)
+        """A denoising pass of chunk `c` (under a window it attends to fewer keys)."""
+        return frames_pass(frames, video.attended_frames(c), embed_scale)
+
+    @functools.cache  # under a window the passes of most chunks are the same
+    def fwd(p: _Pass, adapter: bool = True) -> float:
+        return forward_flops(shape, p, lora if adapter else None, r)
+
+    # per chunk: one denoising pass, and the forwards that commit it (none for the last chunk)
+    commits = [video.commit_forwards(c) for c in range(num_chunks - 1)]
+
+    def per_chunk(embed_scale: float) -> tuple[list[float], list[float]]:
+        denoise = [fwd(chunk_pass(c, embed_scale)) for c in range(num_chunks)]
+        commit = [sum(fwd(frames_pass(f, a, embed_scale)) for f, a in forwards) for forwards in commits]
+        return denoise, commit
+
+    denoise_fwd, commit_fwd = per_chunk(1.0)
+    branch_denoise_fwd, branch_commit_fwd = per_chunk(scale) if scale != 1.0 else (denoise_fwd, commit_fwd)
+    commit_calls = [len(forwards) for forwards in commits]  # 1, or the context's blocks for "recompute"
 
     def costs(pivot: int) -> list[PhaseCost]:
-        passes = steps + 1  # denoising steps + the commit pass; the video's last chunk is not committed
-        fwd = [forward_flops(shape, chunk_pass(c), lora, r) for c in range(num_chunks)]
-        branch_fwd = [forward_flops(shape, chunk_pass(c, scale), lora, r) for c in range(num_chunks)]
-        prefix = PhaseCost("prefix", b * pivot * passes, b * passes * sum(fwd[:pivot]))
+        # the prefix denoises and commits chunks < pivot; each branch denoises chunks >= pivot and commits all but the
+        # video's last
+        prefix = PhaseCost(
+            "prefix",
+            b * (pivot * steps + sum(commit_calls[:pivot])),
+            b * (steps * sum(denoise_fwd[:pivot]) + sum(commit_fwd[:pivot])),
+        )
         branches = PhaseCost(
             "branches",
-            b * g * ((num_chunks - pivot) * passes - 1),
-            b * g * (passes * sum(branch_fwd[pivot:]) - branch_fwd[-1]),
+            b * g * ((num_chunks - pivot) * steps + sum(commit_calls[pivot:])),
+            b * g * (steps * sum(branch_denoise_fwd[pivot:]) + sum(branch_commit_fwd[pivot:])),
         )
         trained = s.num_iterations * b * k * len(s.trained_steps)
-        update = chunk_pass(pivot)
+        update = chunk_pass(pivot)  # the pivot chunk against the prefix's cache: its window, or its context
         bwd = backward_flops(shape, update, lora, r, s.gradient_checkpointing)
-        phases = [prefix, branches, PhaseCost("update", trained, trained * forward_flops(shape, update, lora, r),
-                                              trained * bwd)]  # fmt: skip
+        phases = [prefix, branches, PhaseCost("update", trained, trained * fwd(update), trained * bwd)]
         if s.beta > 0:
-            phases.append(PhaseCost("reference", trained, trained * forward_flops(shape, update, None, r)))
+            phases.append(PhaseCost("reference", trained, trained * fwd(update, False)))
         return phases
 
     pivots = [s.pivot_chunk] if s.pivot_chunk is not None else list(range(num_chunks))
@@ -1288,39 +1517,101 @@ def _make_plan(
     # ---- memory, at every pivot (the prefix grows with it, the branches' cache shrinks): the peak is the worst
     chunk = shape.in_channels * frames * video.latent_height * video.latent_width  # latent elements of one chunk
     latent = chunk * num_chunks  # fp32 noise and latents: 4 bytes each
-    cache_per_chunk = 2 * shape.num_layers * n * shape.dim * prec.weight  # keys and values of one video's chunk
+    cache_per_frame = 2 * shape.num_layers * tpf * shape.dim * prec.weight  # keys and values of one video's frame
+    context_latent = chunk // frames * 4  # a recompute cache's clean latents: fp32 bytes per frame
     embeds = text * shape.text_dim * prec.weight
     renoise = num_chunks * (steps - 1) * chunk if s.sampler == "consistency" else 0
     pixels = video.num_frames * 3 * video.height * video.width * 4  # decoded video, fp32
-    base_bytes = params["transformer"] * prec.weight
+    policy = video.cache_policy
     text_encoder = "VAE weights (text encoder offloaded)" if s.offload_text_encoder else "text encoder and VAE weights"
     frozen_bytes = ((0 if s.offload_text_encoder else params["text_encoder"]) + params["vae"]) * prec.weight
-    lora_bytes = params["lora"] * 4
     optim = optimizer_bytes(lora.tensor_sizes(shape, r), s.uses_8bit_optimizer)
+    optim_name = "optimizer state" + (" (8-bit)" if s.uses_8bit_optimizer else " (fp32)")
+    if s.fsdp:
+        # FSDP2 over the blocks: every process keeps a 1/N shard of every parameter; the parameters outside the blocks
+        # (the root's) stay gathered through the forward and backward, and a block is gathered while it runs, the
+        # next one prefetched; each block's LoRA gradients are whole until they are reduce-scattered
+        shards = s.num_processes
+        outer = max(params["transformer"] - shape.num_layers * wan_block_parameters(shape), 0)
+        lora_outer = sum(r * (i + o) for name, i, o, _ in _outer_linears(shape) if name in lora.outer)
+        base_bytes = (-(-params["transformer"] // shards) + outer + 2 * wan_block_parameters(shape)) * prec.weight
+        lora_bytes = (-(-params["lora"] // shards) + lora_outer + 2 * lora.block_parameters(shape, r)) * 4
+        optim = -(-optim // shards)
+        fsdp = f"FSDP: a 1/{shards} shard, the parameters outside the blocks and 2 blocks gathered"
+        names = (
+            f"transformer weights ({fsdp})",
+            f"LoRA parameters (fp32; {fsdp})",
+            f"{optim_name}, a 1/{shards} shard",
+            f"LoRA gradients (fp32; {fsdp})",
+        )
+    else:
+        base_bytes, lora_bytes = params["transformer"] * prec.weight, params["lora"] * 4
+        names = ("transformer weights", "LoRA parameters (fp32)", optim_name, "LoRA gradients (fp32)")
     persistent = [
-        MemoryItem("transformer weights", base_bytes, "persistent"),
+        MemoryItem(names[0], base_bytes, "persistent"),
         MemoryItem(text_encoder, frozen_bytes, "persistent"),
-        MemoryItem("LoRA parameters (fp32)", lora_bytes, "persistent"),
-        MemoryItem("optimizer state" + (" (8-bit)" if s.uses_8bit_optimizer else " (fp32)"), optim, "persistent"),
+        MemoryItem(names[1], lora_bytes, "persistent"),
+        MemoryItem(names[2], optim, "persistent"),
     ]
     loss_candidates = g_all if s.loss_type == "arcopo" else 1
     ref = s.beta > 0
+
+    def cache_items(p: int, sub: str) -> list[MemoryItem]:
+        """The prefix's cache (kept for the update) and the branches' of one forward, by the cache policy."""
+        prefix, branch = video.prefix_cache_frames(p), video.branch_cache_frames(p)
+        if policy == "full":
+            return [
+                MemoryItem(f"KV cache: prefix (B videos, {p} chunks)", b * prefix * cache_per_frame, "kept"),
+                MemoryItem(
+                    f"KV cache: branches ({m} videos{sub}, {num_chunks - 1 - p} chunks after the prefix)",
+                    m * branch * cache_per_frame,
+                    "rollout",
+                ),
+            ]
+        if policy == "rolling":
+            return [
+                MemoryItem(
+                    f"KV cache: prefix (B videos, rolling: {prefix} frames)", b * prefix * cache_per_frame, "kept"
+                ),
+                MemoryItem(
+                    f"KV cache: branches ({m} videos{sub}, rolling: {branch} frames each)",
+                    m * branch * cache_per_frame,
+                    "rollout",
+                ),
+            ]
+        # recompute: the context's keys and values and its clean latents; a branch's own after its first commit (the
+        # forked latents, a copy of the prefix's, until then); each commit builds the new context next to the old one
+        latents = branch if branch else prefix
+        return [
+            MemoryItem(
+                f"KV cache: prefix (B videos, recompute: {prefix} context frames and their fp32 latents)",
+                b * prefix * (cache_per_frame + context_latent),
+                "kept",
+            ),
+            MemoryItem(
+                f"KV cache: branches ({m} videos{sub}, recompute: {branch} context frames and their fp32 latents)",
+                m * (branch * cache_per_frame + latents * context_latent),
+                "rollout",
+            ),
+            MemoryItem(
+                f"KV cache rebuilt by a commit next to the old one (recompute: {m} videos, {branch} frames)",
+                m * branch * cache_per_frame,
+                "rollout",
+            ),
+        ]
 
     def memory_at(p: int) -> tuple[list[MemoryItem], dict[bool, ActivationEstimate], dict[bool, int]]:
         """The items alive at pivot `p`, the activations, and the peak with and without checkpointing."""
         sub = f" ({-(-g // m)} sub-batches per prompt)" if s.rollout_batch_size is not None and m < g else ""
         roll_ws = forward_workspace(shape, m, chunk_pass(num_chunks - 1), lora, prec, whole_batch=round(scale * m))
+        prefix_cache, *branch_cache = cache_items(p, sub)
         items = [
-            MemoryItem(f"KV cache: prefix (B videos, {p} chunks)", b * p * cache_per_chunk, "kept"),
+            prefix_cache,
             MemoryItem(
                 "trajectories: states and x̂0 of the pivot chunk (fp32)", 2 * b * g_all * steps * chunk * 4, "kept"
             ),
             MemoryItem("prompt embeddings", b * embeds, "kept"),
-            MemoryItem(
-                f"KV cache: branches ({m} videos{sub}, {num_chunks - 1 - p} chunks after the prefix)",
-                m * (num_chunks - 1 - p) * cache_per_chunk,
-                "rollout",
-            ),
+            *branch_cache,
             MemoryItem("rollout noise (fp32)", (b + m) * (latent + renoise) * 4, "rollout"),
             MemoryItem("branch prompt embeddings", m * embeds, "rollout"),
             MemoryItem(
@@ -1349,7 +1640,7 @@ def _make_plan(
             MemoryItem(
                 f"anchor states and embeddings ({b * ka} per forward)", b * ka * (chunk * 4 + embeds), "update"
             ),
-            MemoryItem("LoRA gradients (fp32)", lora_bytes, "update"),
+            MemoryItem(names[3], lora_bytes, "update"),
         ]
         fixed = sum(i.bytes for i in update_fixed)
         rollout = max(sum(i.bytes for i in items if i.phase == ph) for ph in ("rollout", "rollout end", "decode"))
@@ -1374,7 +1665,7 @@ def _make_plan(
     plan_ = Plan(
         settings=s, transformer=shape, video=video, gpu=gpu, mfu=mfu, pivot=s.pivot_chunk, memory_pivot=mp,
         phases=phases, memory=memory, activations=acts, peak_bytes=peak_bytes, parameters=dict(params),
-        branch_cache_bytes=m * (num_chunks - 1 - min(pivots)) * cache_per_chunk,
+        branch_cache_bytes=max(cache_items(p, "")[1].bytes for p in pivots),
     )  # fmt: skip
     if not plan_.fits:
         rollout = plan_.rollout_peak_bytes()
@@ -1386,7 +1677,13 @@ def _make_plan(
             fixes.append(f"turn on gradient checkpointing (peak {format_bytes(peak_bytes[True])})")
         if phase == "update" and ka > 1:
             fixes.append("lower anchor_batch_size (the activations grow with the anchors per forward)")
-        if phase == "rollout" and m > 1:
+        decode = plan_.memory_by_phase("decode")
+        if phase == "rollout" and decode >= max(plan_.memory_by_phase(p) for p in ("rollout", "rollout end")):
+            fixes.append(
+                f"lower num_generations or split_groups_across_processes (the {b * g} decoded videos, "
+                f"{format_bytes(decode)}, are on the device together)"
+            )
+        elif phase == "rollout" and m > 1:
             fixes.append(
                 "set or lower rollout_batch_size (the branches' KV cache grows with the branches per forward)"
             )
@@ -1451,8 +1748,9 @@ class GeneratorSpec:
     @classmethod
     def from_folder(cls, path: str) -> GeneratorSpec:
         """
-        From a `SelfForcingPipeline` folder's JSON configs only (no weights are read): `model_index.json`, the
-        transformer's and VAE's `config.json`; the text encoder and VAE are counted on the meta device.
+        From a `SelfForcingPipeline` folder's JSON configs only (no weights are read): `model_index.json` (the
+        defaults and the cache policy), the transformer's and VAE's `config.json`; the text encoder and VAE are counted
+        on the meta device.
         """
         index = _read_json(os.path.join(path, "model_index.json"))
         transformer = _read_json(os.path.join(path, "transformer", "config.json"))
@@ -1468,6 +1766,9 @@ class GeneratorSpec:
             vae_scale_factor_spatial=vae_config.get("scale_factor_spatial") or (8 if wan_vae else 1),
             frame_packing=vae_class == "FramePackingAutoencoder",
             max_sequence_length=index.get("default_max_sequence_length", 512),
+            cache_policy=index.get("cache_policy", "full"),
+            local_attn_frames=index.get("local_attn_frames"),
+            sink_frames=index.get("sink_frames", 0),
         )
         sigmas = index.get("default_sigmas")
         return cls(
