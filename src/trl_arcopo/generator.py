@@ -54,6 +54,47 @@ class ChunkDenoisingOutput:
     x0_preds: torch.Tensor | None = None
 
 
+@dataclass
+class PromptSchedule:
+    r"""
+    Prompts that change during a video (interactive generation): from chunk `c` on, the prompt is `switches[c]`; before
+    the first switch, the `prompt_embeds` given to [`~StreamingGeneratorMixin.generate_latents`].
+
+    Args:
+        switches (`dict[int, torch.Tensor]`): chunk -> prompt embeddings `[B, S, text_dim]` from that chunk on.
+        recache (`bool`, defaults to `True`): at a switch, re-encode what the next chunk reads (the sink and the
+            recent frames) under the new prompt before it is denoised (LongLive's re-cache); `False` keeps the keys
+            and values made under the old prompt. A recompute cache rebuilds its context under each commit's prompt
+            either way.
+        interpolation_chunks (`int`, defaults to `1`): blend the old prompt into the new one over this many chunks,
+            `lerp(old, new, w)` with `w = linspace(0, 1, n)` (Krea realtime's interpolation); `1` switches at once.
+    """
+
+    switches: dict[int, torch.Tensor]
+    recache: bool = True
+    interpolation_chunks: int = 1
+
+    def __post_init__(self):
+        if self.interpolation_chunks < 1:
+            raise ValueError(f"`interpolation_chunks={self.interpolation_chunks}` must be at least 1 (1: no blend).")
+        if any(c < 1 for c in self.switches):
+            raise ValueError(
+                f"Switch chunks {sorted(self.switches)} must be at least 1: chunk 0's prompt is the first."
+            )
+
+    def embeds_at(self, chunk: int, initial: torch.Tensor) -> torch.Tensor:
+        """The prompt embeddings of chunk `chunk` `[B, S, text_dim]`, `initial` before the first switch."""
+        previous, current, start = initial, initial, 0
+        for c in sorted(self.switches):
+            if c > chunk:
+                break
+            previous, current, start = current, self.switches[c].to(initial), c
+        n = self.interpolation_chunks
+        if start == 0 or n == 1 or chunk - start >= n:
+            return current
+        return torch.lerp(previous, current, (chunk - start) / (n - 1))
+
+
 @runtime_checkable
 class StreamingGenerator(Protocol):
     r"""
@@ -276,6 +317,27 @@ class StreamingGeneratorMixin:
         with torch.no_grad():
             kv_cache.commit(x0, frame_offset, forward)
 
+    def recache(
+        self,
+        kv_cache: AnyKVCache,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        num_frames_per_chunk: int,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """
+        Re-encode what the next chunk reads under `prompt_embeds` (a prompt switch): the clean `latents`
+        `[B, C, F, H, W]` of every committed frame are committed again, block by block, the sink and the recent frames
+        of the window only ([`~trl_arcopo.KVCache.recache`]); a recompute cache rebuilds its context.
+        """
+
+        def forward(x: torch.Tensor, cache: KVCache, offset: int) -> None:
+            self.velocity(x, 0.0, prompt_embeds, cache, offset, negative_prompt_embeds, 1.0, True, attention_kwargs)
+
+        with torch.no_grad():
+            kv_cache.recache(latents, forward, num_frames_per_chunk)
+
     def generate_latents(
         self,
         prompt_embeds: torch.Tensor,
@@ -292,6 +354,7 @@ class StreamingGeneratorMixin:
         end_chunk: int | None = None,
         callback_on_chunk_end: Callable[[Any, int], None] | None = None,
         first_chunk_schedule: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prompt_schedule: PromptSchedule | None = None,
     ) -> torch.Tensor:
         """
         Stream chunks `start_chunk..end_chunk-1` (by default to the last chunk) from `noise`, committing to `kv_cache`
@@ -301,6 +364,8 @@ class StreamingGeneratorMixin:
         `callback_on_chunk_end(self, c)` runs after chunk `c` is committed (the last chunk: denoised), before the next
         chunk starts. `first_chunk_schedule` `(timesteps, sigmas)` denoises chunk 0 with its own schedule
         ([`get_first_chunk_schedule`]); the noise must then have the re-noise of the longer of the two.
+        `prompt_schedule` ([`PromptSchedule`]) changes the prompt at given chunks (a re-cache needs the video from
+        chunk 0: `start_chunk=0`).
         """
         chunks = []
         frames = noise.num_frames_per_chunk
@@ -312,10 +377,23 @@ class StreamingGeneratorMixin:
                 f"frames but later chunks read the first {needed}. Create it with `num_frames>={needed}` (the "
                 "video's frames less its last chunk, which is never committed)."
             )
+        if prompt_schedule is not None and prompt_schedule.recache and start_chunk > 0:
+            raise ValueError(
+                f"A prompt switch with `recache=True` re-encodes committed frames, which a call from chunk "
+                f"{start_chunk} does not have: generate from chunk 0, or set `recache=False`."
+            )
         iterator = range(start_chunk, end_chunk)
         if progress:
             iterator = self.progress_bar(iterator)
+        initial_embeds = prompt_embeds
         for c in iterator:
+            if prompt_schedule is not None:
+                prompt_embeds = prompt_schedule.embeds_at(c, initial_embeds)
+                if prompt_schedule.recache and c in prompt_schedule.switches and chunks:
+                    self.recache(
+                        kv_cache, torch.cat(chunks, dim=2), prompt_embeds, frames, negative_prompt_embeds,
+                        attention_kwargs,
+                    )  # fmt: skip
             chunk_timesteps, chunk_sigmas = (
                 first_chunk_schedule if c == 0 and first_chunk_schedule else (timesteps, sigmas)
             )

@@ -33,6 +33,18 @@ CommitForward = Callable[[torch.Tensor, "KVCache", int], None]
 CACHE_POLICIES = ("full", "rolling", "recompute")
 
 
+def window_frames(num_frames: int, chunk_frames: int, local_attn_frames: int | None, sink_frames: int) -> list[int]:
+    """
+    The committed frames the chunk after `num_frames` committed frames (of `chunk_frames` frames) attends to: the
+    first `sink_frames` frames and the `local_attn_frames - sink_frames - chunk_frames` most recent ones; every frame
+    without a window.
+    """
+    if local_attn_frames is None:
+        return list(range(num_frames))
+    recent = max(local_attn_frames - sink_frames - chunk_frames, 0)
+    return [f for f in range(num_frames) if f < sink_frames or f >= num_frames - recent]
+
+
 @dataclass(frozen=True)
 class CacheLayout:
     r"""
@@ -97,6 +109,9 @@ class KVCache:
             of the prefix, the order of `repeat_interleave`). Read only.
         offset (`int`, defaults to `0`):
             Tokens held by `prefix`, the first token of this cache's own storage.
+        floor (`int`, defaults to `0`):
+            Tokens between the sink frames and `floor` are not read: a re-cache ([`~KVCache.recache`]) re-encodes
+            only the sink and the recent frames, from `floor` on.
 
     Example:
 
@@ -114,6 +129,7 @@ class KVCache:
     sink_frames: int = 0
     prefix: KVCache | None = None
     offset: int = 0
+    floor: int = 0
 
     #: The cache policy this class implements (a generator config's `cache_policy`).
     policy = "full"
@@ -242,7 +258,7 @@ class KVCache:
         if self.local_attn_frames is None:
             return [slice(0, start)] if start > 0 else []
         tpf = self.tokens_per_frame
-        recent_start = max(0, start + num_tokens - (self.local_attn_frames - self.sink_frames) * tpf)
+        recent_start = max(0, start + num_tokens - (self.local_attn_frames - self.sink_frames) * tpf, self.floor)
         recent_start = min(recent_start, start)
         sink_end = min(self.sink_frames * tpf, recent_start)
         slices = [s for s in (slice(0, sink_end), slice(recent_start, start)) if s.stop > s.start]
@@ -369,6 +385,38 @@ class KVCache:
         """
         forward(x0, self, frame_offset)
 
+    def recache(self, latents: torch.Tensor, forward: CommitForward, chunk_frames: int) -> None:
+        """
+        Re-encode what the next chunk reads under another prompt (LongLive's re-cache after a prompt switch): the sink
+        frames and the recent frames of the window, from their clean `latents` `[B, C, F, H, W]` (every committed
+        frame of the video), each block of `chunk_frames` frames committed again by `forward` (which carries the new
+        prompt) at its position, the sink first, then the recent frames; frames in between are no longer read. Without
+        a window, every committed frame is re-encoded. The cache must not be a fork (`materialize()` it first).
+        """
+        if self.prefix is not None:
+            raise ValueError(
+                "A fork reads its prefix, which a re-cache cannot change: `materialize()` the fork first."
+            )
+        end = self.num_frames
+        if latents.shape[2] != end:
+            raise ValueError(
+                f"A re-cache needs the clean latents of the {end} committed frames, got {latents.shape[2]}."
+            )
+        keep = window_frames(end, chunk_frames, self.local_attn_frames, self.sink_frames)
+        for buffer in self.keys + self.values:
+            buffer.zero_()
+        self.end = self.floor = 0
+        sink = [f for f in keep if f < self.sink_frames] if self.local_attn_frames is not None else keep
+        recent = [f for f in keep if f not in sink]
+        for frames in (sink, recent):
+            if not frames:
+                continue
+            if frames[0] * self.tokens_per_frame > self.end:  # skip to the recent frames: nothing between is read
+                self.end = self.floor = frames[0] * self.tokens_per_frame
+            for start in range(frames[0], frames[-1] + 1, chunk_frames):
+                stop = min(start + chunk_frames, frames[-1] + 1)
+                forward(latents[:, :, start:stop], self, start)
+
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """
         `(metadata, tensors)` that [`cache_from_state`] turns back into this cache (a fork is materialized first):
@@ -385,6 +433,7 @@ class KVCache:
             "end": cache.end,
             "local_attn_frames": cache.local_attn_frames,
             "sink_frames": cache.sink_frames,
+            "floor": cache.floor,
         }
         return metadata, tensors
 
@@ -582,7 +631,7 @@ class RollingKVCache(KVCache):
         )  # fmt: skip
         held = [
             slice(0, min(self._sink_tokens, self.end)),
-            slice(max(self._sink_tokens, self.end - self._ring_tokens), self.end),
+            slice(max(self._sink_tokens, self.end - self._ring_tokens, self.floor), self.end),
         ]
         held = [s for s in held if s.stop > s.start]
         for layer in range(self.num_layers):
@@ -698,10 +747,7 @@ class RecomputeKVCache:
 
     def context_indices(self, num_frames: int, chunk_frames: int) -> list[int]:
         """The frames the chunk after `num_frames` committed frames (of `chunk_frames` frames) attends to."""
-        if self.local_attn_frames is None:
-            return list(range(num_frames))
-        recent = max(self.local_attn_frames - self.sink_frames - chunk_frames, 0)
-        return [f for f in range(num_frames) if f < self.sink_frames or f >= num_frames - recent]
+        return window_frames(num_frames, chunk_frames, self.local_attn_frames, self.sink_frames)
 
     def commit(self, x0: torch.Tensor, frame_offset: int, forward: CommitForward) -> None:
         """
@@ -729,17 +775,28 @@ class RecomputeKVCache:
         total = frame_offset + chunk
         keep = self.context_indices(total, chunk)
         where = {f: i for i, f in enumerate(indices)}
-        latents = latents[:, :, [where[f] for f in keep]]  # [B, C, k, H, W]
+        self.latents, self.frame_indices, self.num_frames = latents[:, :, [where[f] for f in keep]], keep, total
+        self._rebuild(forward, chunk)
 
-        kv = self.kv
+    def _rebuild(self, forward: CommitForward, chunk_frames: int) -> None:
+        """The context's keys and values, block-causal from its first frame at positions `0..k-1`, by `forward`."""
+        k = len(self.frame_indices)
         kv = KVCache(
-            [k.new_zeros((self.batch_size, len(keep) * self.tokens_per_frame, *k.shape[2:])) for k in kv.keys],
-            [v.new_zeros((self.batch_size, len(keep) * self.tokens_per_frame, *v.shape[2:])) for v in kv.values],
+            [b.new_zeros((self.batch_size, k * self.tokens_per_frame, *b.shape[2:])) for b in self.kv.keys],
+            [b.new_zeros((self.batch_size, k * self.tokens_per_frame, *b.shape[2:])) for b in self.kv.values],
             self.tokens_per_frame,
         )
-        for start in range(0, len(keep), chunk):  # block-causal from the context's first frame, at positions 0..k-1
-            forward(latents[:, :, start : start + chunk], kv, start)
-        self.kv, self.latents, self.frame_indices, self.num_frames = kv, latents, keep, total
+        for start in range(0, k, chunk_frames):
+            forward(self.latents[:, :, start : start + chunk_frames], kv, start)
+        self.kv = kv
+
+    def recache(self, latents: torch.Tensor | None, forward: CommitForward, chunk_frames: int) -> None:
+        """
+        Rebuild the context's keys and values under another prompt (`forward` carries it); the context's own latents
+        are used (`latents` is not needed). A commit does the same under the prompt it is given.
+        """
+        if self.latents is not None:
+            self._rebuild(forward, chunk_frames)
 
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """As [`KVCache.state`], with the context latents (`latents`) and their frame indices."""
@@ -852,8 +909,16 @@ def cache_from_state(metadata: dict, tensors: dict[str, torch.Tensor]) -> AnyKVC
             kv, tensors.get("latents"), list(metadata["frame_indices"]), metadata["num_frames"],
             metadata["max_frames"], local, sink,
         )  # fmt: skip
+    floor = metadata.get("floor", 0)
     if policy == "rolling":
         return RollingKVCache(
-            keys, values, tokens_per_frame, metadata["end"], local, sink, max_tokens=metadata["max_tokens"]
+            keys,
+            values,
+            tokens_per_frame,
+            metadata["end"],
+            local,
+            sink,
+            floor=floor,
+            max_tokens=metadata["max_tokens"],
         )
-    return KVCache(keys, values, tokens_per_frame, metadata["end"], local, sink)
+    return KVCache(keys, values, tokens_per_frame, metadata["end"], local, sink, floor=floor)

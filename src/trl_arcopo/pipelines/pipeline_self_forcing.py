@@ -30,7 +30,7 @@ from diffusers.utils import BaseOutput
 from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..generator import StreamingGeneratorMixin
+from ..generator import PromptSchedule, StreamingGeneratorMixin
 from ..kv_cache import AnyKVCache, check_cache_policy, make_cache
 from ..models.causal_wan import CausalWanTransformer3DModel
 from ..models.frame_packing import FramePackingAutoencoder
@@ -303,12 +303,18 @@ class SelfForcingPipeline(DiffusionPipeline, StreamingGeneratorMixin, WanLoraLoa
         prompt_embeds: torch.Tensor,
         kv_cache: AnyKVCache,
         frame_offset: int,
-        negative_prompt_embeds: torch.Tensor | None,
-        guidance_scale: float,
-        update_cache: bool,
-        attention_kwargs: dict[str, Any] | None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        update_cache: bool = False,
+        attention_kwargs: dict[str, Any] | None = None,
         transformer: torch.nn.Module | None = None,
     ) -> torch.Tensor:
+        """
+        The flow velocity `[B, C, Fc, H, W]` of the chunk `x` starting at latent frame `frame_offset`, reading the
+        committed frames of `kv_cache` (with `update_cache=True`, also writing the chunk's keys and values); with
+        `negative_prompt_embeds`, classifier-free guidance at `guidance_scale`. `transformer` replaces
+        `self.transformer` for the call. The one network call of [`~trl_arcopo.StreamingGeneratorMixin`].
+        """
         dtype = self.transformer.dtype
         kv_cache, frame_offset = kv_cache.attention_cache(frame_offset)  # the keys a chunk reads, its RoPE position
         guided = negative_prompt_embeds is not None
@@ -404,6 +410,9 @@ class SelfForcingPipeline(DiffusionPipeline, StreamingGeneratorMixin, WanLoraLoa
         local_attn_frames: int | None = None,
         sink_frames: int | None = None,
         callback_on_chunk_end: Callable[[SelfForcingPipeline, int], None] | None = None,
+        prompt_switches: dict[int, str | list[str]] | None = None,
+        recache_on_switch: bool = True,
+        prompt_interpolation_chunks: int = 1,
     ) -> SelfForcingPipelineOutput | tuple:
         r"""
         Generate videos chunk by chunk.
@@ -431,6 +440,12 @@ class SelfForcingPipeline(DiffusionPipeline, StreamingGeneratorMixin, WanLoraLoa
             callback_on_chunk_end (`Callable`, *optional*): called as `callback_on_chunk_end(pipeline, chunk_index)`
                 after each chunk is committed to the KV cache and before the next one starts, e.g. to switch a LoRA
                 adapter off for the chunks that follow (`pipeline.transformer.disable_adapters()`).
+            prompt_switches (`dict[int, str | list[str]]`, *optional*): interactive generation: from chunk `c` on,
+                the prompt is `prompt_switches[c]` (one per prompt of `prompt`).
+            recache_on_switch (`bool`, defaults to `True`): at a switch, re-encode the sink and recent frames under the
+                new prompt (LongLive); see [`~trl_arcopo.generator.PromptSchedule`].
+            prompt_interpolation_chunks (`int`, defaults to 1): blend the old prompt into the new one over this many
+                chunks (Krea realtime); `1` switches at once.
 
         Returns:
             [`SelfForcingPipelineOutput`] or a tuple `(frames,)`.
@@ -457,6 +472,22 @@ class SelfForcingPipeline(DiffusionPipeline, StreamingGeneratorMixin, WanLoraLoa
             max_sequence_length=max_sequence_length,
             device=device,
         )
+        schedule = None
+        if prompt_switches:
+            switches = {
+                chunk: self.encode_prompt(
+                    text, num_videos_per_prompt=num_videos_per_prompt, max_sequence_length=prompt_embeds.shape[1],
+                    device=device, dtype=prompt_embeds.dtype,
+                )[0]
+                for chunk, text in prompt_switches.items()
+            }  # fmt: skip
+            for chunk, embeds in switches.items():
+                if embeds.shape != prompt_embeds.shape:
+                    raise ValueError(
+                        f"`prompt_switches[{chunk}]` gives {embeds.shape[0]} prompts for {prompt_embeds.shape[0]} "
+                        "videos: pass one prompt per prompt of `prompt`."
+                    )
+            schedule = PromptSchedule(switches, recache_on_switch, prompt_interpolation_chunks)
         # 3. Schedule and every noise of the rollout, drawn up front
         batch_size = prompt_embeds.shape[0]
         shape = self.latent_shape(batch_size, height, width, num_frames, num_frames_per_chunk)
@@ -485,6 +516,7 @@ class SelfForcingPipeline(DiffusionPipeline, StreamingGeneratorMixin, WanLoraLoa
             progress=True,
             callback_on_chunk_end=callback_on_chunk_end,
             first_chunk_schedule=first_chunk,
+            prompt_schedule=schedule,
         )
         # 6. Decode
         frames = self.decode_latents(video_latents, output_type)
