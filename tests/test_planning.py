@@ -544,3 +544,15 @@ def test_krea_14b_fits_8_h100s_with_fsdp_and_split_groups():
     assert round(without_fsdp.peak_memory_bytes / 2**30, 1) == 52.6
     one_gpu, _ = fit(config, "krea-14b", gpu="h100")  # whole groups of 12 on one H100
     assert (round(one_gpu.seconds, 1), round(one_gpu.peak_memory_bytes / 2**30, 1)) == (152.7, 66.2)
+
+
+def test_a_reward_window_keeps_only_its_frames_of_the_decoded_videos():
+    """LongLive at 60 s, G = 12: with a window of 3 of the 80 chunks, the decoded videos kept shrink to the window's
+    frames, plus the one video a decode call holds whole."""
+    config = {"num_frames": 957, "num_generations": 12}
+    whole = plan_config(config, "longlive-1.3b", gpu="h100")
+    window = plan_config(config, "longlive-1.3b", gpu="h100", reward_window_chunks=2, reward_context_chunks=1)
+    pixels = 957 * 3 * 480 * 832 * 4
+    latents = 12 * 16 * 240 * 60 * 104 * 4
+    assert whole.memory_by_phase("decode") == 12 * pixels + latents
+    assert window.memory_by_phase("decode") == 12 * (pixels * 3 // 80 + pixels // 12) + latents

@@ -264,19 +264,25 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
             args.fork_noise_scale, args.temperature, args.distance_reduction, args.rollout_batch_size, branches,
         )  # fmt: skip
         transformer.train(was_training)
-        videos = self.pipeline.decode_latents(
-            group.latents.flatten(0, 1), output_type="pt", batch_size=args.decode_batch_size
-        )  # [N * G, F, C, H, W]
-        rollout_seconds = time.perf_counter() - start
-        finite = bool(torch.isfinite(group.latents).all())  # rewards are not asked to judge non-finite videos
         first, stop = reward_chunk_range(
             group.pivot, self.spec.num_chunks, args.reward_window_chunks, args.reward_context_chunks
         )
         frames = self.spec.num_frames_per_chunk
         frame_range = getattr(self.pipeline, "pixel_frame_range", lambda a, b: (a, b))(first * frames, stop * frames)
-        scored = videos[:, frame_range[0] : frame_range[1]]  # [N * G, F', C, H, W]: the frames the rewards see
+        latents = group.latents.flatten(0, 1)  # [N * G, C, F, H, W]
+        if args.reward_window_chunks is None:
+            videos = self.pipeline.decode_latents(latents, output_type="pt", batch_size=args.decode_batch_size)
+        else:  # each part decoded whole (a causal VAE's frames depend on those before), then cut to the window
+            step = args.decode_batch_size or latents.shape[0]
+            videos = torch.cat([
+                self.pipeline.decode_latents(part, output_type="pt", batch_size=step)[:, frame_range[0] : frame_range[1]]
+                for part in latents.split(step)
+            ])  # fmt: skip
+        # videos: [N * G, F', C, H, W], the frames the rewards see
+        rollout_seconds = time.perf_counter() - start
+        finite = bool(torch.isfinite(group.latents).all())  # rewards are not asked to judge non-finite videos
         rewards = self.scorer.start(
-            inputs, scored if finite else None, group.num_generations, trainer_state=self.state,
+            inputs, videos if finite else None, group.num_generations, trainer_state=self.state,
             frame_range=frame_range, pivot_chunk=group.pivot,
         )  # fmt: skip
         return partial(self._finish_group, group, rewards, videos, mode, rollout_seconds, finite)

@@ -140,7 +140,7 @@ def _add_plan(subparsers) -> None:
         ("num_generations", int), ("num_anchors", int), ("num_iterations", int), ("per_device_train_batch_size", int),
         ("lora_r", int), ("height", int), ("width", int), ("num_frames", int), ("num_frames_per_chunk", int),
         ("pivot_chunk", int), ("beta", float), ("optim", str), ("rollout_batch_size", int), ("anchor_batch_size", int),
-        ("decode_batch_size", int),
+        ("decode_batch_size", int), ("reward_window_chunks", int), ("reward_context_chunks", int),
     ):  # fmt: skip
         parser.add_argument(f"--{name}", type=kind, default=None, help=f"Override the config's `{name}`.")
     parser.add_argument("--torch_dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -179,7 +179,7 @@ def _add_plan(subparsers) -> None:
             k: getattr(args, k)
             for k in ("num_generations", "num_anchors", "num_iterations", "per_device_train_batch_size", "lora_r",
                       "pivot_chunk", "beta", "optim", "torch_dtype", "mixed_precision", "rollout_batch_size",
-                      "anchor_batch_size", "decode_batch_size")
+                      "anchor_batch_size", "decode_batch_size", "reward_window_chunks", "reward_context_chunks")
             if getattr(args, k) is not None
         }  # fmt: skip
         for flag in ("gradient_checkpointing", "offload_text_encoder", "split_groups_across_processes"):

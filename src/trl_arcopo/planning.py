@@ -495,6 +495,8 @@ class RunSettings:
         anchor_batch_size (`int`, *optional*): anchors per forward and backward in the update (`None`: all `K`).
         offload_text_encoder (`bool`): the text encoder stays on the CPU (its weights are not on the device).
         decode_batch_size (`int`, *optional*): videos per VAE decode call (`None`: all `B·G`).
+        reward_window_chunks (`int`, *optional*), reward_context_chunks (`int`): the chunks the rewards score (`None`:
+            the whole video); with a window the trainer keeps only those frames of each decoded video.
         split_groups_across_processes (`bool`): each process rolls out `G / num_processes` of every group and updates
             on `K / num_processes` anchors (every process builds the same prefix and holds the gathered group).
         fsdp (`bool`): the transformer is sharded over the `num_processes` processes (FSDP2 over its blocks,
@@ -526,6 +528,8 @@ class RunSettings:
     anchor_batch_size: int | None = None
     offload_text_encoder: bool = False
     decode_batch_size: int | None = 1
+    reward_window_chunks: int | None = None
+    reward_context_chunks: int = 0
     split_groups_across_processes: bool = False
     fsdp: bool = False
 
@@ -660,6 +664,8 @@ class RunSettings:
             anchor_batch_size=_optional_int(value("anchor_batch_size")),
             offload_text_encoder=bool(pick("offload_text_encoder", False)),
             decode_batch_size=_optional_int(value("decode_batch_size")) if present("decode_batch_size") else 1,
+            reward_window_chunks=_optional_int(value("reward_window_chunks")),
+            reward_context_chunks=int(pick("reward_context_chunks", 0)),
             split_groups_across_processes=bool(pick("split_groups_across_processes", False)),
             fsdp=_flag(pick("fsdp", False)),
         )
@@ -1522,6 +1528,12 @@ def _make_plan(
     embeds = text * shape.text_dim * prec.weight
     renoise = num_chunks * (steps - 1) * chunk if s.sampler == "consistency" else 0
     pixels = video.num_frames * 3 * video.height * video.width * 4  # decoded video, fp32
+    if s.reward_window_chunks is None:
+        kept_pixels = pixels  # every decoded video is kept whole
+    else:  # the window's frames of each video (about its share of the chunks), and one decode call's whole videos
+        window = min(num_chunks, s.reward_window_chunks + s.reward_context_chunks)
+        part = s.decode_batch_size or b * g
+        kept_pixels = pixels * window // num_chunks + pixels * min(part, b * g) // (b * g)
     policy = video.cache_policy
     text_encoder = "VAE weights (text encoder offloaded)" if s.offload_text_encoder else "text encoder and VAE weights"
     frozen_bytes = ((0 if s.offload_text_encoder else params["text_encoder"]) + params["vae"]) * prec.weight
@@ -1626,8 +1638,13 @@ def _make_plan(
                 "rollout end",
             ),
             MemoryItem(
-                "decoded videos and their latents (fp32; VAE activations not included)",
-                b * g * (pixels + latent * 4),
+                "decoded videos and their latents (fp32; VAE activations not included)"
+                + (
+                    " (the reward window's frames, and one decode call's whole videos)"
+                    if kept_pixels != pixels
+                    else ""
+                ),
+                b * g * (kept_pixels + latent * 4),
                 "decode",
             ),
         ]
