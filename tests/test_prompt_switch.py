@@ -24,6 +24,17 @@ def _configure(pipe, policy, window, sink):
     return pipe
 
 
+def _committed_under_a(pipe, frames: int, chunk: int, seed: int):
+    """A cache holding `frames` random clean frames committed under prompt A; the prompts A and B, the clean frames."""
+    a, _ = pipe.encode_prompt(["a red fox jumps"])
+    b, _ = pipe.encode_prompt(["a blue car in snow"])
+    clean = torch.randn(1, 3, frames, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+    cache = pipe.prepare_cache(1, frames + chunk, SIZE, SIZE)
+    for start in range(0, frames, chunk):
+        pipe.commit_chunk(clean[:, :, start : start + chunk], a, cache, start)
+    return cache, a, b, clean
+
+
 def _mask(blocks: list[int]) -> torch.Tensor:
     """Block-causal over frames with these block ids, `[N, N]` in tokens."""
     block = torch.tensor(blocks).repeat_interleave(TPF)
@@ -39,12 +50,7 @@ def test_a_recache_equals_encoding_the_window_from_scratch_under_the_new_prompt(
     the noisy chunk 8-9 under B, at their own positions, within 1e-5.
     """
     pipe = _configure(switch_pipe, policy, 6, 2)
-    a, _ = pipe.encode_prompt(["a red fox jumps"])
-    b, _ = pipe.encode_prompt(["a blue car in snow"])
-    clean = torch.randn(1, 3, 8, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    cache = pipe.prepare_cache(1, 10, SIZE, SIZE)
-    for c in range(4):
-        pipe.commit_chunk(clean[:, :, 2 * c : 2 * c + 2], a, cache, 2 * c)
+    cache, _, b, clean = _committed_under_a(pipe, 8, 2, seed=0)
     x_t = torch.randn(1, 3, 2, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     t = torch.tensor(750.0)
     stale = pipe.velocity(x_t, t, b, cache, 8)
@@ -128,12 +134,7 @@ def test_interpolation_blends_the_prompts_over_chunks():
 def test_a_recompute_cache_rebuilds_its_context_under_the_new_prompt(switch_pipe):
     """Krea: at a switch the context (frame 0 and the 2 latest) is re-encoded under the new prompt, at 0..2."""
     pipe = _configure(switch_pipe, "recompute", 6, 1)
-    a, _ = pipe.encode_prompt(["a red fox jumps"])
-    b, _ = pipe.encode_prompt(["a blue car in snow"])
-    clean = torch.randn(1, 3, 9, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
-    cache = pipe.prepare_cache(1, 12, SIZE, SIZE)
-    for c in range(3):
-        pipe.commit_chunk(clean[:, :, 3 * c : 3 * c + 3], a, cache, 3 * c)
+    cache, _, b, clean = _committed_under_a(pipe, 9, 3, seed=4)
     pipe.recache(cache, clean, b, 3)
     x_t = torch.randn(1, 3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
     switched = pipe.velocity(x_t, torch.tensor(500.0), b, cache, 9)

@@ -310,12 +310,20 @@ class StreamingGeneratorMixin:
         Commit the clean chunk `x0` `[B, C, Fc, H, W]` to `kv_cache`: run it at `t = 0` and write its keys/values
         (a recompute cache keeps its latents and rebuilds the next chunk's context instead).
         """
+        with torch.no_grad():
+            kv_cache.commit(
+                x0, frame_offset, self._commit_forward(prompt_embeds, negative_prompt_embeds, attention_kwargs)
+            )
+
+    def _commit_forward(
+        self, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None, attention_kwargs
+    ) -> Callable[[torch.Tensor, KVCache, int], None]:
+        """The clean pass a cache calls to write a chunk's keys and values (`t = 0`, no guidance)."""
 
         def forward(x: torch.Tensor, cache: KVCache, offset: int) -> None:
             self.velocity(x, 0.0, prompt_embeds, cache, offset, negative_prompt_embeds, 1.0, True, attention_kwargs)
 
-        with torch.no_grad():
-            kv_cache.commit(x0, frame_offset, forward)
+        return forward
 
     def recache(
         self,
@@ -331,10 +339,7 @@ class StreamingGeneratorMixin:
         `[B, C, F, H, W]` of every committed frame are committed again, block by block, the sink and the recent frames
         of the window only ([`~trl_arcopo.KVCache.recache`]); a recompute cache rebuilds its context.
         """
-
-        def forward(x: torch.Tensor, cache: KVCache, offset: int) -> None:
-            self.velocity(x, 0.0, prompt_embeds, cache, offset, negative_prompt_embeds, 1.0, True, attention_kwargs)
-
+        forward = self._commit_forward(prompt_embeds, negative_prompt_embeds, attention_kwargs)
         with torch.no_grad():
             kv_cache.recache(latents, forward, num_frames_per_chunk)
 

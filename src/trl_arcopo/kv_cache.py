@@ -25,24 +25,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .attention_window import CACHE_POLICIES, check_cache_policy, window_frames
+
 
 #: `forward(x, cache, frame_offset)`: runs the clean chunk `x` at `t = 0` through the transformer with
 #: `update_cache=True`, writing its keys and values into `cache` (a pipeline's commit pass).
 CommitForward = Callable[[torch.Tensor, "KVCache", int], None]
-
-CACHE_POLICIES = ("full", "rolling", "recompute")
-
-
-def window_frames(num_frames: int, chunk_frames: int, local_attn_frames: int | None, sink_frames: int) -> list[int]:
-    """
-    The committed frames the chunk after `num_frames` committed frames (of `chunk_frames` frames) attends to: the
-    first `sink_frames` frames and the `local_attn_frames - sink_frames - chunk_frames` most recent ones; every frame
-    without a window.
-    """
-    if local_attn_frames is None:
-        return list(range(num_frames))
-    recent = max(local_attn_frames - sink_frames - chunk_frames, 0)
-    return [f for f in range(num_frames) if f < sink_frames or f >= num_frames - recent]
 
 
 @dataclass(frozen=True)
@@ -849,24 +837,6 @@ class RecomputeKVCache:
 AnyKVCache = KVCache | RecomputeKVCache
 
 _POLICY_CLASSES = {"full": KVCache, "rolling": RollingKVCache, "recompute": RecomputeKVCache}
-
-
-def check_cache_policy(policy: str, local_attn_frames: int | None, sink_frames: int) -> None:
-    """Raise a `ValueError` naming the value for a policy or window that cannot work together."""
-    if policy not in CACHE_POLICIES:
-        raise ValueError(f"`cache_policy={policy!r}` is not one of {CACHE_POLICIES}.")
-    if sink_frames < 0:
-        raise ValueError(f"`sink_frames={sink_frames}` must be at least 0.")
-    if policy == "rolling" and local_attn_frames is None:
-        raise ValueError(
-            "`cache_policy='rolling'` needs `local_attn_frames` (the sink plus recent frames a chunk attends to, e.g. "
-            "12 for LongLive); use `cache_policy='full'` for global attention."
-        )
-    if local_attn_frames is not None and local_attn_frames <= sink_frames:
-        raise ValueError(
-            f"`local_attn_frames={local_attn_frames}` must be larger than `sink_frames={sink_frames}`: the window "
-            "holds the sink frames plus at least the current chunk."
-        )
 
 
 def make_cache(

@@ -39,6 +39,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .attention_window import check_cache_policy
+
 
 MiB = 2**20
 GiB = 2**30
@@ -47,8 +49,6 @@ GiB = 2**30
 #: planning imports no model code).
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 SELF_FORCING_NUM_STEPS = 4
-#: The KV-cache policies of `trl_arcopo.kv_cache` (`CACHE_POLICIES`, repeated here for the same reason).
-CACHE_POLICIES = ("full", "rolling", "recompute")
 
 
 # ---------------------------------------------------------------------------------------------------- GPUs
@@ -222,20 +222,7 @@ class VideoShape:
     def __post_init__(self):
         policy, window, sink, chunk = (self.cache_policy, self.local_attn_frames, self.sink_frames,
                                        self.num_frames_per_chunk)  # fmt: skip
-        if policy not in CACHE_POLICIES:
-            raise ValueError(f"`cache_policy={policy!r}` is not one of {CACHE_POLICIES}.")
-        if sink < 0:
-            raise ValueError(f"`sink_frames={sink}` must be at least 0.")
-        if policy == "rolling" and window is None:
-            raise ValueError(
-                "`cache_policy='rolling'` needs `local_attn_frames` (the sink plus recent frames a chunk attends to, "
-                "e.g. 12 for LongLive); use `cache_policy='full'` for global attention."
-            )
-        if window is not None and window <= sink:
-            raise ValueError(
-                f"`local_attn_frames={window}` must be larger than `sink_frames={sink}`: the window holds the sink "
-                "frames plus at least the current chunk."
-            )
+        check_cache_policy(policy, window, sink)
         if policy != "full" and window is not None and chunk > window - sink:
             raise ValueError(
                 f"A chunk of `num_frames_per_chunk={chunk}` frames does not fit the window of "

@@ -30,8 +30,9 @@ from diffusers.utils import BaseOutput
 from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..attention_window import check_cache_policy
 from ..generator import PromptSchedule, StreamingGeneratorMixin
-from ..kv_cache import AnyKVCache, check_cache_policy, make_cache
+from ..kv_cache import AnyKVCache, make_cache
 from ..models.causal_wan import CausalWanTransformer3DModel
 from ..models.frame_packing import FramePackingAutoencoder
 from ..sampling import RolloutNoise, SamplerType, check_sampler
