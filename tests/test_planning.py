@@ -133,7 +133,8 @@ def test_transformer_parameters_and_kv_cache_equal_the_built_objects(rollout_bat
 
     pipe = tiny_pipeline()
     shape = TransformerShape.from_config(pipe.transformer.config)
-    assert transformer_parameters(shape) == sum(p.numel() for p in pipe.transformer.parameters())
+    built = sum(p.numel() for p in pipe.transformer.parameters())
+    assert transformer_parameters(shape) == wan_transformer_parameters(shape) == built  # what `plan` counts
     video = VideoShape.from_pipeline(pipe)
     settings = dict(
         num_generations=3, num_anchors=2, per_device_train_batch_size=2, rollout_batch_size=rollout_batch_size

@@ -13,53 +13,40 @@
 # limitations under the License.
 """AR-CoPO for streaming autoregressive video generators, in TRL's conventions."""
 
+from typing import TYPE_CHECKING
+
+from . import dependency_logging  # first: its log filters are in place before any dependency is imported
+from .import_utils import lazy_exports
+
+
 __version__ = "0.1.0.dev0"
 
-from . import dependency_logging  # first: before peft imports bitsandbytes
-from .arcopo_config import ARCoPOConfig
-from .arcopo_trainer import ARCoPOTrainer
-from .generator import ChunkDenoisingOutput, StreamingGenerator, StreamingGeneratorMixin, check_generator
-from .kv_cache import KVCache, RecomputeKVCache, RollingKVCache, make_cache
-from .loss import LossStats, arcopo_loss, group_advantages, sde_grpo_loss, sde_transition_log_prob
-from .merging import combine_adapters
-from .models import CausalWanTransformer3DModel, FramePackingAutoencoder, block_causal_mask
-from .pipelines import SelfForcingPipeline, SelfForcingPipelineOutput
-from .rewards import RewardFunc
-from .rollout import AnchorBatch, ForkedRollout, RolloutGroup, RolloutSpec, forked_rollout, sample_group
-from .sampling import RolloutNoise, get_schedule, neighbor_noise, self_forcing_scheduler
+#: module -> the names it exports here; each is imported on first use (`import trl_arcopo` imports none of them)
+_import_structure = {
+    ".arcopo_config": ["ARCoPOConfig"],
+    ".arcopo_trainer": ["ARCoPOTrainer"],
+    ".generator": ["ChunkDenoisingOutput", "StreamingGenerator", "StreamingGeneratorMixin", "check_generator"],
+    ".kv_cache": ["KVCache", "RecomputeKVCache", "RollingKVCache", "make_cache"],
+    ".loss": ["LossStats", "arcopo_loss", "group_advantages", "sde_grpo_loss", "sde_transition_log_prob"],
+    ".merging": ["combine_adapters"],
+    ".models": ["CausalWanTransformer3DModel", "FramePackingAutoencoder", "block_causal_mask"],
+    ".pipelines": ["SelfForcingPipeline", "SelfForcingPipelineOutput"],
+    ".rewards": ["RewardFunc"],
+    ".rollout": ["AnchorBatch", "ForkedRollout", "RolloutGroup", "RolloutSpec", "forked_rollout", "sample_group"],
+    ".sampling": ["RolloutNoise", "get_schedule", "neighbor_noise", "self_forcing_scheduler"],
+}
 
+if TYPE_CHECKING:
+    from .arcopo_config import ARCoPOConfig
+    from .arcopo_trainer import ARCoPOTrainer
+    from .generator import ChunkDenoisingOutput, StreamingGenerator, StreamingGeneratorMixin, check_generator
+    from .kv_cache import KVCache, RecomputeKVCache, RollingKVCache, make_cache
+    from .loss import LossStats, arcopo_loss, group_advantages, sde_grpo_loss, sde_transition_log_prob
+    from .merging import combine_adapters
+    from .models import CausalWanTransformer3DModel, FramePackingAutoencoder, block_causal_mask
+    from .pipelines import SelfForcingPipeline, SelfForcingPipelineOutput
+    from .rewards import RewardFunc
+    from .rollout import AnchorBatch, ForkedRollout, RolloutGroup, RolloutSpec, forked_rollout, sample_group
+    from .sampling import RolloutNoise, get_schedule, neighbor_noise, self_forcing_scheduler
 
-__all__ = [
-    "ARCoPOConfig",
-    "ARCoPOTrainer",
-    "AnchorBatch",
-    "CausalWanTransformer3DModel",
-    "ChunkDenoisingOutput",
-    "ForkedRollout",
-    "FramePackingAutoencoder",
-    "KVCache",
-    "LossStats",
-    "RecomputeKVCache",
-    "RewardFunc",
-    "RollingKVCache",
-    "RolloutGroup",
-    "RolloutNoise",
-    "RolloutSpec",
-    "SelfForcingPipeline",
-    "SelfForcingPipelineOutput",
-    "StreamingGenerator",
-    "StreamingGeneratorMixin",
-    "arcopo_loss",
-    "block_causal_mask",
-    "check_generator",
-    "combine_adapters",
-    "forked_rollout",
-    "get_schedule",
-    "group_advantages",
-    "make_cache",
-    "neighbor_noise",
-    "sample_group",
-    "sde_grpo_loss",
-    "sde_transition_log_prob",
-    "self_forcing_scheduler",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _import_structure)

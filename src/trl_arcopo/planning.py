@@ -1423,7 +1423,7 @@ def plan(
         )
     gpu = get_gpu(gpu)
     params = {
-        "transformer": transformer_parameters_count or transformer_parameters(shape),
+        "transformer": transformer_parameters_count or wan_transformer_parameters(shape),  # (= a meta build, tested)
         "text_encoder": text_encoder_parameters
         if text_encoder_parameters is not None
         else (preset.text_encoder_parameters if preset else 0),

@@ -16,86 +16,73 @@ Rewards: the reward-function type, how the trainer calls and combines them (`bas
 (`video_metrics`: weight-free motion, flicker and sharpness; `clip`: CLIP score, PickScore and the LAION aesthetic
 predictor on the frames), and rewards computed elsewhere (`judge`: a VLM behind an OpenAI-compatible server;
 `videoalign`, `hpsv3`: the Qwen2-VL reward models VideoAlign and HPSv3, on `qwen_vl`'s preprocessing;
-`server`: any reward function served over HTTP with FastAPI, imported on first use; `server_client`: its client;
+`server`: any reward function served over HTTP with FastAPI; `server_client`: its client;
 `wire`: their format; `remote`: the deadline, retry and failure policy of the clients), and `registry`: every reward
 by name, with its options (`load_reward_func`, for the command line, YAML and Python).
 """
 
-from .base import (
-    MULTI_OBJECTIVE_AGGREGATIONS,
-    GroupRewards,
-    RewardFunc,
-    RewardScorer,
-    call_reward_funcs,
-    check_reward_funcs,
-    combine_rewards,
-    load_reward_func,
-    normalize_per_group,
-    random_reward,
-    redness,
-    reward_func_name,
-    score_group,
-)
-from .clip import AestheticMLP, AestheticReward, CLIPScoreReward, load_aesthetic_head
-from .hpsv3 import HPSv3Reward
-from .judge import VLMJudgeReward
-from .qwen_vl import QwenVLReward, QwenVLRewardModel
-from .registry import REWARD_FAMILIES, RewardFamily, RewardSpec, parse_reward_spec, reward_names
-from .remote import RemoteReward, RemoteRewardError
-from .server_client import RewardServerClient
-from .server_limits import ServerLimits
-from .video_metrics import FlickerReward, MotionMagnitudeReward, SharpnessReward
-from .videoalign import VIDEOALIGN_CALIBRATION, VideoAlignReward, remap_videoalign_state_dict
+from typing import TYPE_CHECKING
+
+from ..import_utils import lazy_exports
 
 
-__all__ = [
-    "MULTI_OBJECTIVE_AGGREGATIONS",
-    "REWARD_FAMILIES",
-    "VIDEOALIGN_CALIBRATION",
-    "AestheticMLP",
-    "AestheticReward",
-    "CLIPScoreReward",
-    "FlickerReward",
-    "GroupRewards",
-    "HPSv3Reward",
-    "MotionMagnitudeReward",
-    "QwenVLReward",
-    "QwenVLRewardModel",
-    "RemoteReward",
-    "RemoteRewardError",
-    "RewardFamily",
-    "RewardFunc",
-    "RewardScorer",
-    "RewardServer",
-    "RewardServerClient",
-    "RewardSpec",
-    "ServerLimits",
-    "SharpnessReward",
-    "VLMJudgeReward",
-    "VideoAlignReward",
-    "call_reward_funcs",
-    "check_reward_funcs",
-    "combine_rewards",
-    "load_aesthetic_head",
-    "load_reward_func",
-    "normalize_per_group",
-    "parse_reward_spec",
-    "random_reward",
-    "redness",
-    "remap_videoalign_state_dict",
-    "reward_func_name",
-    "reward_names",
-    "score_group",
-    "serve",
-]
+#: module -> the names it exports here; each is imported on first use (`server` needs the optional extra `server`:
+#: FastAPI and uvicorn, and `qwen_vl` Qwen2-VL's code, only for the rewards that use them)
+_import_structure = {
+    ".base": [
+        "MULTI_OBJECTIVE_AGGREGATIONS",
+        "GroupRewards",
+        "RewardFunc",
+        "RewardScorer",
+        "call_reward_funcs",
+        "check_reward_funcs",
+        "combine_rewards",
+        "load_reward_func",
+        "normalize_per_group",
+        "random_reward",
+        "redness",
+        "reward_func_name",
+        "score_group",
+    ],
+    ".clip": ["AestheticMLP", "AestheticReward", "CLIPScoreReward", "load_aesthetic_head"],
+    ".hpsv3": ["HPSv3Reward"],
+    ".judge": ["VLMJudgeReward"],
+    ".qwen_vl": ["QwenVLReward", "QwenVLRewardModel"],
+    ".registry": ["REWARD_FAMILIES", "RewardFamily", "RewardSpec", "parse_reward_spec", "reward_names"],
+    ".remote": ["RemoteReward", "RemoteRewardError"],
+    ".server": ["RewardServer", "serve"],
+    ".server_client": ["RewardServerClient"],
+    ".server_limits": ["ServerLimits"],
+    ".video_metrics": ["FlickerReward", "MotionMagnitudeReward", "SharpnessReward"],
+    ".videoalign": ["VIDEOALIGN_CALIBRATION", "VideoAlignReward", "remap_videoalign_state_dict"],
+}
 
-#: Names served by `server`, imported on first use (FastAPI and uvicorn are the optional extra `server`).
-_SERVER_NAMES = ("RewardServer", "serve")
+if TYPE_CHECKING:
+    from .base import (
+        MULTI_OBJECTIVE_AGGREGATIONS,
+        GroupRewards,
+        RewardFunc,
+        RewardScorer,
+        call_reward_funcs,
+        check_reward_funcs,
+        combine_rewards,
+        load_reward_func,
+        normalize_per_group,
+        random_reward,
+        redness,
+        reward_func_name,
+        score_group,
+    )
+    from .clip import AestheticMLP, AestheticReward, CLIPScoreReward, load_aesthetic_head
+    from .hpsv3 import HPSv3Reward
+    from .judge import VLMJudgeReward
+    from .qwen_vl import QwenVLReward, QwenVLRewardModel
+    from .registry import REWARD_FAMILIES, RewardFamily, RewardSpec, parse_reward_spec, reward_names
+    from .remote import RemoteReward, RemoteRewardError
+    from .server import RewardServer, serve
+    from .server_client import RewardServerClient
+    from .server_limits import ServerLimits
+    from .video_metrics import FlickerReward, MotionMagnitudeReward, SharpnessReward
+    from .videoalign import VIDEOALIGN_CALIBRATION, VideoAlignReward, remap_videoalign_state_dict
 
-
-def __getattr__(name: str):
-    if name in _SERVER_NAMES:
-        from . import server
-
-        return getattr(server, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _import_structure)
