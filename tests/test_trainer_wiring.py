@@ -135,3 +135,27 @@ def test_async_rewards_equal_sync_overlap_the_next_rollout_and_log_per_reward_ti
     assert [e["reward"] for e in asynchronous.state.log_history if "loss" in e] == [
         e["reward"] for e in sync.state.log_history if "loss" in e
     ]
+
+
+class PivotZeroTrainer(ARCoPOTrainer):
+    """Another exploration in one override: every group forks at the first chunk."""
+
+    pivots = []
+
+    def sample_rollouts(self, prompts, prompt_embeds, generator, branches=None):
+        from trl_arcopo.rollout import sample_group
+
+        args = self.args
+        group = sample_group(
+            self.pipeline, self.spec, prompts, prompt_embeds, args.num_generations, generator, pivot=0,
+            branches=branches,
+        )  # fmt: skip
+        type(self).pivots.append(group.pivot)
+        return group
+
+
+def test_training_rollouts_go_through_sample_rollouts(tmp_path):
+    trainer = _trainer(tmp_path, cls=PivotZeroTrainer, max_steps=2, num_iterations=1)
+    trainer.train()
+    assert PivotZeroTrainer.pivots == [0, 0]  # one rollout per optimizer step, both from the override
+    assert trainer.generate_and_score([{"prompt": "a red fox jumps"}]).pivot == 0

@@ -243,6 +243,26 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         """
         return self._start_rollout(inputs, mode, generator)()
 
+    def sample_rollouts(
+        self,
+        prompts: list[str],
+        prompt_embeds: torch.Tensor,
+        generator: torch.Generator,
+        branches: slice | None = None,
+    ) -> RolloutGroup:
+        """
+        One forked group per prompt, not yet scored ([`~trl_arcopo.rollout.sample_group`] with the run's settings):
+        every rollout of the trainer goes through this method, so a subclass changes the exploration here. `branches`:
+        this process's share of each group's candidates when groups are split over processes (`None`: all).
+        """
+        args = self.args
+        exploration = "neighbors" if args.loss_type == "arcopo" else "sde"
+        return sample_group(
+            self.pipeline, self.spec, prompts, prompt_embeds, args.num_generations, generator, args.pivot_chunk,
+            exploration, args.fork_noise_scale, args.temperature, args.distance_reduction, args.rollout_batch_size,
+            branches,
+        )  # fmt: skip
+
     @torch.no_grad()
     def _start_rollout(self, inputs: list[dict[str, Any]], mode: str, generator: torch.Generator | None = None):
         """Roll out and start scoring ([`~trl_arcopo.rewards.RewardScorer`]); returns what finishes the group."""
@@ -256,13 +276,9 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         transformer = self.accelerator.unwrap_model(self.model)
         was_training = transformer.training
         transformer.eval()
-        exploration = "neighbors" if args.loss_type == "arcopo" else "sde"
         split = args.split_groups_across_processes and mode == "train"
         branches = self._share(args.num_generations) if split else None  # this process's share of every group
-        group = sample_group(
-            self.pipeline, self.spec, prompts, embeds, args.num_generations, generator, args.pivot_chunk, exploration,
-            args.fork_noise_scale, args.temperature, args.distance_reduction, args.rollout_batch_size, branches,
-        )  # fmt: skip
+        group = self.sample_rollouts(prompts, embeds, generator, branches)
         transformer.train(was_training)
         first, stop = reward_chunk_range(
             group.pivot, self.spec.num_chunks, args.reward_window_chunks, args.reward_context_chunks
