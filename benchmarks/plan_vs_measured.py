@@ -56,7 +56,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
 from trl_arcopo.planning import DEFAULT_LORA_TARGETS, VideoShape, plan
-from trl_arcopo.rollout import AnchorBatch
+from trl_arcopo.rollout_group import AnchorBatch
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from trl_arcopo.ema import EMA_FILE
-from trl_arcopo.rollout import RolloutGroup
+from trl_arcopo.rollout_group import RolloutGroup
 
 
 RUN = dict(max_steps=2, num_iterations=2)  # checkpoint-1 is between the two updates on one rollout: it carries it

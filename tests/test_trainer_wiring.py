@@ -82,7 +82,8 @@ def test_save_model_writes_the_model_card_next_to_the_adapter(tmp_path, folder):
 def test_building_blocks_are_exported():
     import trl_arcopo
     from trl_arcopo.merging import combine_adapters
-    from trl_arcopo.rollout import AnchorBatch, RolloutGroup, RolloutSpec, sample_group
+    from trl_arcopo.rollout import RolloutSpec, sample_group
+    from trl_arcopo.rollout_group import AnchorBatch, RolloutGroup
 
     assert trl_arcopo.combine_adapters is combine_adapters
     assert trl_arcopo.sample_group is sample_group and trl_arcopo.RolloutGroup is RolloutGroup

@@ -32,7 +32,8 @@ _import_structure = {
     ".models": ["CausalWanTransformer3DModel", "FramePackingAutoencoder", "block_causal_mask"],
     ".pipelines": ["SelfForcingPipeline", "SelfForcingPipelineOutput"],
     ".rewards": ["RewardFunc"],
-    ".rollout": ["AnchorBatch", "ForkedRollout", "RolloutGroup", "RolloutSpec", "forked_rollout", "sample_group"],
+    ".rollout": ["ForkedRollout", "RolloutSpec", "forked_rollout", "sample_group"],
+    ".rollout_group": ["AnchorBatch", "RolloutGroup"],
     ".sampling": ["RolloutNoise", "get_schedule", "neighbor_noise", "self_forcing_scheduler"],
 }
 
@@ -46,7 +47,8 @@ if TYPE_CHECKING:
     from .models import CausalWanTransformer3DModel, FramePackingAutoencoder, block_causal_mask
     from .pipelines import SelfForcingPipeline, SelfForcingPipelineOutput
     from .rewards import RewardFunc
-    from .rollout import AnchorBatch, ForkedRollout, RolloutGroup, RolloutSpec, forked_rollout, sample_group
+    from .rollout import ForkedRollout, RolloutSpec, forked_rollout, sample_group
+    from .rollout_group import AnchorBatch, RolloutGroup
     from .sampling import RolloutNoise, get_schedule, neighbor_noise, self_forcing_scheduler
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _import_structure)

@@ -48,7 +48,8 @@ from .replay_buffer import ReplayBuffer, ReplaySource
 from .rewards import RewardFunc, RewardScorer
 from .rewards.base import unscored_groups
 from .rewards.frames import quantize_8bit
-from .rollout import AnchorBatch, RolloutGroup, RolloutSpec, reward_chunk_range, sample_group
+from .rollout import RolloutSpec, reward_chunk_range, sample_group
+from .rollout_group import AnchorBatch, RolloutGroup
 from .split_groups import check_split_groups, gather_group, process_share
 from .tracker_callbacks import use_diffusers_tracker_callbacks
 

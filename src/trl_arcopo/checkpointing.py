@@ -31,7 +31,7 @@ from transformers.utils import logging
 
 from .ema import EMA_FILE, nonfinite_ema_names, summarize_names
 from .hub import LORA_WEIGHT_NAME, load_lora_adapter_weights
-from .rollout import rollout_settings, saved_rollout_problems
+from .rollout_group import rollout_settings, saved_rollout_problems
 
 
 logger = logging.get_logger(__name__)
@@ -234,7 +234,7 @@ class CheckpointMixin:
         Refuse, with one `ValueError` naming each problem and the fix, a resume from `folder` whose saved rollout
         ([`rollout_file`]) this run would update on but that does not fit it: shapes that do not fit together, a
         pivot outside the video, or a group size, batch, sigma schedule, `loss_type`, `num_iterations`,
-        `gradient_accumulation_steps` or pivot chunk other than this run's ([`~trl_arcopo.rollout.saved_rollout_problems`]).
+        `gradient_accumulation_steps` or pivot chunk other than this run's ([`~trl_arcopo.rollout_group.saved_rollout_problems`]).
         A file saved before the settings were recorded is checked on its tensors, with a warning.
         """
         path = self._rollout_file(folder)

@@ -30,7 +30,8 @@ from transformers.utils import logging
 from .io_utils import atomic_path, load_tensors_only
 from .kv_cache import KVCache
 from .loss import group_temperature
-from .rollout import RolloutGroup, RolloutSpec
+from .rollout import RolloutSpec
+from .rollout_group import RolloutGroup
 
 
 if TYPE_CHECKING:

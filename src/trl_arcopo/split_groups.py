@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from .rewards import RewardScorer
-    from .rollout import RolloutGroup
+    from .rollout_group import RolloutGroup
 
 
 def check_split_groups(num_generations: int, num_anchors: int, num_processes: int) -> None:
