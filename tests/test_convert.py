@@ -21,7 +21,7 @@ from trl_arcopo.convert import (
     merge_lora_state_dict,
     pipeline_settings,
 )
-from trl_arcopo.hub import load_lora_adapter_weights
+from trl_arcopo.lora_files import load_lora_adapter_weights
 from trl_arcopo.testing_utils import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
 
 

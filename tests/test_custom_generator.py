@@ -15,8 +15,8 @@ from helpers import redness, tiny_args
 from peft import LoraConfig
 
 from trl_arcopo import ARCoPOTrainer, RolloutNoise, StreamingGeneratorMixin, make_cache
-from trl_arcopo.hub import load_lora_adapter_weights
 from trl_arcopo.kv_cache import CacheLayout
+from trl_arcopo.lora_files import load_lora_adapter_weights
 
 
 # --8<-- [start:model]

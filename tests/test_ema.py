@@ -8,7 +8,7 @@ from helpers import redness, tiny_trainer
 from test_reliability import RecordAdapter
 
 from trl_arcopo.ema import EMA_FILE
-from trl_arcopo.hub import load_lora_adapter_weights
+from trl_arcopo.lora_files import load_lora_adapter_weights
 
 
 def _trainer(output_dir, **kwargs):

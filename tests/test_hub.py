@@ -25,15 +25,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
-from trl_arcopo.hub import (
-    ARCOPO_BIBTEX,
-    LORA_WEIGHT_NAME,
-    REQUIRED_TAGS,
-    create_model_card,
-    load_lora_adapter_weights,
-    push_adapter_to_hub,
-    save_lora_adapter,
-)
+from trl_arcopo.hub import ARCOPO_BIBTEX, REQUIRED_TAGS, create_model_card, push_adapter_to_hub
+from trl_arcopo.lora_files import LORA_WEIGHT_NAME, load_lora_adapter_weights, save_lora_adapter
 from trl_arcopo.testing_utils import tiny_pipeline, tiny_transformer
 
 

@@ -6,7 +6,7 @@ from helpers import LORA, redness, tiny_trainer
 from peft import LoraConfig
 
 from trl_arcopo import combine_adapters
-from trl_arcopo.hub import load_lora_adapter_weights
+from trl_arcopo.lora_files import load_lora_adapter_weights
 from trl_arcopo.quantization import pipeline_quantization_config, quantized_parameters, require_bitsandbytes
 from trl_arcopo.testing_utils import tiny_pipeline
 

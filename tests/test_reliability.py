@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from trl_arcopo.hub import load_lora_adapter_weights
+from trl_arcopo.lora_files import load_lora_adapter_weights
 from trl_arcopo.testing_utils import tiny_pipeline
 
 

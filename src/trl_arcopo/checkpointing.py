@@ -30,7 +30,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .ema import EMA_FILE, nonfinite_ema_names, summarize_names
-from .hub import LORA_WEIGHT_NAME, load_lora_adapter_weights
+from .lora_files import LORA_WEIGHT_NAME, load_lora_adapter_weights
 from .rollout_group import rollout_settings, saved_rollout_problems
 
 

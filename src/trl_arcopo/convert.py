@@ -60,8 +60,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from .hub import LORA_WEIGHT_NAME, save_lora_adapter
 from .io_utils import load_tensors_only
+from .lora_files import LORA_WEIGHT_NAME, save_lora_adapter
 from .models import CausalWanTransformer3DModel
 from .pipelines import SelfForcingPipeline
 from .sampling import SELF_FORCING_SIGMAS, self_forcing_scheduler

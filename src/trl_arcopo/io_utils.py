@@ -55,3 +55,33 @@ def load_tensors_only(path: str | os.PathLike, what: str, fix: str = "", mmap: b
             f"{path} is not {what}: it holds objects other than tensors and plain containers, which are not loaded "
             f"(that could run code).{' ' + fix if fix else ''} ({str(error).splitlines()[0]})"
         ) from None
+
+
+def fsync_dir(path: str) -> None:
+    # Makes a rename durable on POSIX; directories cannot be opened (nor need to be synced) on Windows.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file under the current umask (usually `0o644`); `mkstemp` would give `0o600`."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def durable_replace(src: str, dst: str) -> None:
+    """Move the finished file `src` over `dst` durably: flushed to disk, with the default file mode, the folder synced."""
+    with open(src, "rb") as f:
+        os.fsync(f.fileno())
+    os.chmod(src, default_file_mode())
+    os.replace(src, dst)
+    fsync_dir(os.path.dirname(os.path.abspath(dst)))

@@ -94,7 +94,7 @@ def add_policy_adapter(
         logger.warning(
             f"The adapter trains full copies of {config.modules_to_save} (`modules_to_save`). diffusers' "
             "`load_lora_weights` refuses such files: load the saved adapter with "
-            "`trl_arcopo.hub.load_lora_adapter_weights` after `transformer.add_adapter(the same LoraConfig)`."
+            "`trl_arcopo.lora_files.load_lora_adapter_weights` after `transformer.add_adapter(the same LoraConfig)`."
         )
     for name, param in transformer.named_parameters():
         param.requires_grad_(f".{adapter_name}." in name and ("lora_" in name or ".modules_to_save." in name))
