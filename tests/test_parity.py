@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from trl_arcopo.rewards.frames import quantize_8bit, resize_bicubic_pil, resize_bicubic_uint8
 from trl_arcopo.rewards.hpsv3 import HPSv3Reward
-from trl_arcopo.rewards.qwen_vl import smart_resize
+from trl_arcopo.rewards.qwen_vl_inputs import smart_resize
 from trl_arcopo.rewards.videoalign import VideoAlignReward
 
 

@@ -13,15 +13,12 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from trl_arcopo.rewards.frames import CLIP_MEAN, CLIP_STD, quantize_8bit, resize_bicubic_pil, resize_bicubic_uint8
 from trl_arcopo.rewards.hpsv3 import HPSV3_SPECIAL_TOKEN, HPSv3Reward, hpsv3_prompt
-from trl_arcopo.rewards.qwen_vl import (
+from trl_arcopo.rewards.qwen_vl import QwenVLRewardModel, eight_bit_config, load_reward_model, load_tensors
+from trl_arcopo.rewards.qwen_vl_inputs import (
     VIDEO_MIN_PIXELS,
-    QwenVLRewardModel,
     build_text_inputs,
     chat_text,
-    eight_bit_config,
     fps_frame_indices,
-    load_reward_model,
-    load_tensors,
     patchify,
     prepare_inputs,
     resize_normalize,

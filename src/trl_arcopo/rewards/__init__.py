@@ -15,7 +15,7 @@
 Rewards: the reward-function type, how the trainer calls and combines them (`base`), and ready-made reward functions
 (`video_metrics`: weight-free motion, flicker and sharpness; `clip`: CLIP score, PickScore and the LAION aesthetic
 predictor on the frames), and rewards computed elsewhere (`judge`: a VLM behind an OpenAI-compatible server;
-`videoalign`, `hpsv3`: the Qwen2-VL reward models VideoAlign and HPSv3, on `qwen_vl`'s preprocessing;
+`videoalign`, `hpsv3`: the Qwen2-VL reward models VideoAlign and HPSv3, on `qwen_vl` and its inputs `qwen_vl_inputs`;
 `server`: any reward function served over HTTP with FastAPI; `server_client`: its client;
 `wire`: their format; `remote`: the deadline, retry and failure policy of the clients), and `registry`: every reward
 by name, with its options (`load_reward_func`, for the command line, YAML and Python).

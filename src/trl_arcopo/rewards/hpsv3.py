@@ -26,14 +26,8 @@ from pathlib import Path
 import torch
 
 from .frames import frame_indices
-from .qwen_vl import (
-    QwenVLReward,
-    QwenVLRewardModel,
-    load_tensors,
-    load_tokenizer,
-    prompt_criteria,
-    remap_qwen2vl_keys,
-)
+from .qwen_vl import QwenVLReward, QwenVLRewardModel, load_tensors, load_tokenizer, remap_qwen2vl_keys
+from .qwen_vl_inputs import prompt_criteria
 
 
 HPSV3_SPECIAL_TOKEN = "<|Reward|>"

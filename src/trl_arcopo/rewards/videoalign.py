@@ -26,17 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .qwen_vl import (
-    VIDEO_MIN_PIXELS,
-    QwenVLReward,
-    QwenVLRewardModel,
-    fps_frame_indices,
-    load_tensors,
-    load_tokenizer,
-    merge_lora,
-    prompt_criteria,
-    remap_qwen2vl_keys,
-)
+from .qwen_vl import QwenVLReward, QwenVLRewardModel, load_tensors, load_tokenizer, merge_lora, remap_qwen2vl_keys
+from .qwen_vl_inputs import VIDEO_MIN_PIXELS, fps_frame_indices, prompt_criteria
 
 
 VIDEOALIGN_DIMENSIONS = ("VQ", "MQ", "TA")
