@@ -49,7 +49,6 @@ import torch
 from datasets import Dataset
 from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig
-from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
@@ -57,6 +56,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
 from trl_arcopo.planning import DEFAULT_LORA_TARGETS, VideoShape, plan
 from trl_arcopo.rollout_group import AnchorBatch
+from trl_arcopo.testing_utils import cpu_allocations
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -176,21 +176,6 @@ def build_trainer(setup: Setup) -> tuple[ARCoPOTrainer, dict]:
     return trainer, plan_inputs
 
 
-def _allocations(prof) -> list[tuple[int, int]]:
-    """`(time, bytes)` of every CPU allocation (positive) and free (negative) the profiler recorded."""
-    events = []
-
-    def walk(event):
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            events.append((event.start_time_ns, event.extra_fields.alloc_size))
-        for child in event.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    return sorted(events)
-
-
 def allocator_peak(fn):
     """
     Run `fn()` under `torch.profiler` and return `(result, peak, net)`: the largest running total of allocated minus
@@ -199,7 +184,7 @@ def allocator_peak(fn):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     total = peak = 0
-    for _, size in _allocations(prof):
+    for size in cpu_allocations(prof):
         total += size
         peak = max(peak, total)
     return out, peak, total

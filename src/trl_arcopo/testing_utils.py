@@ -129,29 +129,48 @@ def tiny_pipeline(
     return pipe
 
 
+def cpu_allocations(prof) -> list[int]:
+    """
+    The bytes of every CPU allocation (positive) a `torch.profiler.profile(profile_memory=True)` recorded, in time
+    order, and of every free (negative) of memory allocated while it recorded: a free of an older block (garbage of
+    earlier work, collected meanwhile) is not the profiled work's, and counting it would lower its peak by however much
+    the collector happened to free.
+    """
+    from torch._C._profiler import _EventType
+
+    events = []
+
+    def walk(event):
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            events.append((event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.ptr))
+        for child in event.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    live, sizes = set(), []
+    for _, size, ptr in sorted(events, key=lambda e: e[0]):
+        if size > 0:
+            live.add(ptr)
+        elif ptr in live:
+            live.discard(ptr)
+        else:
+            continue
+        sizes.append(size)
+    return sizes
+
+
 def cpu_peak_bytes(fn, *args, **kwargs) -> tuple[int, object]:
     """
     `(peak, result)`: the CPU allocator's peak of live bytes while `fn(*args, **kwargs)` runs, above what was live when
-    it started (from the memory events of `torch.profiler`), and what `fn` returned.
+    it started ([`cpu_allocations`], from `torch.profiler`'s memory events), and what `fn` returned.
     """
-    import json
-    import os
-    import tempfile
-
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn(*args, **kwargs)
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
-    finally:
-        os.remove(path)
-    if not events:
-        return 0, result
-    # the allocator's running total before the first event, then after each allocation (+) or free (-)
-    start = events[0]["Total Allocated"] - events[0]["Bytes"]
-    return max(e["Total Allocated"] for e in events) - start, result
+    total = peak = 0
+    for size in cpu_allocations(prof):
+        total += size
+        peak = max(peak, total)
+    return peak, result
