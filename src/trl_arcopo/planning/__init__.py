@@ -15,6 +15,10 @@
 Predict what one AR-CoPO iteration costs before running it: transformer FLOPs by phase, KV-cache, activation,
 parameter and optimizer bytes, the peak memory of a process, and seconds on a given GPU at an assumed MFU.
 
+The package: `inputs` (GPUs, transformer and video shapes, presets), `settings` (the run's settings), `costs` (the
+LoRA layout, parameter counts, FLOPs and saved activations of one pass), `report` (a plan and its report), `planner`
+([`plan`]), and here the front end on configs and pipelines ([`plan_config`], [`fit`], [`GeneratorSpec`]).
+
 Everything is computed from the configuration alone (closed forms over the transformer config and the video size; the
 parameter counts of the frozen components from `torch.device("meta")` builds), without weights. The closed forms
 mirror this library's code path (`sample_group`, `ARCoPOTrainer.compute_loss`, `CausalWanTransformer3DModel`, the
@@ -71,7 +75,7 @@ from .inputs import (
     get_gpu,
     get_preset,
 )
-from .plan import (
+from .planner import (
     optimizer_bytes,
     plan,
 )
