@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKLWan
-from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+from transformers import T5Tokenizer, UMT5EncoderModel
 
 from .models import CausalWanTransformer3DModel, FramePackingAutoencoder
 from .pipelines import SelfForcingPipeline
 from .sampling import self_forcing_scheduler
+from .text_encoders import small_umt5_encoder, word_tokenizer
 
 
 TINY_WORDS = [
@@ -47,28 +48,14 @@ TINY_WORDS = [
 
 def tiny_tokenizer(words: list[str] | None = None) -> T5Tokenizer:
     """A T5 tokenizer over a small in-memory unigram vocabulary (no sentencepiece model, no download)."""
-    pieces = ["<pad>", "</s>", "<unk>"] + ["▁" + w for w in (words or TINY_WORDS)]
-    return T5Tokenizer(vocab=[(p, 0.0 if i < 3 else -1.0) for i, p in enumerate(pieces)], extra_ids=0)
+    return word_tokenizer(words or TINY_WORDS)
 
 
 def tiny_text_encoder(
     d_model: int = 32, vocab_size: int = 64, seed: int = 0, d_kv: int = 8, d_ff: int = 37
 ) -> UMT5EncoderModel:
     """A 2-layer UMT5 encoder built from a config (random weights, eval mode)."""
-    torch.manual_seed(seed)
-    config = UMT5Config(
-        vocab_size=vocab_size,
-        d_model=d_model,
-        d_kv=d_kv,
-        d_ff=d_ff,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    return UMT5EncoderModel(config).eval()
+    return small_umt5_encoder(d_model, vocab_size, seed, d_kv, d_ff)
 
 
 def tiny_transformer(

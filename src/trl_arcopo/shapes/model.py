@@ -24,19 +24,19 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from transformers import T5Tokenizer, UMT5EncoderModel
 
 from ..models.causal_wan import CausalWanTransformer3DModel, block_causal_mask
-from ..testing_utils import tiny_text_encoder, tiny_tokenizer
+from ..text_encoders import small_umt5_encoder, word_tokenizer
 from .world import vocabulary
 
 
 def shapes_tokenizer() -> T5Tokenizer:
     """The world's tokenizer: a T5 tokenizer over the words of its prompts, built in memory."""
-    return tiny_tokenizer(vocabulary())
+    return word_tokenizer(vocabulary())
 
 
 def shapes_text_encoder(seed: int = 0) -> UMT5EncoderModel:
     """The world's text encoder, untrained: a 2-layer UMT5 (d_model 64) over [`shapes_tokenizer`]'s vocabulary."""
     vocab_size = len(shapes_tokenizer().get_vocab())
-    return tiny_text_encoder(d_model=64, vocab_size=vocab_size, seed=seed, d_kv=16, d_ff=128)
+    return small_umt5_encoder(d_model=64, vocab_size=vocab_size, seed=seed, d_kv=16, d_ff=128)
 
 
 def teacher_forcing_mask(
