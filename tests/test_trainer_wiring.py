@@ -117,7 +117,6 @@ def test_async_rewards_equal_sync_overlap_the_next_rollout_and_log_per_reward_ti
         trainer = _trainer(tmp_path / mode, async_rewards=mode == "async", **kwargs)
         trainer.events = []
         trainer.train()
-        trainer.scorer.close()
         runs[mode] = trainer, threads
     (sync, sync_threads), (asynchronous, async_threads) = runs["sync"], runs["async"]
     expected, got = sync.adapter_state_dict(), asynchronous.adapter_state_dict()
