@@ -34,6 +34,7 @@ def main(output_dir: str, split: bool) -> None:
     tensors = {f"adapter.{k}": v.contiguous() for k, v in trainer.adapter_state_dict().items()}
     tensors.update({k: v.contiguous().cpu() for k, v in trainer.first.items()})
     save_file(tensors, f"{output_dir}/rank{rank}.safetensors")
+    trainer.accelerator.end_training()  # the process group destroyed before exit: gloo's threads joined, not aborted
 
 
 if __name__ == "__main__":
