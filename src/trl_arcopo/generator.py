@@ -31,6 +31,7 @@ from .sampling import (
     RolloutNoise,
     SamplerType,
     check_sampler,
+    chunk_schedule,
     consistency_step,
     get_schedule,
     ode_step,
@@ -399,9 +400,7 @@ class StreamingGeneratorMixin:
                         kv_cache, torch.cat(chunks, dim=2), prompt_embeds, frames, negative_prompt_embeds,
                         attention_kwargs,
                     )  # fmt: skip
-            chunk_timesteps, chunk_sigmas = (
-                first_chunk_schedule if c == 0 and first_chunk_schedule else (timesteps, sigmas)
-            )
+            chunk_timesteps, chunk_sigmas = chunk_schedule(c, (timesteps, sigmas), first_chunk_schedule)
             out = self.denoise_chunk(
                 noise.chunk_initial(c),
                 prompt_embeds,

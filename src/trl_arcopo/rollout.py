@@ -28,7 +28,7 @@ import torch
 from .kv_cache import AnyKVCache
 from .loss import group_temperature
 from .rollout_group import RolloutGroup
-from .sampling import RolloutNoise, SamplerType, neighbor_noise
+from .sampling import RolloutNoise, SamplerType, chunk_schedule, neighbor_noise
 
 
 if TYPE_CHECKING:
@@ -142,18 +142,16 @@ def forked_rollout(
         rollout_batch_size = num_branches  # a share of each group: one sub-batch per prompt
 
     def steps_of(chunk: int) -> int:
-        return len(first_chunk_schedule[0]) if chunk == 0 and first_chunk_schedule else len(timesteps)
+        return len(chunk_schedule(chunk, (timesteps, sigmas), first_chunk_schedule)[0])
 
-    pivot_timesteps, pivot_sigmas = (
-        first_chunk_schedule if pivot == 0 and first_chunk_schedule else (timesteps, sigmas)
-    )
+    pivot_timesteps, pivot_sigmas = chunk_schedule(pivot, (timesteps, sigmas), first_chunk_schedule)
 
     # 1. Shared prefix, once per group: a cache of the prefix's chunks only
     cache = pipeline.prepare_cache(batch_size, pivot * frames, latent_height, latent_width)
-    extra = {"first_chunk_schedule": first_chunk_schedule} if first_chunk_schedule else {}
     prefix = pipeline.generate_latents(
-        prompt_embeds, noise, cache, timesteps, sigmas, sampler, start_chunk=0, end_chunk=pivot, **extra
-    )  # [B, C, pivot * Fc, H, W]
+        prompt_embeds, noise, cache, timesteps, sigmas, sampler, start_chunk=0, end_chunk=pivot,
+        first_chunk_schedule=first_chunk_schedule,
+    )  # fmt: skip
     passes = batch_size * sum(steps_of(c) + 1 for c in range(pivot))
 
     # 2. Branches, in sub-batches: each reads the prefix and owns the chunks from the pivot on (the last excluded)
@@ -248,7 +246,7 @@ class RolloutSpec:
 
     def schedule(self, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`(timesteps, sigmas)` of chunk `chunk`: the first chunk's own when there is one."""
-        return self.first_chunk_schedule if chunk == 0 and self.first_chunk_schedule else (self.timesteps, self.sigmas)
+        return chunk_schedule(chunk, (self.timesteps, self.sigmas), self.first_chunk_schedule)
 
     @property
     def num_noise_steps(self) -> int:

@@ -58,6 +58,15 @@ def get_schedule(
     return scheduler.timesteps.float().clone(), scheduler.sigmas.float().clone()
 
 
+def chunk_schedule(
+    chunk: int,
+    schedule: tuple[torch.Tensor, torch.Tensor],
+    first_chunk_schedule: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(timesteps, sigmas)` of chunk `chunk`: `first_chunk_schedule` for chunk 0 when there is one, else `schedule`."""
+    return first_chunk_schedule if chunk == 0 and first_chunk_schedule is not None else schedule
+
+
 def x0_from_velocity(x_t: torch.Tensor, sigma: float | torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
     """Clean estimate `x̂0 = x_t - σ·v` of flow matching (`x_t = (1 - σ)·x0 + σ·ε`, `v = ε - x0`), computed in fp64."""
     return (x_t.double() - sigma * velocity.double()).to(x_t.dtype)
