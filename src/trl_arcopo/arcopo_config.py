@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
-from .loss import DISTANCE_REDUCTIONS, SCALE_REWARDS, check_delta
+from .loss import DISTANCE_REDUCTIONS, SCALE_REWARDS, check_delta, get_loss_strategy
 from .rewards.base import check_aggregation
 from .sampling import SELF_FORCING_SIGMAS, check_sampler
 
 
-LOSS_TYPES = ("arcopo", "sde_grpo")
 TRAINING_MODES = ("on_policy", "semi_on_policy")
 #: Integer fields (a float, a bool or NaN is refused) and an example value for the error; `None` allowed for the second.
 INTEGER_FIELDS = {
@@ -122,6 +121,7 @@ class ARCoPOConfig(TrainingArguments):
             - `"sde_grpo"`: the Flow-GRPO / DanceGRPO baseline on the same sampler: the initial noise is shared, the
               candidates differ in the pivot chunk's re-noise, and the ratio uses the Gaussian log-probability of
               the re-noise transitions (needs `sampler="consistency"` and at least 2 steps).
+            - any name registered with [`~trl_arcopo.loss.register_loss`] (a [`~trl_arcopo.loss.LossStrategy`]).
         num_iterations (`int`, *optional*, defaults to `2`):
             Inner updates per rollout (the paper's 2), each on freshly drawn anchors.
         epsilon (`float`, *optional*, defaults to `1e-4`):
@@ -143,7 +143,7 @@ class ARCoPOConfig(TrainingArguments):
             reference forward.
         train_denoising_steps (`list[int]` or `None`, *optional*, defaults to `None`):
             Which denoising steps of the pivot chunk the update trains (indices into the schedule, `0` = the step
-            from pure noise). `None` trains all of them (`sde_grpo`: all but the last, which has no transition). Each
+            from pure noise). `None` trains all the loss can (`sde_grpo`: all but the last, which has no transition). Each
             step left out saves one policy forward (and one reference forward with `beta > 0`) per inner update;
             the loss is the mean over the steps kept. Flow-GRPO and DanceGRPO train a fraction of the steps for the
             same reason.
@@ -312,7 +312,9 @@ class ARCoPOConfig(TrainingArguments):
     )
 
     # Objective
-    loss_type: str = field(default="arcopo", metadata={"help": "'arcopo' or the 'sde_grpo' baseline."})
+    loss_type: str = field(
+        default="arcopo", metadata={"help": "'arcopo', the 'sde_grpo' baseline, or a registered loss."}
+    )
     num_iterations: int = field(default=2, metadata={"help": "Inner updates per rollout (paper: 2)."})
     epsilon: float = field(default=1e-4, metadata={"help": "Ratio clip epsilon (paper: 1e-4)."})
     temperature: float | None = field(
@@ -432,17 +434,11 @@ class ARCoPOConfig(TrainingArguments):
                 raise ValueError(f"`{name}={value!r}` must be a positive integer or None (no sub-batches).")
         if not 0 < self.fork_noise_scale <= 1:
             raise ValueError(f"`fork_noise_scale={self.fork_noise_scale}` must be in (0, 1] (paper: 0.5).")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"`loss_type={self.loss_type!r}` is not one of {LOSS_TYPES}.")
         if self.sampler is not None:
             check_sampler(self.sampler)
-        if self.loss_type == "sde_grpo" and (
-            self.sampler == "ode" or (self.denoising_sigmas is not None and len(self.denoising_sigmas) < 2)
-        ):
-            raise ValueError(
-                "`loss_type='sde_grpo'` explores through the re-noise of the consistency sampler: use "
-                "`sampler='consistency'` and at least 2 `denoising_sigmas`."
-            )
+        get_loss_strategy(self.loss_type).check(
+            self.sampler, None if self.denoising_sigmas is None else len(self.denoising_sigmas)
+        )  # again on the pipeline's schedule and sampler ([`~trl_arcopo.rollout.RolloutSpec.from_config`])
         if self.num_iterations < 1:
             raise ValueError(f"`num_iterations={self.num_iterations}` must be at least 1 (paper: 2).")
         if self.reward_window_chunks is not None and self.reward_window_chunks < 1:

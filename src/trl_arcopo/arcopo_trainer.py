@@ -40,7 +40,7 @@ from .data import EpochRepeatSampler, check_datasets, seeded_generator
 from .ema import AdapterEMA
 from .generator import StreamingGenerator, check_generator
 from .hub import HubMixin, save_sample_gif
-from .loss import LossStats, arcopo_loss, sde_grpo_anchor_loss, x0_penalty
+from .loss import LossStats, get_loss_strategy, x0_penalty
 from .nonfinite import NonFiniteGuard
 from .policy import add_policy_adapter, check_adapters_in_sync, prepare_for_training, reference_policy
 from .prompt_cache import PromptEmbeddingCache
@@ -114,6 +114,7 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         processes = 1 if args.split_groups_across_processes else args.world_size  # split: one step's prompts
         check_datasets(train_dataset, eval_dataset, args.per_device_train_batch_size, processes, args.training_mode)
         self.pipeline, self.spec = pipeline, RolloutSpec.from_config(pipeline, args)  # checked before any rollout
+        self.loss_strategy = get_loss_strategy(args.loss_type)  # the loss and what it needs ([`~trl_arcopo.loss`])
         args.num_frames_per_chunk = self.spec.num_frames_per_chunk
 
         # The policy. LoRA's A matrices come from the global RNG, which `Trainer.__init__` seeds only later: seed it
@@ -257,11 +258,9 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         this process's share of each group's candidates when groups are split over processes (`None`: all).
         """
         args = self.args
-        exploration = "neighbors" if args.loss_type == "arcopo" else "sde"
         return sample_group(
             self.pipeline, self.spec, prompts, prompt_embeds, args.num_generations, generator, args.pivot_chunk,
-            exploration, args.fork_noise_scale, args.temperature, args.distance_reduction, args.rollout_batch_size,
-            branches,
+            self.loss_strategy.exploration, args.fork_noise_scale, args.rollout_batch_size, branches,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -313,9 +312,7 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
             group, rewards = gather_group(self.accelerator, group, rewards, nonfinite, self.scorer, args)
             nonfinite = rewards.nonfinite
         nonfinite = nonfinite or unscored_groups(rewards.per_func, group.num_generations, self.scorer.funcs)
-        group.with_rewards(
-            rewards.combined.to(self.accelerator.device), args.scale_rewards, args.quasi_norm_p, nonfinite
-        )
+        self._with_rewards(group, rewards.combined.to(self.accelerator.device), nonfinite)
         if group.nonfinite is not None and mode == "collect":
             raise ValueError(f"A reference rollout for the replay buffer cannot be used: {group.nonfinite}.")
         if group.nonfinite is not None:
@@ -372,9 +369,19 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         with reference_policy(self.accelerator.unwrap_model(self.model)):
             groups = self.replay.draw(
                 self.pipeline, args.per_device_train_batch_size, generator, args.replay_buffer_informative_only,
-                args.temperature, args.distance_reduction,
             )  # fmt: skip
-        return [g.with_rewards(g.rewards.double(), args.scale_rewards, args.quasi_norm_p) for g in groups]
+        return [self._with_rewards(g, g.rewards.double()) for g in groups]
+
+    def _with_rewards(self, group: RolloutGroup, rewards: torch.Tensor, nonfinite: str | None = None) -> RolloutGroup:
+        """The whole `group` scored: the loss's temperature, then `rewards` and their advantages."""
+        group = self._with_temperature(group)
+        return group.with_rewards(rewards, self.args.scale_rewards, self.args.quasi_norm_p, nonfinite)
+
+    def _with_temperature(self, group: RolloutGroup) -> RolloutGroup:
+        """Set the loss's temperature `[N, T]` of `group` from its old predictions, once (before any update)."""
+        if group.temperature is None:
+            group.temperature = self.loss_strategy.temperature(group.x0_preds, self.args)
+        return group
 
     # ------------------------------------------------------------------ training step
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -427,12 +434,13 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         groups in the step); gradients are synchronised after the `final` backward. Returns the detached total loss.
         """
         args, metrics = self.args, self._metrics["train"]
+        self._with_temperature(group)  # a group made outside the trainer's rollout ([`accumulate_gradients`])
         anchors = AnchorBatch.draw(group, args.num_anchors, self._rng(_ANCHORS), iteration)
         if args.split_groups_across_processes and iteration is not None:  # this process's share of the anchors
             anchors = anchors.sub_batches(args.num_anchors // self.accelerator.num_processes)[
                 self.accelerator.process_index
             ]  # the gradients' mean over processes is the mean over every anchor
-        steps = self.spec.trained_steps(args.loss_type, args.train_denoising_steps, group.pivot)
+        steps = self.spec.trained_steps(args.train_denoising_steps, group.pivot, self.loss_strategy)
         scale = weight / len(steps) / self.current_gradient_accumulation_steps
         total = torch.zeros((), device=group.states.device)
         self._loss_stats, self._penalties = [], []
@@ -495,22 +503,11 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         """
         The objective at one denoising step: `x0_theta` `[N, K, *]` (the policy at the anchors, with gradient),
         `x0_old` `[N, G, *]` (every candidate's old prediction), `x0_ref` `[N, K, *]` (the reference; `None` unless
-        `beta > 0` or replay-buffer groups). Override it to change the loss; append a [`LossStats`] to
-        `self._loss_stats` to log its statistics.
+        `beta > 0` or replay-buffer groups): the registered loss of `loss_type` ([`~trl_arcopo.loss.register_loss`],
+        the way to add one), plus the `beta` penalty. Its [`LossStats`] are logged.
         """
-        args, group, j = self.args, inputs.group, inputs.step
-        if args.loss_type == "arcopo":
-            loss, stats = arcopo_loss(
-                x0_theta, x0_old, inputs.anchor_index, group.advantages, epsilon=args.epsilon,
-                temperature=group.temperature[:, j], reduction=args.distance_reduction, clip=args.ratio_clip,
-                delta=args.delta,
-            )  # fmt: skip
-        else:
-            x_next = group.states[:, :, j + 1].flatten(0, 1)[inputs.rows]  # [N * K, C, Fc, H, W]
-            loss, stats = sde_grpo_anchor_loss(
-                x_next, x0_theta, x0_old.flatten(0, 1)[inputs.rows], inputs.advantages, group.sigmas[j + 1].item(),
-                epsilon=args.epsilon, clip=args.ratio_clip, delta=args.delta,
-            )  # fmt: skip
+        args = self.args
+        loss, stats = self.loss_strategy.loss(inputs, x0_theta, x0_old, args)  # `loss_type`'s ([`LossStrategy`])
         self._loss_stats.append(stats)
         if args.beta > 0:
             penalty = x0_penalty(x0_theta, x0_ref)

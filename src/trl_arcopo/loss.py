@@ -13,16 +13,22 @@
 # limitations under the License.
 """
 Group advantages and policy losses of AR-CoPO (Neighbor-GRPO surrogate policy over clean predictions) and of the
-SDE-likelihood baseline (Flow-GRPO / DanceGRPO). Pure functions: no trainer imports, no module state.
+SDE-likelihood baseline (Flow-GRPO / DanceGRPO), as pure functions; and the registry of loss strategies
+([`LossStrategy`]), where `ARCoPOConfig.loss_type` finds each loss with what training it needs.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
+
+if TYPE_CHECKING:
+    from .rollout_group import AnchorBatch
 
 
 SCALE_REWARDS = ("group", "batch", "none")
@@ -456,3 +462,104 @@ def x0_penalty(x0_theta: torch.Tensor, x0_ref: torch.Tensor) -> torch.Tensor:
     to a constant factor (the `beta` penalty). Shapes must match.
     """
     return (x0_theta.float() - x0_ref.float()).pow(2).mean()
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+def default_temperature(x0_preds: torch.Tensor, args: Any) -> torch.Tensor:
+    """`τ` `[N, T]` of `ARCoPOConfig.temperature` ([`group_temperature`]; `None`: each group's median distance)."""
+    return group_temperature(x0_preds, args.temperature, args.distance_reduction)
+
+
+@dataclass(frozen=True)
+class LossStrategy:
+    r"""
+    A policy loss and what training with it needs, found by name in the registry ([`register_loss`]):
+    `ARCoPOConfig(loss_type=name)` selects it, and the config, the rollout, the update and the planner read it here.
+
+    Args:
+        name (`str`): the `loss_type` that selects it.
+        loss (`Callable`): `loss(anchors, x0_theta, x0_old, args) -> (loss, LossStats)`, the objective at one
+            denoising step: `anchors` ([`~trl_arcopo.rollout_group.AnchorBatch`]: the groups, the step, the anchors
+            and their advantages), `x0_theta` `[N, K, C, Fc, H, W]` (the policy at the anchors, with gradient),
+            `x0_old` `[N, G, C, Fc, H, W]` (every candidate's old prediction), `args` (the run's `ARCoPOConfig`).
+        exploration (`str`, defaults to `"neighbors"`): how a group's candidates differ
+            ([`~trl_arcopo.rollout.sample_group`]): `"neighbors"`, neighbouring initial noises of the pivot chunk;
+            `"sde"`, one initial noise and each candidate its own re-noise of the consistency sampler.
+        trains_last_step (`bool`, defaults to `True`): whether the last denoising step can be trained (a loss of the
+            transition to the next state cannot: none follows it).
+        compares_candidates (`bool`, defaults to `False`): whether the loss compares each anchor's prediction with
+            every candidate's of its group (the planner then counts `G` candidates' differences per anchor).
+        temperature (`Callable`, defaults to [`default_temperature`]): `temperature(x0_preds, args) -> [N, T]`,
+            `τ` of each group and step from the old predictions `[N, G, T, *]`, set once per group before its
+            updates (`RolloutGroup.temperature`).
+    """
+
+    name: str
+    loss: Callable[[AnchorBatch, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, LossStats]]
+    exploration: str = "neighbors"
+    trains_last_step: bool = True
+    compares_candidates: bool = False
+    temperature: Callable[[torch.Tensor, Any], torch.Tensor] = default_temperature
+
+    def trainable_steps(self, num_steps: int) -> int:
+        """How many of a schedule's `num_steps` denoising steps the loss can train (the first ones)."""
+        return num_steps - (0 if self.trains_last_step else 1)
+
+    def check(self, sampler: str | None = None, num_steps: int | None = None) -> None:
+        """
+        Refuse a sampler (`None`: not known yet) or a schedule of `num_steps` steps this loss cannot train with:
+        `"sde"` exploration re-noises through the consistency sampler, and some step must be trainable.
+        """
+        if self.exploration == "sde" and sampler not in (None, "consistency"):
+            raise ValueError(
+                f"`loss_type={self.name!r}` explores through the consistency sampler's re-noise, but the sampler is "
+                f"{sampler!r}: set `sampler='consistency'`."
+            )
+        if num_steps is not None and self.trainable_steps(num_steps) < 1:
+            raise ValueError(
+                f"`loss_type={self.name!r}` cannot train the last denoising step, and the schedule has {num_steps}: "
+                "use at least 2 `denoising_sigmas`."
+            )
+
+
+#: The registered loss strategies by name ([`register_loss`]).
+LOSS_STRATEGIES: dict[str, LossStrategy] = {}
+
+
+def register_loss(strategy: LossStrategy) -> LossStrategy:
+    """Register `strategy` under its name, which `ARCoPOConfig.loss_type` then accepts. Returns it."""
+    if strategy.name in LOSS_STRATEGIES:
+        raise ValueError(f"A loss named {strategy.name!r} is already registered; give yours another name.")
+    LOSS_STRATEGIES[strategy.name] = strategy
+    return strategy
+
+
+def get_loss_strategy(name: str) -> LossStrategy:
+    """The registered strategy `name`, or a `ValueError` naming the registered ones and how to add one."""
+    if name not in LOSS_STRATEGIES:
+        raise ValueError(
+            f"`loss_type={name!r}` is not a registered loss: use one of {tuple(LOSS_STRATEGIES)}, or register yours "
+            "with `trl_arcopo.loss.register_loss`."
+        )
+    return LOSS_STRATEGIES[name]
+
+
+def _arcopo_step_loss(anchors: AnchorBatch, x0_theta: torch.Tensor, x0_old: torch.Tensor, args: Any):
+    group, j = anchors.group, anchors.step
+    return arcopo_loss(
+        x0_theta, x0_old, anchors.anchor_index, group.advantages, epsilon=args.epsilon,
+        temperature=group.temperature[:, j], reduction=args.distance_reduction, clip=args.ratio_clip, delta=args.delta,
+    )  # fmt: skip
+
+
+def _sde_grpo_step_loss(anchors: AnchorBatch, x0_theta: torch.Tensor, x0_old: torch.Tensor, args: Any):
+    group, j = anchors.group, anchors.step
+    x_next = group.states[:, :, j + 1].flatten(0, 1)[anchors.rows]  # [N * K, C, Fc, H, W]
+    return sde_grpo_anchor_loss(
+        x_next, x0_theta, x0_old.flatten(0, 1)[anchors.rows], anchors.advantages, group.sigmas[j + 1].item(),
+        epsilon=args.epsilon, clip=args.ratio_clip, delta=args.delta,
+    )  # fmt: skip
+
+
+register_loss(LossStrategy("arcopo", _arcopo_step_loss, exploration="neighbors", compares_candidates=True))
+register_loss(LossStrategy("sde_grpo", _sde_grpo_step_loss, exploration="sde", trains_last_step=False))

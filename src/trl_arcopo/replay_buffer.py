@@ -29,7 +29,6 @@ from transformers.utils import logging
 
 from .io_utils import atomic_path, load_tensors_only
 from .kv_cache import KVCache
-from .loss import group_temperature
 from .rollout import RolloutSpec
 from .rollout_group import RolloutGroup
 
@@ -215,8 +214,6 @@ def group_from_entries(
     pipeline: StreamingGenerator,
     spec: RolloutSpec,
     entries: list[BufferEntry],
-    temperature: float | None = None,
-    distance_reduction: str = "mean",
 ) -> RolloutGroup:
     """
     The [`RolloutGroup`] of buffer entries with one pivot (the inverse of [`entries_from_group`]); the prefix cache
@@ -225,7 +222,6 @@ def group_from_entries(
     """
     device = pipeline._execution_device
     cache = rebuild_prefix_cache(pipeline, list(entries), spec.num_frames_per_chunk, spec.latent_shape[2])
-    x0_preds = torch.stack([e.x0_preds for e in entries]).to(device)  # [N, G, T, C, Fc, H, W]
     return RolloutGroup(
         prompts=[e.prompt for e in entries],
         prompt_embeds=torch.stack([e.prompt_embeds for e in entries]).to(device),
@@ -233,8 +229,7 @@ def group_from_entries(
         frame_offset=entries[0].pivot * spec.num_frames_per_chunk,
         prefix_cache=cache,
         states=torch.stack([e.states for e in entries]).to(device),  # [N, G, T, C, Fc, H, W]
-        x0_preds=x0_preds,
-        temperature=group_temperature(x0_preds, temperature, distance_reduction),
+        x0_preds=torch.stack([e.x0_preds for e in entries]).to(device),  # [N, G, T, C, Fc, H, W]
         timesteps=spec.schedule(entries[0].pivot)[0],
         sigmas=spec.schedule(entries[0].pivot)[1],
         rewards=torch.stack([e.rewards for e in entries]).to(device),  # [N, G]
@@ -427,8 +422,6 @@ class ReplaySource:
         n: int,
         generator: torch.Generator,
         informative_only: bool = True,
-        temperature: float | None = None,
-        distance_reduction: str = "mean",
     ) -> list[RolloutGroup]:
         """
         Up to `n` distinct groups (only the informative ones with `informative_only`), batched by pivot chunk, their
@@ -438,9 +431,7 @@ class ReplaySource:
         available = len(self.buffer.informative_indices()) if informative_only else len(self.buffer)
         entries = self.buffer.sample(min(n, available), generator, informative_only)
         return [
-            group_from_entries(
-                pipeline, self.spec, [e for e in entries if e.pivot == p], temperature, distance_reduction
-            )
+            group_from_entries(pipeline, self.spec, [e for e in entries if e.pivot == p])
             for p in sorted({e.pivot for e in entries})
         ]
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .kv_cache import AnyKVCache
-from .loss import group_temperature
+from .loss import LossStrategy, get_loss_strategy
 from .rollout_group import RolloutGroup
 from .sampling import RolloutNoise, SamplerType, chunk_schedule, neighbor_noise
 
@@ -285,7 +285,8 @@ class RolloutSpec:
     def from_config(cls, pipeline: StreamingGenerator, args) -> RolloutSpec:
         """
         The spec of an [`ARCoPOConfig`] on `pipeline`. Raises a `ValueError` naming the value for a pivot or trained
-        step outside the video or schedule, or `sde_grpo` without the consistency sampler.
+        step outside the video or schedule, or a schedule or sampler the loss cannot train with
+        ([`~trl_arcopo.loss.LossStrategy.check`]).
         """
         spec = cls.from_pipeline(
             pipeline, args.height, args.width, args.num_frames, args.num_frames_per_chunk, args.denoising_sigmas,
@@ -297,30 +298,31 @@ class RolloutSpec:
                 f"[0, {spec.num_chunks}) or None (uniform)."
             )
         steps = min(len(spec.timesteps), len(spec.schedule(0)[0]))  # every pivot's schedule has them
-        trainable = steps - (1 if args.loss_type == "sde_grpo" else 0)
+        strategy = get_loss_strategy(args.loss_type)
+        strategy.check(spec.sampler, steps)  # the sampler may be the pipeline's `default_sampler`
+        trainable = strategy.trainable_steps(steps)
         if args.train_denoising_steps is not None and max(args.train_denoising_steps) >= trainable:
             raise ValueError(
                 f"`train_denoising_steps={list(args.train_denoising_steps)}` but the schedule has {steps} steps"
-                + (" and `sde_grpo` cannot train the last one" if args.loss_type == "sde_grpo" else "")
+                + ("" if strategy.trains_last_step else f" and `{args.loss_type}` cannot train the last one")
                 + f": use indices in [0, {trainable})."
-            )
-        if args.loss_type == "sde_grpo" and spec.sampler != "consistency":
-            raise ValueError(
-                f"`loss_type='sde_grpo'` explores through the consistency sampler's re-noise, but the sampler is "
-                f"{spec.sampler!r} (the pipeline's `default_sampler`): set `sampler='consistency'`."
             )
         return spec
 
     def trained_steps(
-        self, loss_type: str = "arcopo", train_denoising_steps: list[int] | None = None, pivot: int | None = None
+        self,
+        train_denoising_steps: list[int] | None = None,
+        pivot: int | None = None,
+        loss: LossStrategy | None = None,
     ) -> list[int]:
         """
         The denoising steps an update of a group forked at `pivot` trains: the given ones, else all of the pivot's
-        schedule (`sde_grpo`: all but the last).
+        schedule that `loss` can train ([`~trl_arcopo.loss.LossStrategy.trainable_steps`]; `None`: all).
         """
         if train_denoising_steps is not None:
             return sorted(train_denoising_steps)
-        return list(range(len(self.schedule(pivot)[0]) - (1 if loss_type == "sde_grpo" else 0)))
+        steps = len(self.schedule(pivot)[0])
+        return list(range(steps if loss is None else loss.trainable_steps(steps)))
 
 
 EXPLORATIONS = ("neighbors", "sde")
@@ -337,8 +339,6 @@ def sample_group(
     pivot: int | None = None,
     exploration: str = "neighbors",
     fork_noise_scale: float = 0.5,
-    temperature: float | None = None,
-    distance_reduction: str = "mean",
     rollout_batch_size: int | None = None,
     branches: slice | None = None,
 ) -> RolloutGroup:
@@ -353,16 +353,14 @@ def sample_group(
     Args:
         spec ([`RolloutSpec`]): the video size, chunking, schedule and sampler.
         prompts (`list[str]`), prompt_embeds (`torch.Tensor` of shape `[N, S, text_dim]`): the `N` groups.
-        temperature (`float`, *optional*): a fixed `τ`; `None` takes each group's median distance between
-            predictions ([`~trl_arcopo.loss.group_temperature`]).
         rollout_batch_size (`int`, *optional*): branches per forward ([`forked_rollout`]); the same group either way.
         branches (`slice`, *optional*): roll out only these candidates of each group (everything is drawn as for the
             whole group; a process's share when groups are split over processes): the group returned holds them,
-            with the bits they have in the whole group. The temperature is left for the whole group
-            ([`~trl_arcopo.loss.group_temperature`]). `None`: every candidate.
+            with the bits they have in the whole group. `None`: every candidate.
 
     Returns:
-        [`RolloutGroup`] with the finished `latents` `[N, G, C, F, H, W]`, without rewards.
+        [`RolloutGroup`] with the finished `latents` `[N, G, C, F, H, W]`, without rewards ([`RolloutGroup.with_rewards`])
+        or the loss's temperature ([`~trl_arcopo.loss.LossStrategy`]), which the trainer sets.
 
     Example:
 
@@ -406,7 +404,6 @@ def sample_group(
         first_chunk_schedule=spec.first_chunk_schedule,
     )  # fmt: skip
     g = local
-    x0_preds = fork.x0_preds.unflatten(0, (n, g))  # [N, G, T, C, Fc, H, W]
     return RolloutGroup(
         prompts=list(prompts),
         prompt_embeds=prompt_embeds,
@@ -414,8 +411,7 @@ def sample_group(
         frame_offset=pivot * spec.num_frames_per_chunk,
         prefix_cache=fork.prefix_cache,
         states=fork.states.unflatten(0, (n, g)),
-        x0_preds=x0_preds.clone(),
-        temperature=group_temperature(x0_preds, temperature, distance_reduction) if branches is None else None,
+        x0_preds=fork.x0_preds.unflatten(0, (n, g)).clone(),  # [N, G, T, C, Fc, H, W]
         timesteps=spec.schedule(pivot)[0],
         sigmas=spec.schedule(pivot)[1],
         latents=fork.latents.unflatten(0, (n, g)),

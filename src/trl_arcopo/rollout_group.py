@@ -49,8 +49,9 @@ class RolloutGroup:
         prefix_cache ([`KVCache`]): committed chunks `< pivot`, batch `N` (detached).
         states (`torch.Tensor` of shape `[N, G, T, C, Fc, H, W]`): pivot-chunk states `x_t` of every candidate.
         x0_preds (`torch.Tensor` of shape `[N, G, T, C, Fc, H, W]`): their old clean predictions `x̂0`.
-        temperature (`torch.Tensor` of shape `[N, T]`): `τ` of each group and step.
         timesteps (`torch.Tensor` of shape `[T]`), sigmas (`torch.Tensor` of shape `[T + 1]`).
+        temperature (`torch.Tensor` of shape `[N, T]`, *optional*): `τ` of each group and step, the loss's
+            ([`~trl_arcopo.loss.LossStrategy`]); the trainer sets it from the old predictions before the rewards.
         latents (`torch.Tensor` of shape `[N, G, C, F, H, W]`, *optional*): the finished videos' latents.
         rewards (`torch.Tensor` of shape `[N, G]`, *optional*): combined sequence-level rewards (float64).
         advantages (`torch.Tensor` of shape `[N, G]`, *optional*).
@@ -66,9 +67,9 @@ class RolloutGroup:
     prefix_cache: AnyKVCache
     states: torch.Tensor
     x0_preds: torch.Tensor
-    temperature: torch.Tensor
     timesteps: torch.Tensor
     sigmas: torch.Tensor
+    temperature: torch.Tensor | None = None
     latents: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
@@ -105,7 +106,11 @@ class RolloutGroup:
         if nonfinite is None and not torch.isfinite(advantages).all():
             nonfinite = "the advantages are not finite"
         temperature = self.temperature
-        if nonfinite is None and not (torch.isfinite(temperature).all() and (temperature > 0).all()):
+        if (
+            nonfinite is None
+            and temperature is not None
+            and not (torch.isfinite(temperature).all() and (temperature > 0).all())
+        ):
             nonfinite = f"the temperature is not a positive finite number (got {temperature.flatten()[0].item()})"
         self.rewards, self.advantages, self.nonfinite = rewards, advantages.float(), nonfinite
         return self
@@ -121,8 +126,7 @@ class RolloutGroup:
             "advantages/max": adv.max().item(),
             "advantages/min": adv.min().item(),
             "pivot_chunk": float(self.pivot),
-            "temperature": self.temperature.mean().item(),
-        }
+        } | ({} if self.temperature is None else {"temperature": self.temperature.mean().item()})
 
     def save(self, path: str, settings: dict | None = None) -> None:
         """
@@ -134,10 +138,11 @@ class RolloutGroup:
             "prompt_embeds": self.prompt_embeds,
             "states": self.states,
             "x0_preds": self.x0_preds,
-            "temperature": self.temperature,
             "timesteps": self.timesteps,
             "sigmas": self.sigmas,
         }
+        if self.temperature is not None:
+            tensors["temperature"] = self.temperature
         if self.rewards is not None:
             tensors["rewards"], tensors["advantages"] = self.rewards, self.advantages
         cache_metadata, cache_tensors = self.prefix_cache.state()

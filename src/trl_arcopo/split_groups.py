@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 import torch
 from accelerate.utils import gather_object
 
-from .loss import group_temperature
 from .rewards.base import GroupRewards
 
 
@@ -53,7 +52,7 @@ def gather_group(
     """
     The whole group from every process's share (`group` and its `rewards` hold this process's `G / n` candidates of
     every prompt): the states, the predictions and each reward function's opinions gathered in process order (the
-    candidates' order in one process), the temperature of the whole group, and the rewards combined over it
+    candidates' order in one process), and the rewards combined over it
     ([`GroupRewards.from_per_func`]). `nonfinite` is this process's reason the group cannot train, if any; the
     first one of any process is the group's. Every process gets the same group and rewards; the videos stay where
     they were made.
@@ -64,7 +63,6 @@ def gather_group(
         return accelerator.gather(t.transpose(0, 1).contiguous()).transpose(0, 1)
 
     group.states, group.x0_preds = gather(group.states), gather(group.x0_preds)
-    group.temperature = group_temperature(group.x0_preds, args.temperature, args.distance_reduction)
     per_func = gather(rewards.per_func.to(accelerator.device).unflatten(0, (-1, n))).flatten(0, 1).cpu()
     nonfinite = next((reason for reason in gather_object([nonfinite]) if reason is not None), None)
     whole = GroupRewards.from_per_func(

@@ -269,7 +269,7 @@ def _make_plan(
         MemoryItem(names[1], lora_bytes, "persistent"),
         MemoryItem(names[2], optim, "persistent"),
     ]
-    loss_candidates = g_all if s.loss_type == "arcopo" else 1
+    loss_candidates = g_all if s.loss.compares_candidates else 1
     ref = s.beta > 0
 
     def cache_items(p: int, sub: str) -> list[MemoryItem]:

@@ -39,7 +39,8 @@ class RunSettings:
         num_processes (`int`): data-parallel processes (one GPU each).
         num_denoising_steps (`int`): `T`. train_denoising_steps (`tuple[int]`, *optional*): the trained steps.
         beta (`float`): with `beta > 0` the update also runs the reference (no autograd) at the anchors.
-        loss_type (`str`): `"arcopo"` or `"sde_grpo"` (trains `T - 1` steps by default).
+        loss_type (`str`): a registered loss ([`~trl_arcopo.loss.LossStrategy`]): `"arcopo"`, `"sde_grpo"` (trains
+            `T - 1` steps by default), ...
         pivot_chunk (`int`, *optional*): the fork point; `None` is uniform (costs are expectations over it, and the
             memory is that of the worst pivot, the last chunk).
         sampler (`str`): `"consistency"` (stores re-noise) or `"ode"`.
@@ -120,8 +121,7 @@ class RunSettings:
             raise ValueError(f"`torch_dtype={self.torch_dtype!r}` is not one of {sorted(DTYPE_BYTES)}.")
         if self.mixed_precision not in (None, "bf16", "fp16"):
             raise ValueError(f"`mixed_precision={self.mixed_precision!r}` must be None, 'bf16' or 'fp16'.")
-        if self.loss_type not in ("arcopo", "sde_grpo"):
-            raise ValueError(f"`loss_type={self.loss_type!r}` must be 'arcopo' or 'sde_grpo'.")
+        self.loss.check(num_steps=self.num_denoising_steps)  # a registered loss that can train this schedule
         if self.training_mode != "on_policy":
             raise ValueError(
                 f"`training_mode={self.training_mode!r}`: the plan covers on-policy iterations (one rollout and its "
@@ -135,10 +135,17 @@ class RunSettings:
             )
 
     @property
+    def loss(self):
+        """The registered [`~trl_arcopo.loss.LossStrategy`] of `loss_type`."""
+        from ..loss import get_loss_strategy  # torch, imported when a plan is made
+
+        return get_loss_strategy(self.loss_type)
+
+    @property
     def trained_steps(self) -> tuple[int, ...]:
         if self.train_denoising_steps is not None:
             return tuple(sorted(set(self.train_denoising_steps)))
-        return tuple(range(self.num_denoising_steps - (1 if self.loss_type == "sde_grpo" else 0)))
+        return tuple(range(self.loss.trainable_steps(self.num_denoising_steps)))
 
     @property
     def uses_8bit_optimizer(self) -> bool:
