@@ -50,10 +50,14 @@ def _outer_linears(shape: TransformerShape) -> list[tuple[str, int, int, str]]:
 
 
 def _matches(name: str, targets: Sequence[str] | str) -> bool:
-    """peft's `target_modules` matching: a regex on the full name, or a name that is a key or ends with `.key`."""
+    """
+    peft's `target_modules` matching: a regex on the full name, or a name that is a key or ends with `.key`;
+    `"all-linear"` is every `nn.Linear` (peft keeps the output layer of a model without output embeddings, here
+    `proj_out`, and skips the patch embedding, a convolution).
+    """
     if isinstance(targets, str):
         if targets == "all-linear":
-            return name != "proj_out"
+            return name != "patch_embedding"
         return re.fullmatch(targets, name) is not None
     return any(name == key or name.endswith("." + key) for key in targets)
 
@@ -86,6 +90,23 @@ class _LoRALayout:
 
     def num_parameters(self, shape: TransformerShape, r: int) -> int:
         return sum(self.tensor_sizes(shape, r))
+
+    @property
+    def patches_grad(self) -> bool:
+        """Whether the first block's input (the patch embedding) carries a gradient: a LoRA on the patch embedding."""
+        return "patch_embedding" in self.outer
+
+    @property
+    def text_grad(self) -> bool:
+        """Whether the text embeddings the blocks read carry a gradient: a LoRA in the text embedder."""
+        return any(n.startswith("condition_embedder.text_embedder.") for n in self.outer)
+
+    @property
+    def time_grad(self) -> bool:
+        """Whether the timestep projection (the blocks' modulation) carries a gradient: a LoRA in the time embedder."""
+        return any(
+            n.startswith(("condition_embedder.time_embedder.", "condition_embedder.time_proj")) for n in self.outer
+        )
 
     def block_parameters(self, shape: TransformerShape, r: int) -> int:
         """LoRA parameters of the block with the most (what FSDP gathers per block)."""
@@ -231,17 +252,31 @@ def backward_flops(shape: TransformerShape, p: _Pass, lora: _LoRALayout, r: int,
 
 # ---------------------------------------------------------------------------------------------------- activations
 def _saved_block(
-    shape: TransformerShape, b: int, p: _Pass, targets: frozenset, r: int, prec: _Precision, grad_in: bool
+    shape: TransformerShape,
+    b: int,
+    p: _Pass,
+    targets: frozenset,
+    r: int,
+    prec: _Precision,
+    grad_in: bool,
+    text_grad: bool = False,
+    time_grad: bool = False,
 ) -> tuple[int, bool]:
     """
     Bytes autograd saves for the backward in one block of `CausalWanTransformer3DModel._block` (batch `b`), and
-    whether its output needs a gradient. Derived from the block's code and torch's derivative formulas, in order:
-    LayerNorm keeps its fp32 input and two per-token statistics; the adaLN modulation keeps `1 + scale` (fp32,
-    per frame) and the gates keep the block's modulation `[b, F, 6, D]`; every LoRA module keeps its input (a copy in
-    the LoRA dtype, except in float32 where the input itself is kept once) and its rank-`r` projection; the q/k
+    whether its output needs a gradient. `grad_in`: whether the block's input needs one (a block after one with a
+    LoRA); `text_grad`, `time_grad`: whether the text embeddings and the timestep projection do (a LoRA in their
+    embedders, see [`_LoRALayout`]). Derived from the block's code and torch's derivative formulas, in order:
+    LayerNorm keeps its fp32 input and two per-token statistics (the cross-attention's affine one adds nothing:
+    diffusers keeps `norm2` in fp32, `_keep_in_fp32_modules`); the adaLN modulation keeps `1 + scale` (fp32, per
+    frame) and the gates keep the block's modulation `[b, F, 6, D]`; a modulation that needs a gradient also keeps
+    the normalised input it scales, and a gate the update it scales (fp32); every LoRA module keeps its input (a copy
+    in the LoRA dtype, except in float32 where the input itself is kept once) and its rank-`r` projection; the q/k
     RMSNorms keep their fp32 input and statistics; attention keeps q, the keys and values it attended (the cached
     context included: the concatenation is a new tensor), its output and the log-sum-exp; GELU keeps its input.
-    Frozen linear layers keep nothing (their weights are parameters).
+    Frozen linear layers keep nothing (their weights are parameters); autocast's copies of the LoRA factors are
+    counted once per forward by [`activation_bytes`]. `tests/test_memory_model.py` checks every term against the
+    tensors autograd saves in a real block.
     """
     d, h, f = shape.dim, shape.num_attention_heads, shape.ffn_dim
     m, t, frames = b * p.tokens, b * p.text, p.frames
@@ -262,33 +297,41 @@ def _saved_block(
     # 1. self-attention
     if grad_in:
         saved += m * d * 4 + 2 * m * 4 + b * frames * d * 4  # norm1 (fp32 input, mean, rstd) and 1 + scale
+    if time_grad:
+        saved += m * d * 4  # norm1's output, kept by its product with 1 + scale
     qkv = ["attn1.to_q", "attn1.to_k", "attn1.to_v"]
     saved += lora_inputs(m, d, qkv) + rank_outputs(m, [*qkv, "attn1.to_out.0"])
-    q, k, v = (grad_in or n in targets for n in qkv)
+    q, k, v = (grad_in or time_grad or n in targets for n in qkv)
     saved += (q + k) * (m * d * 4 + m * 4)  # RMSNorm of q and k (fp32)
     attn = q or k or v
     if attn:
         saved += 2 * m * d * act + 2 * b * p.keys * d * act + b * h * p.tokens * 4  # q, out, K, V, logsumexp
-    saved += lora_inputs(m, d, ["attn1.to_out.0"], shared_already_saved=True)  # its input is the attention output
+    # its input is the attention output (kept by the attention when it needs a gradient)
+    saved += lora_inputs(m, d, ["attn1.to_out.0"], shared_already_saved=attn)
     gate = attn or "attn1.to_out.0" in targets
-    grad = grad_in or gate
+    if time_grad:
+        saved += m * d * 4  # the attention's update (fp32), kept by its product with the gate
+    grad = grad_in or gate or time_grad
     # 2. cross-attention
     if grad:
-        saved += m * d * 4 + 2 * m * 4 + (2 * d * 4 if shape.cross_attn_norm and prec.weight != 4 else 0)
+        saved += m * d * 4 + 2 * m * 4  # norm2 (fp32 input, mean, rstd)
     cq, ck, cv, co = "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"
     saved += lora_inputs(m, d, [cq]) + rank_outputs(m, [cq, co]) + rank_outputs(t, [ck, cv])
     if prec.lora_copy is not None:
         saved += lora_inputs(t, d, [ck, cv])  # the text embeddings, copied by each module (fp32: once per forward)
     q = grad or cq in targets
-    saved += q * (m * d * 4 + m * 4) + (ck in targets) * (t * d * 4 + t * 4)
-    attn = q or ck in targets or cv in targets
+    k = text_grad or ck in targets
+    saved += q * (m * d * 4 + m * 4) + k * (t * d * 4 + t * 4)
+    attn = q or k or cv in targets
     if attn:
         saved += 2 * m * d * act + 2 * t * d * act + b * h * p.tokens * 4
-    saved += lora_inputs(m, d, [co], shared_already_saved=True)
+    saved += lora_inputs(m, d, [co], shared_already_saved=attn)
     grad = grad or attn or co in targets
     # 3. feed-forward
     if grad:
         saved += m * d * 4 + 2 * m * 4 + b * frames * d * 4  # norm3 and 1 + c_scale
+    if time_grad:
+        saved += 2 * m * d * 4  # norm3's output and the feed-forward's update (fp32), as in the self-attention
     saved += lora_inputs(m, d, ["ffn.net.0.proj"]) + rank_outputs(m, ["ffn.net.0.proj", "ffn.net.2"])
     hidden = grad or "ffn.net.0.proj" in targets
     if hidden:
@@ -334,9 +377,9 @@ def activation_bytes(
     d, f = shape.dim, shape.ffn_dim
     m, t = b * p.tokens, b * p.text
     act = prec.act
-    per_block, grad = [], False
+    per_block, grad = [], lora.patches_grad
     for layer in range(shape.num_layers):
-        saved, grad = _saved_block(shape, b, p, lora.blocks[layer], r, prec, grad)
+        saved, grad = _saved_block(shape, b, p, lora.blocks[layer], r, prec, grad, lora.text_grad, lora.time_grad)
         per_block.append(saved)
     # outside the blocks: the rotary tables (3 per-video [N, head_dim] fp32 tensors), the text embeddings kept once by
     # float32 LoRA modules on the cross-attention k/v, the output norm, the prediction x0 (fp32) and the loss's
