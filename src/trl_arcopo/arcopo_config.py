@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
-from .loss import DISTANCE_REDUCTIONS, SCALE_REWARDS, check_delta, get_loss_strategy
-from .rewards.base import check_aggregation
+from .loss import DISTANCE_REDUCTIONS, SCALE_REWARDS, check_aggregation, check_delta, get_loss_strategy
 from .sampling import SELF_FORCING_SIGMAS, check_sampler
 
 
@@ -346,6 +345,9 @@ class ARCoPOConfig(TrainingArguments):
 
     # Training mode
     training_mode: str = field(default="on_policy", metadata={"help": "'on_policy' or 'semi_on_policy'."})
+    adapter_name: str | None = field(
+        default=None, metadata={"help": "Name of the trained adapter; None: 'on_policy' or 'semi' by training_mode."}
+    )
     replay_buffer_size: int = field(default=100, metadata={"help": "Groups in the replay buffer (paper: 100)."})
     replay_buffer_path: str | None = field(
         default=None, metadata={"help": "Load the buffer from this file if it exists, else collect and save it there."}
@@ -360,14 +362,9 @@ class ARCoPOConfig(TrainingArguments):
     ratio_clip: bool = field(
         default=True, metadata={"help": "Clip the ratio at 1 +- epsilon; False is the unsafe off-policy ablation."}
     )
-    adapter_name: str | None = field(
-        default=None, metadata={"help": "Name of the trained adapter; None: 'on_policy' or 'semi' by training_mode."}
-    )
 
     # Moving average of the adapter
-    ema_decay: float | None = field(
-        default=None, metadata={"help": "Decay of an EMA of the adapter (e.g. 0.99); None: off."}
-    )
+    ema_decay: float | None = field(default=None, metadata={"help": "Adapter EMA decay (e.g. 0.99); None: off."})
     use_ema_weights: bool = field(
         default=True, metadata={"help": "With ema_decay: evaluate and save the EMA weights instead of the last ones."}
     )

@@ -229,22 +229,19 @@ class StreamingGeneratorMixin:
         prompt_embeds: torch.Tensor,
         kv_cache: AnyKVCache,
         frame_offset: int,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
-        attention_kwargs: dict[str, Any] | None = None,
-        transformer: torch.nn.Module | None = None,
+        **velocity_kwargs: Any,
     ) -> torch.Tensor:
         """
         The clean estimate `x̂0 = x_t - σ·v_θ(x_t, t)` `[B, C, Fc, H, W]` of a chunk starting at latent frame
         `frame_offset`, attending to the committed frames in `kv_cache` (nothing is committed). Runs with gradients
         when they are enabled. `denoise_chunk` computes every step with the same two calls, so a recorded `x̂0`
-        and its recomputation are equal bit for bit. `transformer` replaces `self.transformer` for this call (e.g.
-        the same module wrapped for distributed training).
+        and its recomputation are equal bit for bit. `velocity_kwargs` go to `velocity` as they are:
+        `negative_prompt_embeds`, `guidance_scale`, `attention_kwargs`, and `transformer`, which replaces
+        `self.transformer` for this call (e.g. the same module wrapped for distributed training).
         """
         velocity = self.velocity(
-            x_t, timestep, prompt_embeds, kv_cache, frame_offset, negative_prompt_embeds, guidance_scale, False,
-            attention_kwargs, transformer,
-        )  # fmt: skip
+            x_t, timestep, prompt_embeds, kv_cache, frame_offset, update_cache=False, **velocity_kwargs
+        )
         return x0_from_velocity(x_t, sigma, velocity)
 
     def denoise_chunk(

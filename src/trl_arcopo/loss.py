@@ -33,6 +33,14 @@ if TYPE_CHECKING:
 
 SCALE_REWARDS = ("group", "batch", "none")
 DISTANCE_REDUCTIONS = ("mean", "sum")
+#: How several reward functions become one reward (`rewards.combine_rewards`), as TRL's `multi_objective_aggregation`.
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+
+def check_aggregation(aggregation: str, name: str = "aggregation") -> None:
+    """Refuse an unknown way of combining rewards, naming the field `name` and the choices."""
+    if aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+        raise ValueError(f"`{name}={aggregation!r}` is not one of {MULTI_OBJECTIVE_AGGREGATIONS}.")
 
 
 # ---------------------------------------------------------------------------------------------------- temperature

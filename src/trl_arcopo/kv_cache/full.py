@@ -183,18 +183,19 @@ class KVCache:
         return self.keys[0].shape[0]
 
     @property
+    def num_frames(self) -> int:
+        """Committed latent frames (the prefix's included)."""
+        return self.end // self.tokens_per_frame
+
+    @property
     def capacity_tokens(self) -> int:
         """The video's tokens up to which this cache can commit (its prefix's included)."""
         return self.offset + self.keys[0].shape[1]
 
     @property
     def capacity_frames(self) -> int:
+        """The latent frames up to which this cache can commit (its prefix's included)."""
         return self.capacity_tokens // self.tokens_per_frame
-
-    @property
-    def num_frames(self) -> int:
-        """Committed latent frames (the prefix's included)."""
-        return self.end // self.tokens_per_frame
 
     @property
     def nbytes(self) -> int:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 from collections.abc import Callable
@@ -463,25 +464,21 @@ class SelfForcingPipeline(DiffusionPipeline, StreamingGeneratorMixin, WanLoraLoa
         # 2. Text embeddings
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+        encode = functools.partial(self.encode_prompt, num_videos_per_prompt=num_videos_per_prompt, device=device)
+        prompt_embeds, negative_prompt_embeds = encode(
             prompt,
             negative_prompt,
             do_classifier_free_guidance=do_cfg,
-            num_videos_per_prompt=num_videos_per_prompt,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
             max_sequence_length=max_sequence_length,
-            device=device,
         )
         schedule = None
-        if prompt_switches:
+        if prompt_switches:  # each switch's prompt, as long and in the dtype of the first
             switches = {
-                chunk: self.encode_prompt(
-                    text, num_videos_per_prompt=num_videos_per_prompt, max_sequence_length=prompt_embeds.shape[1],
-                    device=device, dtype=prompt_embeds.dtype,
-                )[0]
+                chunk: encode(text, max_sequence_length=prompt_embeds.shape[1], dtype=prompt_embeds.dtype)[0]
                 for chunk, text in prompt_switches.items()
-            }  # fmt: skip
+            }
             for chunk, embeds in switches.items():
                 if embeds.shape != prompt_embeds.shape:
                     raise ValueError(

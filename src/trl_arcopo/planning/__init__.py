@@ -319,19 +319,17 @@ def fit(
     config: Mapping | Any | None = None,
     generator: GeneratorSpec | str | None = None,
     *,
-    gpu: str | GPUSpec = "h100",
-    mfu: float = 0.35,
-    num_processes: int | None = None,
     headroom: float = 0.15,
     **overrides,
 ) -> tuple[Plan | None, list[Plan]]:
     """
-    The fastest setting of the memory knobs that fits `gpu`: every combination of gradient checkpointing,
+    The fastest setting of the memory knobs that fits the GPU: every combination of gradient checkpointing,
     `rollout_batch_size` (every branch at once, then `ceil(G / k)` for `k = 2, 3, ...`), `anchor_batch_size` and
-    `offload_text_encoder` is planned ([`plan_config`]; `overrides` set the other settings); among those whose peak
-    leaves `headroom` of the GPU's memory free (the caching allocator reserves 5-15 % above the allocated bytes, and
-    the VAE decoder, the reward models and the CUDA context are not in the plan), the one with the fewest seconds,
-    then the fewest sub-batches, then the text encoder on the device. Returns `(best or None, every plan tried)`.
+    `offload_text_encoder` is planned ([`plan_config`]; `overrides` are its other arguments: `gpu`, `mfu`,
+    `num_processes` and the other settings); among those whose peak leaves `headroom` of the GPU's memory free (the
+    caching allocator reserves 5-15 % above the allocated bytes, and the VAE decoder, the reward models and the CUDA
+    context are not in the plan), the one with the fewest seconds, then the fewest sub-batches, then the text encoder
+    on the device. Returns `(best or None, every plan tried)`.
     """
     if not 0 <= headroom < 1:
         raise ValueError(f"`headroom={headroom}` must be in [0, 1), e.g. 0.15.")
@@ -353,7 +351,7 @@ def fit(
     def candidate(checkpointing: bool, offload: bool, rollout: int | None, anchors_: int | None) -> Plan:
         knobs = dict(gradient_checkpointing=checkpointing, offload_text_encoder=offload, rollout_batch_size=rollout,
                      anchor_batch_size=anchors_)  # fmt: skip
-        return plan_config(config, generator, gpu=gpu, mfu=mfu, num_processes=num_processes, **knobs, **overrides)
+        return plan_config(config, generator, **knobs, **overrides)
 
     plans = [
         candidate(c, o, rb, ab) for c in (False, True) for o in (False, True) for rb in rollouts for ab in anchors

@@ -30,7 +30,6 @@ from ..import_utils import lazy_exports
 #: FastAPI and uvicorn, and `qwen_vl` Qwen2-VL's code, only for the rewards that use them)
 _import_structure = {
     ".base": [
-        "MULTI_OBJECTIVE_AGGREGATIONS",
         "GroupRewards",
         "RewardFunc",
         "RewardScorer",
@@ -59,7 +58,6 @@ _import_structure = {
 
 if TYPE_CHECKING:
     from .base import (
-        MULTI_OBJECTIVE_AGGREGATIONS,
         GroupRewards,
         RewardFunc,
         RewardScorer,

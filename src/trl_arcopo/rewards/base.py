@@ -29,12 +29,10 @@ from typing import Any
 
 import torch
 
+from ..loss import check_aggregation
 from ..quantization import quantized_parameters
 from .daemon_pool import DaemonThreadPool
 
-
-#: How several reward functions become one reward ([`combine_rewards`]), as TRL's `multi_objective_aggregation`.
-MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 #: A reward function: `fn(prompts, videos, **kwargs) -> list[float | None]`, with `videos` `[N, F, C, H, W]` in
 #: `[0, 1]`, one value per video; `None` means "no opinion". Extra dataset columns arrive as keyword lists.
@@ -240,12 +238,6 @@ def normalize_per_group(rewards_per_func: torch.Tensor, num_generations: int, ep
     else:
         std = torch.zeros_like(mean)
     return ((grouped - mean) / (std + eps)).view_as(rewards_per_func)
-
-
-def check_aggregation(aggregation: str, name: str = "aggregation") -> None:
-    """Refuse an unknown way of combining rewards, naming the field `name` and the choices."""
-    if aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
-        raise ValueError(f"`{name}={aggregation!r}` is not one of {MULTI_OBJECTIVE_AGGREGATIONS}.")
 
 
 def combine_rewards(
