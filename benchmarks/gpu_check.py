@@ -55,8 +55,9 @@ from datasets import Dataset
 from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig
 
-from trl_arcopo import ARCoPOConfig, ARCoPOTrainer, KVCache, SelfForcingPipeline, block_causal_mask
-from trl_arcopo.models import CausalWanTransformer3DModel
+from trl_arcopo import ARCoPOConfig, ARCoPOTrainer, SelfForcingPipeline
+from trl_arcopo.kv_cache import KVCache
+from trl_arcopo.models import CausalWanTransformer3DModel, block_causal_mask
 from trl_arcopo.planning import (
     DEFAULT_LORA_TARGETS,
     GPUS,

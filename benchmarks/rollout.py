@@ -33,7 +33,8 @@ import time
 
 import torch
 
-from trl_arcopo import RolloutNoise, SelfForcingPipeline, block_causal_mask, forked_rollout, neighbor_noise
+from trl_arcopo import RolloutNoise, SelfForcingPipeline, forked_rollout, neighbor_noise
+from trl_arcopo.models import block_causal_mask
 from trl_arcopo.sampling import self_forcing_scheduler
 from trl_arcopo.testing_utils import tiny_text_encoder, tiny_tokenizer, tiny_transformer
 

@@ -144,7 +144,10 @@ def test_trainer_input_errors(tmp_path):
     ("reward", "match"),
     [
         (lambda prompts, videos, **kw: [0.0] * (len(prompts) - 1), "`bad` returned 2 values for 3 videos"),
-        (lambda prompts, videos, **kw: [0.0, "0.5", 1.0], r"`bad` returned '0.5' \(str\) for video 1 .*one float"),
+        (
+            lambda prompts, videos, **kw: [0.0, "0.5", 1.0],
+            r"`bad` returned \"'0.5'\" \(str\) for video 1: return a float or None \(prompt",
+        ),
     ],
 )
 def test_bad_rewards_name_the_function_and_prompt(tmp_path, reward, match):

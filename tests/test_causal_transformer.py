@@ -3,7 +3,9 @@ import torch
 from diffusers import WanTransformer3DModel
 from peft import LoraConfig
 
-from trl_arcopo import CausalWanTransformer3DModel, KVCache, SelfForcingPipeline, block_causal_mask
+from trl_arcopo import CausalWanTransformer3DModel, SelfForcingPipeline
+from trl_arcopo.kv_cache import KVCache
+from trl_arcopo.models import block_causal_mask
 from trl_arcopo.sampling import x0_from_velocity
 from trl_arcopo.shapes import CausalWanX0Transformer3DModel, teacher_forcing_mask
 from trl_arcopo.testing_utils import tiny_pipeline, tiny_transformer

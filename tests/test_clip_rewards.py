@@ -127,7 +127,8 @@ def test_clip_score_refuses_bad_input():
 
 
 def test_aesthetic_head_on_clip_embeddings_and_safe_loading(tmp_path):
-    from trl_arcopo.rewards import AestheticMLP, AestheticReward, load_aesthetic_head
+    from trl_arcopo.rewards import AestheticReward, load_aesthetic_head
+    from trl_arcopo.rewards.clip import AestheticMLP
 
     model, _ = _tiny_clip()
     torch.manual_seed(2)

@@ -14,8 +14,8 @@ from diffusers.loaders import PeftAdapterMixin
 from helpers import redness, tiny_args
 from peft import LoraConfig
 
-from trl_arcopo import ARCoPOTrainer, RolloutNoise, StreamingGeneratorMixin, make_cache
-from trl_arcopo.kv_cache import CacheLayout
+from trl_arcopo import ARCoPOTrainer, RolloutNoise, StreamingGeneratorMixin
+from trl_arcopo.kv_cache import CacheLayout, make_cache
 from trl_arcopo.lora_files import load_lora_adapter_weights
 
 

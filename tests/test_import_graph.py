@@ -24,7 +24,10 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: and every module in it) is one entry; `trl_arcopo` is the package's own `__init__`, whose eager imports are the two
 #: utilities beside it (the rest of it is lazy).
 LAYERS: list[tuple[str, set[str]]] = [
-    ("utilities", {PACKAGE, "dependency_logging", "import_utils", "io_utils", "attention_window", "nonfinite"}),
+    (
+        "utilities",
+        {PACKAGE, "dependency_logging", "import_utils", "io_utils", "attention_window", "latent_frames", "nonfinite"},
+    ),
     ("numerics and models", {"sampling", "loss", "kv_cache", "models", "quantization", "text_encoders"}),
     ("generation and rewards", {"generator", "pipelines", "rollout_group", "rollout", "rewards"}),
     ("training helpers", {"policy", "data", "prompt_cache", "tracker_callbacks", "ema", "split_groups"}),

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from trl_arcopo import KVCache
+from trl_arcopo.kv_cache import KVCache
 from trl_arcopo.testing_utils import tiny_transformer
 
 
@@ -14,6 +14,13 @@ def _filled_cache(batch=2, frames=6, committed=3):
         cache.write(layer, 0, k, k + 1)
     cache.advance(committed * tpf)
     return cache
+
+
+def read(cache, layer, start, num_tokens):
+    """The context `[B, S, heads, head_dim]` a chunk of `num_tokens` at `start` attends to (`attended`, minus itself)."""
+    chunk = cache.keys[layer].new_zeros((cache.batch_size, num_tokens, *cache.keys[layer].shape[2:]))
+    keys, values = cache.attended(layer, start, chunk, chunk)
+    return keys[:, :-num_tokens], values[:, :-num_tokens]
 
 
 def test_sized_from_config_and_video():
@@ -38,7 +45,7 @@ def test_fork_reads_the_shared_prefix_without_copying_it():
     assert forked.capacity_frames == cache.capacity_frames == 6
     # what a chunk attends to equals a full copy of the prefix per branch (the old fork), row b * 3 + i -> b
     expected = cache.keys[1][:, :end].repeat_interleave(3, 0)
-    k, v = forked.read(1, end, 3 * tpf)
+    k, v = read(forked, 1, end, 3 * tpf)
     assert torch.equal(k, expected) and torch.equal(v, cache.values[1][:, :end].repeat_interleave(3, 0))
     assert torch.equal(forked.materialize().keys[1][:, :end], expected)
     # a branch commits into its own storage; the prefix and the other branches are untouched
@@ -51,32 +58,28 @@ def test_fork_reads_the_shared_prefix_without_copying_it():
     full = forked.materialize()  # the prefix copied in front of the branch's own frames, committed and free
     assert full.prefix is None and full.end == end + tpf and full.keys[0].shape[1] == 6 * tpf
     assert torch.equal(full.keys[0][:, end : end + tpf], forked.keys[0][:, :tpf])
-    k, _ = forked.read(0, end + tpf, tpf)
+    k, _ = read(forked, 0, end + tpf, tpf)
     assert k.shape == (6, end + tpf, 2, 12) and torch.equal(k[:, :end], before[:, :end].repeat_interleave(3, 0))
     # forks of forks read through both prefixes; a fork can stop at the prefix (the update's anchors)
     nested = forked.fork(2)
     assert nested.batch_size == 12
-    assert torch.equal(nested.read(2, nested.end, tpf)[0], forked.read(2, forked.end, tpf)[0].repeat_interleave(2, 0))
+    assert torch.equal(
+        read(nested, 2, nested.end, tpf)[0], read(forked, 2, forked.end, tpf)[0].repeat_interleave(2, 0)
+    )
     anchors = cache.fork(4, num_frames=3)
-    assert anchors.nbytes == 0 and anchors.read(0, end, tpf)[0].shape == (8, end, 2, 12)
+    assert anchors.nbytes == 0 and read(anchors, 0, end, tpf)[0].shape == (8, end, 2, 12)
     with pytest.raises(ValueError, match="too short"):
         anchors.check_chunk(end, 3 * tpf, batch_size=8, commit=True)
     with pytest.raises(ValueError, match="inside the shared prefix"):
         forked.check_chunk(0, 3 * tpf, batch_size=6)
 
 
-def test_select_narrow_clone_detach():
+def test_narrow_gives_views_of_the_rows():
     cache = _filled_cache()
-    forked = cache.fork(3)
-    sel = forked.select([5, 0])
-    full = forked.materialize()
-    assert torch.equal(sel.values[1][0], full.values[1][5]) and torch.equal(sel.values[1][1], full.values[1][0])
     narrow = cache.narrow(1, 1)
     assert narrow.batch_size == 1 and narrow.keys[0].data_ptr() == cache.keys[0][1].data_ptr()  # a view
-    clone = cache.clone()
-    clone.keys[0].zero_()
-    assert cache.keys[0].abs().sum() > 0  # clone is independent
-    assert cache.detach().keys[0].data_ptr() == cache.keys[0].data_ptr()  # detach shares storage
+    rows = cache.fork(3).narrow(3, 3)  # a fork is materialized first: the second prompt's branches
+    assert torch.equal(rows.keys[1][:, : cache.end], cache.keys[1][1:2, : cache.end].expand(3, -1, -1, -1))
 
 
 def test_commit_order_and_batch_errors():
@@ -105,7 +108,7 @@ def test_a_fork_reads_a_local_window_like_a_full_copy():
     full = forked.materialize()
     for start in (6 * tpf, 9 * tpf):  # the window reaches into the prefix, then only the sink frame does
         assert forked.context_slices(start, 3 * tpf) == full.context_slices(start, 3 * tpf)
-        assert torch.equal(forked.read(1, start, 3 * tpf)[0], full.read(1, start, 3 * tpf)[0])
+        assert torch.equal(read(forked, 1, start, 3 * tpf)[0], read(full, 1, start, 3 * tpf)[0])
 
 
 def test_window_slices():
@@ -115,7 +118,7 @@ def test_window_slices():
     cache.local_attn_frames, cache.sink_frames = 7, 2
     # chunk 9..11 with a 7-frame window: sink frames 0..1, recent frames 7..8, itself 9..11
     assert cache.context_slices(9 * tpf, 3 * tpf) == [slice(0, 2 * tpf), slice(7 * tpf, 9 * tpf)]
-    k, _ = cache.read(0, 9 * tpf, 3 * tpf)
+    k, _ = read(cache, 0, 9 * tpf, 3 * tpf)
     assert k.shape[1] == 4 * tpf
     with pytest.raises(ValueError, match="larger than"):
         KVCache(cache.keys, cache.values, tpf, local_attn_frames=2, sink_frames=2)

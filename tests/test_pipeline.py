@@ -5,7 +5,8 @@ from diffusers import WanPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from trl_arcopo import FramePackingAutoencoder, RolloutNoise, SelfForcingPipeline
+from trl_arcopo import RolloutNoise, SelfForcingPipeline
+from trl_arcopo.models import FramePackingAutoencoder
 from trl_arcopo.sampling import get_schedule
 from trl_arcopo.testing_utils import tiny_pipeline, tiny_transformer
 

@@ -179,8 +179,8 @@ def test_an_incomplete_newest_checkpoint_is_skipped_with_a_warning(tmp_path, cap
     state.write_text(state.read_text()[:100])
     adapter = out / "checkpoint-3" / "pytorch_lora_weights.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:-50])
-    os.makedirs(out / "checkpoint-3" / "_tmp_lora_abc")
-    (out / "_README.xyz.md.tmp").write_text("partial")
+    (out / "checkpoint-3" / "pytorch_lora_weights.safetensors.tmp-77").write_bytes(b"partial")
+    (out / "README.md.tmp-9").write_text("partial")
     (out / "replay_buffer.pt.tmp-123").write_bytes(b"partial")
 
     resumed = _trainer(out, max_steps=4, num_iterations=1, save_strategy="no")
@@ -193,7 +193,7 @@ def test_an_incomplete_newest_checkpoint_is_skipped_with_a_warning(tmp_path, cap
     assert "checkpoint-3 (its adapter pytorch_lora_weights.safetensors is missing or truncated)" in caplog.text
     assert len(record.states) == 3  # steps 3 and 4 were run again
     assert _equal(straight.adapter_state_dict(), resumed.adapter_state_dict())
-    leftovers = glob.glob(str(out / "**" / "_tmp_lora_*"), recursive=True) + glob.glob(str(out / "*.tmp*"))
+    leftovers = glob.glob(str(out / "**" / "*.tmp-*"), recursive=True)
     assert leftovers == []
 
     with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint-3: its adapter .* truncated"):

@@ -15,7 +15,6 @@ from test_videoalign_hpsv3 import SMALL, SPECIAL, _old_key, _peft_release, _rank
 
 from trl_arcopo import cli, shapes
 from trl_arcopo.rewards import (
-    REWARD_FAMILIES,
     AestheticReward,
     CLIPScoreReward,
     FlickerReward,
@@ -31,7 +30,7 @@ from trl_arcopo.rewards import (
     redness,
 )
 from trl_arcopo.rewards.clip import AestheticMLP, load_aesthetic_head
-from trl_arcopo.rewards.registry import AESTHETIC_HEAD
+from trl_arcopo.rewards.registry import AESTHETIC_HEAD, REWARD_FAMILIES
 
 
 PROMPTS = ["a red fox jumps", "a dog in snow"]

@@ -6,7 +6,8 @@ import threading
 import pytest
 import torch
 
-from trl_arcopo.rewards import RewardScorer, call_reward_funcs, check_reward_funcs, combine_rewards, score_group
+from trl_arcopo.rewards import RewardScorer, check_reward_funcs, score_group
+from trl_arcopo.rewards.base import call_reward_funcs, combine_rewards
 
 
 ROWS = [{"prompt": "a", "colour": "red"}, {"prompt": "b", "colour": "blue"}]

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from trl_arcopo import RolloutNoise, get_schedule, neighbor_noise, self_forcing_scheduler
-from trl_arcopo.sampling import consistency_step, ode_step, x0_from_velocity
+from trl_arcopo import RolloutNoise, neighbor_noise
+from trl_arcopo.sampling import consistency_step, get_schedule, ode_step, self_forcing_scheduler, x0_from_velocity
 
 
 def test_self_forcing_schedule():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from trl_arcopo import FramePackingAutoencoder
+from trl_arcopo.models import FramePackingAutoencoder
 from trl_arcopo.shapes import COLOURS, evaluate_generator, generate_videos, paired_difference, score_videos
 from trl_arcopo.shapes.pretrained import load_pretrained_pipeline
 from trl_arcopo.testing_utils import tiny_pipeline

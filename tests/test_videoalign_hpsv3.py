@@ -18,9 +18,9 @@ from trl_arcopo.rewards.qwen_vl_inputs import (
     VIDEO_MIN_PIXELS,
     build_text_inputs,
     chat_text,
-    fps_frame_indices,
     patchify,
     prepare_inputs,
+    qwen_vl_frame_indices,
     resize_normalize,
     smart_resize,
 )
@@ -108,7 +108,7 @@ def _hpsv3(tiny, **kwargs):
 def test_videoalign_preprocessing_of_a_wan_video(tiny):
     # 81 frames at 16 fps, sampled at 2 fps: 81 / 16 * 2 = 10.125 frames, rounded to a multiple of 2 -> 10, spread
     # over [0, 80] by linspace (step 80 / 9 = 8.89) and rounded.
-    assert fps_frame_indices(81, video_fps=16, fps=2) == [0, 9, 18, 27, 36, 44, 53, 62, 71, 80]
+    assert qwen_vl_frame_indices(81, video_fps=16, fps=2) == [0, 9, 18, 27, 36, 44, 53, 62, 71, 80]
     # 480x832 rounds to 476x840 (multiples of 28) = 399,840 pixels > 448 * 448 = 200,704, so both sides shrink by
     # sqrt(480 * 832 / 200,704) = 1.4106 and round down to multiples of 28: 340.3 -> 336, 589.8 -> 588.
     assert smart_resize(480, 832, min_pixels=VIDEO_MIN_PIXELS, max_pixels=448 * 448) == (336, 588)
@@ -125,10 +125,15 @@ def test_videoalign_preprocessing_of_a_wan_video(tiny):
 
 
 def test_fps_sampling_of_short_videos():
-    assert fps_frame_indices(9, video_fps=16, fps=2) == [0, 3, 5, 8]  # 1.125 frames -> at least 4: linspace(0, 8, 4)
-    assert fps_frame_indices(3, video_fps=16, fps=2) == [0, 2]  # at most the frames there are, a multiple of 2
+    assert qwen_vl_frame_indices(9, video_fps=16, fps=2) == [
+        0,
+        3,
+        5,
+        8,
+    ]  # 1.125 frames -> at least 4: linspace(0, 8, 4)
+    assert qwen_vl_frame_indices(3, video_fps=16, fps=2) == [0, 2]  # at most the frames there are, a multiple of 2
     with pytest.raises(ValueError, match="A video of 1 frames is too short"):
-        fps_frame_indices(1)
+        qwen_vl_frame_indices(1)
 
 
 def test_patchify_matches_the_transformers_image_processor():

@@ -45,7 +45,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from trl_arcopo import FramePackingAutoencoder, SelfForcingPipeline
+from trl_arcopo import SelfForcingPipeline
+from trl_arcopo.models import FramePackingAutoencoder
 from trl_arcopo.sampling import get_schedule, self_forcing_scheduler
 from trl_arcopo.shapes import (
     ALL_PROMPTS,

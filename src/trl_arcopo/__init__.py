@@ -25,30 +25,28 @@ __version__ = "0.1.0.dev0"
 _import_structure = {
     ".arcopo_config": ["ARCoPOConfig"],
     ".arcopo_trainer": ["ARCoPOTrainer"],
-    ".generator": ["ChunkDenoisingOutput", "StreamingGenerator", "StreamingGeneratorMixin", "check_generator"],
-    ".kv_cache": ["KVCache", "RecomputeKVCache", "RollingKVCache", "make_cache"],
-    ".loss": ["LossStats", "arcopo_loss", "group_advantages", "sde_grpo_loss", "sde_transition_log_prob"],
+    ".generator": ["StreamingGenerator", "StreamingGeneratorMixin"],
+    ".loss": ["LossStrategy", "register_loss"],
     ".merging": ["combine_adapters"],
-    ".models": ["CausalWanTransformer3DModel", "FramePackingAutoencoder", "block_causal_mask"],
+    ".models": ["CausalWanTransformer3DModel"],
     ".pipelines": ["SelfForcingPipeline", "SelfForcingPipelineOutput"],
-    ".rewards": ["RewardFunc"],
+    ".rewards": ["RewardFunc", "load_reward_func"],
     ".rollout": ["ForkedRollout", "RolloutSpec", "forked_rollout", "sample_group"],
     ".rollout_group": ["AnchorBatch", "RolloutGroup"],
-    ".sampling": ["RolloutNoise", "get_schedule", "neighbor_noise", "self_forcing_scheduler"],
+    ".sampling": ["RolloutNoise", "neighbor_noise"],
 }
 
 if TYPE_CHECKING:
     from .arcopo_config import ARCoPOConfig
     from .arcopo_trainer import ARCoPOTrainer
-    from .generator import ChunkDenoisingOutput, StreamingGenerator, StreamingGeneratorMixin, check_generator
-    from .kv_cache import KVCache, RecomputeKVCache, RollingKVCache, make_cache
-    from .loss import LossStats, arcopo_loss, group_advantages, sde_grpo_loss, sde_transition_log_prob
+    from .generator import StreamingGenerator, StreamingGeneratorMixin
+    from .loss import LossStrategy, register_loss
     from .merging import combine_adapters
-    from .models import CausalWanTransformer3DModel, FramePackingAutoencoder, block_causal_mask
+    from .models import CausalWanTransformer3DModel
     from .pipelines import SelfForcingPipeline, SelfForcingPipelineOutput
-    from .rewards import RewardFunc
+    from .rewards import RewardFunc, load_reward_func
     from .rollout import ForkedRollout, RolloutSpec, forked_rollout, sample_group
     from .rollout_group import AnchorBatch, RolloutGroup
-    from .sampling import RolloutNoise, get_schedule, neighbor_noise, self_forcing_scheduler
+    from .sampling import RolloutNoise, neighbor_noise
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _import_structure)

@@ -23,7 +23,7 @@ import torch
 from transformers import TrainingArguments
 
 from .loss import DISTANCE_REDUCTIONS, SCALE_REWARDS, check_aggregation, check_delta, get_loss_strategy
-from .sampling import SELF_FORCING_SIGMAS, check_sampler
+from .sampling import check_sampler, check_sigmas
 
 
 TRAINING_MODES = ("on_policy", "semi_on_policy")
@@ -513,9 +513,8 @@ class ARCoPOConfig(TrainingArguments):
             raise ValueError(f"`num_frames_per_chunk={self.num_frames_per_chunk}` must be at least 1.")
         if self.pivot_chunk is not None and self.pivot_chunk < 0:
             raise ValueError(f"`pivot_chunk={self.pivot_chunk}` must be a chunk index (>= 0) or None (uniform).")
-        sigmas = list(self.denoising_sigmas) if self.denoising_sigmas is not None else list(SELF_FORCING_SIGMAS)
-        if not sigmas or any(not 0 < s <= 1 for s in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
-            raise ValueError(f"`denoising_sigmas={sigmas}` must be a non-empty, strictly decreasing list in (0, 1].")
+        if self.denoising_sigmas is not None:
+            check_sigmas(self.denoising_sigmas, "denoising_sigmas")
         if self.split_groups_across_processes and self.training_mode != "on_policy":
             raise ValueError(
                 "`split_groups_across_processes=True` splits on-policy rollouts; with "

@@ -34,7 +34,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.utils import logging
 
 from .arcopo_config import ARCoPOConfig
-from .checkpointing import CheckpointMixin, between_iterations
+from .checkpointing import CheckpointMixin, between_iterations, is_checkpoint_folder
 from .completions import Completions, log_to_trackers
 from .data import EpochRepeatSampler, check_datasets, seeded_generator
 from .ema import AdapterEMA
@@ -172,7 +172,6 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         self._completions_folder: str | None = None
         self._guard = NonFiniteGuard(args.max_nonfinite_steps, self.accelerator, self.adapter_state_dict)
         self.add_callback(self._guard)
-        self._saving_checkpoint = False
         #: The moving average of the adapter (`ema_decay`), else `None`.
         self.ema = AdapterEMA(self._adapter_parameters(), args.ema_decay) if args.ema_decay is not None else None
         if self.ema is not None:
@@ -206,6 +205,10 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         return self._guard.skipped_steps
 
     # ------------------------------------------------------------------ data and randomness
+    # Private `Trainer` methods overridden here, as TRL's GRPOTrainer overrides them, each because no public hook
+    # serves: the dataset's columns (`remove_unused_columns` reads the model's forward signature otherwise), the
+    # sampler (a `DataLoader` is built inside `get_train_dataloader`), and the batch becoming a rollout
+    # (`_prepare_inputs` is the one place between the dataloader and `training_step`).
     def _set_signature_columns_if_needed(self):
         self._signature_columns = ["prompt"]
 
@@ -523,9 +526,14 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         """The trained adapter's parameters (PEFT names), detached."""
         return {n: p.detach() for n, p in self._adapter_parameters().items()}
 
-    def ema_weights(self):
-        """A context in which the adapter holds its moving average (`ema_decay` and `use_ema_weights`), else a no-op."""
-        use = self.ema is not None and self.args.use_ema_weights and not self._saving_checkpoint
+    def ema_weights(self, folder: str | None = None):
+        """
+        A context in which the adapter holds its moving average (`ema_decay` and `use_ema_weights`), else a no-op; a
+        no-op too for a save into a checkpoint `folder` ([`~trl_arcopo.checkpointing.is_checkpoint_folder`]): a
+        checkpoint holds the last weights, which a resume continues from.
+        """
+        checkpoint = folder is not None and is_checkpoint_folder(folder)
+        use = self.ema is not None and self.args.use_ema_weights and not checkpoint
         return self.ema.swapped() if use else nullcontext()
 
     def check_adapters_in_sync(self) -> bool:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Callable
 
 from safetensors import SafetensorError, safe_open
@@ -30,6 +29,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .ema import EMA_FILE, nonfinite_ema_names, summarize_names
+from .io_utils import TEMPORARY_NAME_RE, process_file
 from .lora_files import LORA_WEIGHT_NAME, load_lora_adapter_weights
 from .rollout_group import rollout_settings, saved_rollout_problems
 
@@ -38,7 +38,11 @@ logger = logging.get_logger(__name__)
 
 ROLLOUT_FILE = "rollout"
 CHECKPOINT_RE = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
-_STALE_TEMPORARY_RE = re.compile(r"_tmp_lora_.*|_README\..*\.md\.tmp|.*\.(pt|safetensors)\.tmp-\d+")
+
+
+def is_checkpoint_folder(folder: str) -> bool:
+    """Whether `folder` is a checkpoint's (`checkpoint-<step>`), whose adapter holds the last weights, never the EMA."""
+    return CHECKPOINT_RE.fullmatch(os.path.basename(os.path.normpath(folder))) is not None
 
 
 def readable_safetensors(path: str) -> bool:
@@ -119,14 +123,10 @@ def remove_stale_temporaries(output_dir: str) -> list[str]:
     removed = []
     for folder in folders:
         for name in os.listdir(folder):
-            if not _STALE_TEMPORARY_RE.fullmatch(name):
-                continue
             path = os.path.join(folder, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
+            if TEMPORARY_NAME_RE.fullmatch(name) and os.path.isfile(path):
                 os.remove(path)
-            removed.append(path)
+                removed.append(path)
     if removed:
         logger.info(f"Removed {len(removed)} temporary file(s) left by an interrupted save: {', '.join(removed)}.")
     return removed
@@ -134,8 +134,7 @@ def remove_stale_temporaries(output_dir: str) -> list[str]:
 
 def rollout_file(folder: str, rank: int = 0, num_processes: int = 1) -> str:
     """This process's buffered-rollout file in a checkpoint `folder` (`rollout.safetensors`, `-rank{i}` with several)."""
-    suffix = "" if num_processes == 1 else f"-rank{rank}"
-    return os.path.join(folder, f"{ROLLOUT_FILE}{suffix}.safetensors")
+    return process_file(os.path.join(folder, f"{ROLLOUT_FILE}.safetensors"), rank, num_processes)
 
 
 def between_iterations(micro_steps: int, num_iterations: int, training_mode: str = "on_policy") -> bool:
@@ -175,9 +174,11 @@ class CheckpointMixin:
     [`~trl_arcopo.ARCoPOTrainer`]'s checkpoint hooks on `transformers.Trainer`: a checkpoint carries the rollout being
     updated between inner iterations and the replay-buffer copy, `trainer_state.json` is written last, and a resume
     takes the newest complete checkpoint. Needs the trainer's `_step`, `_buffered_rollout`, `replay`, `ema`,
-    `_saving_checkpoint` and `adapter_name`.
+    `adapter_name`; the model it saves into a checkpoint folder holds the last weights ([`is_checkpoint_folder`]).
     """
 
+    # `_save_checkpoint` and `_load_from_checkpoint` are private in `Trainer`, and no callback can add files to a
+    # checkpoint before `trainer_state.json` is written or load an adapter into the model being resumed.
     def _save_checkpoint(self, model, trial):
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         os.makedirs(folder, exist_ok=True)
@@ -201,11 +202,7 @@ class CheckpointMixin:
             self.ema.check_finite(folder)  # on every process: the same average everywhere, so all stop together
             if self.args.should_save:
                 self.ema.save(folder)
-        self._saving_checkpoint = True  # the adapter of a checkpoint is the last weights, whatever `use_ema_weights`
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._saving_checkpoint = False
+        super()._save_checkpoint(model, trial)
 
     def _rollout_file(self, folder: str) -> str:
         return rollout_file(folder, self.accelerator.process_index, self.accelerator.num_processes)

@@ -44,7 +44,11 @@ def encode_gif(video: torch.Tensor, fps: int = GIF_FPS) -> bytes:
     if video.dtype != torch.uint8:
         video = quantize_8bit(video).to(torch.uint8)
     array = video.permute(0, 2, 3, 1).cpu().numpy()  # [F, H, W, C]
-    frames = [Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame) for frame in array]
+    return gif_bytes([Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame) for frame in array], fps)
+
+
+def gif_bytes(frames: list, fps: int = GIF_FPS) -> bytes:
+    """An animated GIF of the PIL images `frames`, looping, `fps` frames per second: every GIF the library writes."""
     out = io.BytesIO()
     frames[0].save(
         out, format="GIF", save_all=True, append_images=frames[1:], optimize=False, duration=1000 // fps, loop=0

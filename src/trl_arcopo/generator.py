@@ -335,7 +335,7 @@ class StreamingGeneratorMixin:
         """
         Re-encode what the next chunk reads under `prompt_embeds` (a prompt switch): the clean `latents`
         `[B, C, F, H, W]` of every committed frame are committed again, block by block, the sink and the recent frames
-        of the window only ([`~trl_arcopo.KVCache.recache`]); a recompute cache rebuilds its context.
+        of the window only ([`~trl_arcopo.kv_cache.KVCache.recache`]); a recompute cache rebuilds its context.
         """
         forward = self._commit_forward(prompt_embeds, negative_prompt_embeds, attention_kwargs)
         with torch.no_grad():

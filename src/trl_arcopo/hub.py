@@ -21,7 +21,6 @@ import numbers
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -33,7 +32,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from transformers.utils.hub import PushInProgress
 
 from .completions import encode_gif
-from .io_utils import durable_replace
+from .io_utils import atomic_path
 from .lora_files import LORA_WEIGHT_NAME, save_lora_adapter
 from .nonfinite import check_finite_parameters
 
@@ -273,14 +272,8 @@ def create_model_card(
     )  # fmt: skip
 
     os.makedirs(output_dir, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix="_README.", suffix=".md.tmp", dir=output_dir)
-    os.close(fd)
-    try:
+    with atomic_path(os.path.join(output_dir, "README.md")) as tmp_path:
         card.save(tmp_path)
-        durable_replace(tmp_path, os.path.join(output_dir, "README.md"))
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
     return card
 
 
@@ -315,15 +308,8 @@ def push_adapter_to_hub(
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"No folder to upload at {folder}.")
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        repo_type="model",
-        commit_message=commit_message,
-        allow_patterns=PUSH_ALLOW_PATTERNS,
-    )
+    HfApi(token=token).create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+    commit = upload_training_folder(repo_id, folder, token, commit_message)
     return str(getattr(commit, "commit_url", None) or commit)
 
 
@@ -339,11 +325,12 @@ def upload_training_folder(
     """
     Upload what a training folder may publish: the adapter and its card (`PUSH_ALLOW_PATTERNS`), plus the sample
     videos (`completions/*.gif`) with `sample_videos`; never checkpoints, buffers, logs or `training_args.bin`.
-    Returns the commit info, or a future when not `blocking`.
+    Returns the commit info, or a future when not `blocking`. Every upload of the library goes through here.
     """
     return HfApi().upload_folder(
         repo_id=repo_id,
         folder_path=folder,
+        repo_type="model",
         commit_message=commit_message,
         token=token,
         run_as_future=not blocking,
@@ -384,14 +371,17 @@ class HubMixin:
     """
     [`~trl_arcopo.ARCoPOTrainer`]'s saving and sharing hooks on `transformers.Trainer`: the saved model is the adapter
     and its model card, and only those (plus sample videos on request) reach the Hub. Needs the trainer's
-    `pipeline`, `adapter_name`, `adapter_state_dict()` and `ema_weights()` (the context in which the adapter holds the
-    weights to save).
+    `pipeline`, `adapter_name`, `adapter_state_dict()` and `ema_weights(folder)` (the context in which the adapter holds
+    the weights to save into `folder`).
     """
 
+    # `_save` and `_push_from_checkpoint` are private in `Trainer`: `save_model` and the checkpoint pushes call them,
+    # and no public hook chooses what a save writes (here the adapter and its card, not the model's state dict) or
+    # what a push of `hub_strategy` uploads.
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        with self.ema_weights():
+        with self.ema_weights(output_dir):
             check_finite_parameters(self.adapter_state_dict(), "when saving", self.state.global_step)
             save_lora_adapter(self.accelerator.unwrap_model(self.model), output_dir, adapter_name=self.adapter_name)
         torch.save(args_without_token(self.args), os.path.join(output_dir, "training_args.bin"))

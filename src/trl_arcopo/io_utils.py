@@ -13,13 +13,15 @@
 # limitations under the License.
 """
 File I/O shared by the library: atomic writes (a crash leaves either the previous file or the new one, never a
-truncated file) and torch files read without running pickled code.
+truncated file; every file is written under one temporary-name pattern) and torch files read without running
+pickled code.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,20 +29,33 @@ from typing import Any
 import torch
 
 
+#: The names [`atomic_path`] writes under, `<name>.tmp-<pid>`: what a killed process may leave behind
+#: (`checkpointing.remove_stale_temporaries` removes them).
+TEMPORARY_NAME_RE = re.compile(r".+\.tmp-\d+")
+
+
 @contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """
-    Yield a temporary path next to `path` (`<path>.tmp-<pid>`, which `checkpointing.remove_stale_temporaries`
-    recognises); write the file there, and on leaving the block it replaces `path`. On an error the temporary file is
-    removed and `path` is left as it was.
+    Yield a temporary path next to `path` (`<path>.tmp-<pid>`, [`TEMPORARY_NAME_RE`]); write the file there, and on
+    leaving the block it replaces `path` durably ([`durable_replace`]). On an error the temporary file is removed and
+    `path` is left as it was.
     """
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         yield tmp
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def process_file(path: str, rank: int = 0, num_processes: int = 1) -> str:
+    """This process's file of `path`, which every process writes its own of: `-rank{rank}` before the extension."""
+    if num_processes == 1:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}-rank{rank}{ext}"
 
 
 def load_tensors_only(path: str | os.PathLike, what: str, fix: str = "", mmap: bool = False) -> Any:

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .io_utils import durable_replace
+from .io_utils import atomic_path
 from .pipelines import SelfForcingPipeline
 
 
@@ -58,10 +56,9 @@ def save_lora_adapter(
     [`SelfForcingPipeline`] or a stock `diffusers.WanPipeline`, or with [`load_lora_adapter_weights`] into an existing
     adapter to resume training.
 
-    The file is first written into a temporary folder `output_dir/_tmp_lora_*` (on the same file system), flushed to
-    disk, then moved over the final path with `os.replace`: a crash never leaves a truncated or corrupt adapter file,
-    the previous file stays intact until the new one is complete. A folder left over by a killed process starts with
-    `_`, which [`push_adapter_to_hub`] never uploads.
+    The file is written atomically ([`~trl_arcopo.io_utils.atomic_path`]: under a temporary name next to it, flushed
+    to disk, then moved over the final path): a crash never leaves a truncated or corrupt adapter file, and the
+    previous file stays intact until the new one is complete.
 
     Args:
         transformer (`torch.nn.Module`):
@@ -90,20 +87,15 @@ def save_lora_adapter(
     output_dir = os.fspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     final_path = os.path.join(output_dir, weight_name)
-    tmp_dir = tempfile.mkdtemp(prefix="_tmp_lora_", dir=output_dir)
-    try:
+    with atomic_path(final_path) as tmp_path:
         SelfForcingPipeline.save_lora_weights(
-            tmp_dir,
+            output_dir,
             transformer_lora_layers=state_dict,
-            weight_name=weight_name,
+            weight_name=os.path.basename(tmp_path),
             transformer_lora_adapter_metadata=adapter_metadata,
         )
-        tmp_path = os.path.join(tmp_dir, weight_name)
         if not os.path.isfile(tmp_path):
             raise RuntimeError(f"Saving the LoRA adapter did not produce {tmp_path}.")
-        durable_replace(tmp_path, final_path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return final_path
 
 

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .io_utils import atomic_path, load_tensors_only
+from .io_utils import atomic_path, load_tensors_only, process_file
 from .kv_cache import KVCache
 from .rollout import RolloutSpec
 from .rollout_group import RolloutGroup
@@ -239,11 +239,11 @@ def group_from_entries(
 # ---------------------------------------------------------------------------------------------------- lifecycle
 def replay_buffer_file(folder: str, path: str | None = None, rank: int = 0, num_processes: int = 1) -> str:
     """This process's buffer file: `path` if given, else `folder/replay_buffer.pt` (`-rank{i}` with several)."""
-    suffix = "" if num_processes == 1 else f"-rank{rank}"
-    if path is not None:
-        root, ext = os.path.splitext(path)
-        return f"{root}{suffix}{ext or '.pt'}"
-    return os.path.join(folder, f"replay_buffer{suffix}.pt")
+    if path is None:
+        path = os.path.join(folder, "replay_buffer.pt")
+    elif not os.path.splitext(path)[1]:
+        path += ".pt"
+    return process_file(path, rank, num_processes)
 
 
 def check_buffer_compatible(buffer: ReplayBuffer, spec: RolloutSpec, num_generations: int, source: str) -> None:

@@ -42,6 +42,14 @@ def self_forcing_scheduler(shift: float = 5.0) -> FlowMatchEulerDiscreteSchedule
     return FlowMatchEulerDiscreteScheduler(shift=shift, stochastic_sampling=True)
 
 
+def check_sigmas(sigmas, name: str = "sigmas") -> list[float]:
+    """`sigmas` as a list, or a `ValueError` naming the field `name`: a schedule is non-empty, strictly decreasing, in (0, 1]."""
+    sigmas = list(sigmas)
+    if not sigmas or any(not 0 < s <= 1 for s in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+        raise ValueError(f"`{name}={sigmas}` must be a non-empty, strictly decreasing list in (0, 1].")
+    return sigmas
+
+
 def get_schedule(
     scheduler: FlowMatchEulerDiscreteScheduler, sigmas: list[float] | tuple[float, ...] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,9 +59,7 @@ def get_schedule(
     Returns:
         `(timesteps, sigmas)`: `timesteps` `[T]` in `[0, 1000]` and `sigmas` `[T + 1]` ending with `0`, both fp32.
     """
-    sigmas = list(SELF_FORCING_SIGMAS if sigmas is None else sigmas)
-    if not sigmas or any(not 0 < s <= 1 for s in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
-        raise ValueError(f"`sigmas={sigmas}` must be a non-empty, strictly decreasing list in (0, 1].")
+    sigmas = check_sigmas(SELF_FORCING_SIGMAS if sigmas is None else sigmas)
     scheduler.set_timesteps(sigmas=sigmas, device="cpu")
     return scheduler.timesteps.float().clone(), scheduler.sigmas.float().clone()
 

@@ -233,7 +233,7 @@ class KVCache:
         if batch_size != self.batch_size and self.batch_size != 1:
             raise ValueError(
                 f"The input batch ({batch_size}) does not match the cache batch ({self.batch_size}); use "
-                f"`cache.fork(n)` or `cache.select(indices)` to get a cache of the right batch size."
+                f"`cache.fork(n)` or `cache.narrow(start, length)` to get a cache of the right batch size."
             )
 
     # ------------------------------------------------------------------ read / write
@@ -267,10 +267,6 @@ class KVCache:
         local = start - self.offset
         self.keys[layer][:, local : local + key.shape[1]] = key.detach()
         self.values[layer][:, local : local + key.shape[1]] = value.detach()
-
-    def read(self, layer: int, start: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values `[B, S, heads, head_dim]` that the chunk starting at token `start` attends to (a copy)."""
-        return self._gather(layer, self.context_slices(start, num_tokens))
 
     def _gather(
         self, layer: int, slices: list[slice], key: torch.Tensor | None = None, value: torch.Tensor | None = None
@@ -469,20 +465,3 @@ class KVCache:
     def narrow(self, start: int, length: int) -> KVCache:
         """The batch rows `[start, start + length)`, as views (nothing is copied); a fork is materialized first."""
         return self.materialize()._map(lambda buf: buf.narrow(0, start, length))
-
-    def select(self, indices: torch.Tensor | list[int]) -> KVCache:
-        """Keep the batch rows `indices` (in that order; repeats allowed); a fork is materialized first."""
-        cache = self.materialize()
-        index = torch.as_tensor(indices, dtype=torch.long, device=cache.keys[0].device)
-        return cache._map(lambda buf: buf.index_select(0, index))
-
-    def clone(self) -> KVCache:
-        """A copy of this cache's own storage (a fork keeps reading the same prefix)."""
-        return self._map(lambda buf: buf.clone())
-
-    def detach(self) -> KVCache:
-        return self._map(lambda buf: buf.detach())
-
-    def to(self, device=None, dtype=None) -> KVCache:
-        prefix = self.prefix.to(device, dtype) if self.prefix is not None else None
-        return replace(self._map(lambda buf: buf.to(device=device, dtype=dtype)), prefix=prefix)

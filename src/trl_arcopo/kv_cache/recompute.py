@@ -206,16 +206,3 @@ class RecomputeKVCache:
 
     def narrow(self, start: int, length: int) -> RecomputeKVCache:
         return self._with(self.kv.narrow(start, length), lambda x: x.narrow(0, start, length))
-
-    def select(self, indices: torch.Tensor | list[int]) -> RecomputeKVCache:
-        index = torch.as_tensor(indices, dtype=torch.long, device=self.kv.keys[0].device)
-        return self._with(self.kv.select(index), lambda x: x.index_select(0, index.to(x.device)))
-
-    def clone(self) -> RecomputeKVCache:
-        return self._with(self.kv.clone(), lambda x: x.clone())
-
-    def detach(self) -> RecomputeKVCache:
-        return self._with(self.kv.detach(), lambda x: x.detach())
-
-    def to(self, device=None, dtype=None) -> RecomputeKVCache:
-        return self._with(self.kv.to(device, dtype), lambda x: x.to(device=device))

@@ -20,6 +20,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 
+from ..latent_frames import latent_num_frames
+
 
 class FramePackingAutoencoder(ModelMixin, ConfigMixin):
     r"""
@@ -73,13 +75,7 @@ class FramePackingAutoencoder(ModelMixin, ConfigMixin):
 
     def latent_num_frames(self, num_frames: int) -> int:
         """Latent frames of a `num_frames`-frame video (raises if `num_frames` does not divide)."""
-        t = self.config.scale_factor_temporal
-        if num_frames < t or num_frames % t:
-            raise ValueError(
-                f"`num_frames={num_frames}` must be a positive multiple of the frame packing's "
-                f"`scale_factor_temporal={t}` (e.g. {max(t, num_frames // t * t)})."
-            )
-        return num_frames // t
+        return latent_num_frames(num_frames, self.config.scale_factor_temporal, frame_packing=True)
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Video `[B, C, F, H, W]` to latents `[B, C·t·s², F/t, H/s, W/s]`."""

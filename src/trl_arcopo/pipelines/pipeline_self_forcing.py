@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..attention_window import check_cache_policy
 from ..generator import PromptSchedule, StreamingGeneratorMixin
 from ..kv_cache import AnyKVCache, make_cache
+from ..latent_frames import latent_num_frames, pixel_frame_range, pixel_num_frames
 from ..models.causal_wan import CausalWanTransformer3DModel
 from ..models.frame_packing import FramePackingAutoencoder
 from ..sampling import RolloutNoise, SamplerType, check_sampler
@@ -227,12 +228,11 @@ class SelfForcingPipeline(DiffusionPipeline, StreamingGeneratorMixin, WanLoraLoa
         frame 0 of latent frame 0 and frames `4f - 3 .. 4f` of latent frame `f`; a `FramePackingAutoencoder` frames
         `t·f .. t·f + t - 1`; without a VAE, the same frames.
         """
-        t = self.vae_scale_factor_temporal
-        if t == 1 or stop <= start:
-            return start, stop
-        if hasattr(self.vae, "latent_num_frames"):  # frame packing: `t` frames per latent frame
-            return start * t, stop * t
-        return (0 if start == 0 else t * start - (t - 1)), t * stop - (t - 1)
+        return pixel_frame_range(start, stop, self.vae_scale_factor_temporal, self._frame_packing)
+
+    @property
+    def _frame_packing(self) -> bool:  # e.g. `FramePackingAutoencoder`: `t` frames per latent frame, no causal frame
+        return hasattr(self.vae, "latent_num_frames")
 
     def latent_shape(
         self, batch_size: int, height: int, width: int, num_frames: int, num_frames_per_chunk: int
@@ -248,19 +248,11 @@ class SelfForcingPipeline(DiffusionPipeline, StreamingGeneratorMixin, WanLoraLoa
             )
         if num_frames_per_chunk < 1:
             raise ValueError(f"`num_frames_per_chunk={num_frames_per_chunk}` must be at least 1.")
-        t = self.vae_scale_factor_temporal
-        packing = hasattr(self.vae, "latent_num_frames")  # e.g. `FramePackingAutoencoder`: F / t, no causal frame
-        if packing:
-            latent_frames = self.vae.latent_num_frames(num_frames)
-        else:
-            if t > 1 and (num_frames - 1) % t:
-                raise ValueError(
-                    f"`num_frames={num_frames}` must be 1 + a multiple of the VAE's temporal factor {t} (e.g. 81)."
-                )
-            latent_frames = (num_frames - 1) // t + 1 if t > 1 else num_frames
+        t, packing = self.vae_scale_factor_temporal, self._frame_packing
+        latent_frames = latent_num_frames(num_frames, t, packing)
         if latent_frames % num_frames_per_chunk:
             valid = (latent_frames // num_frames_per_chunk + 1) * num_frames_per_chunk
-            suggestion = valid * t if packing else (valid - 1) * t + 1 if t > 1 else valid
+            suggestion = pixel_num_frames(valid, t, packing)
             raise ValueError(
                 f"`num_frames={num_frames}` gives {latent_frames} latent frames, not a multiple of "
                 f"`num_frames_per_chunk={num_frames_per_chunk}`; use e.g. `num_frames={suggestion}`."

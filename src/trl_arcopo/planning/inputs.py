@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..attention_window import check_cache_policy
+from ..latent_frames import latent_num_frames, pixel_num_frames
 
 
 MiB = 2**20
@@ -231,18 +232,7 @@ class VideoShape:
 
     @property
     def latent_frames(self) -> int:
-        t, f = self.vae_scale_factor_temporal, self.num_frames
-        if self.frame_packing:
-            if f % t:
-                raise ValueError(f"`num_frames={f}` must be a multiple of the frame packing's {t} frames.")
-            return f // t
-        if t > 1:
-            if (f - 1) % t:
-                raise ValueError(
-                    f"`num_frames={f}` must be 1 + a multiple of the VAE's temporal factor {t} (e.g. 81)."
-                )
-            return (f - 1) // t + 1
-        return f
+        return latent_num_frames(self.num_frames, self.vae_scale_factor_temporal, self.frame_packing)
 
     @property
     def latent_height(self) -> int:
@@ -254,8 +244,7 @@ class VideoShape:
 
     def pixel_frames(self, latent_frames: int) -> int:
         """The `num_frames` that gives `latent_frames` latent frames (the inverse of `latent_frames`)."""
-        t = self.vae_scale_factor_temporal
-        return latent_frames * t if self.frame_packing or t == 1 else (latent_frames - 1) * t + 1
+        return pixel_num_frames(latent_frames, self.vae_scale_factor_temporal, self.frame_packing)
 
     @property
     def num_chunks(self) -> int:

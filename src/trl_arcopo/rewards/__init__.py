@@ -30,57 +30,47 @@ from ..import_utils import lazy_exports
 #: FastAPI and uvicorn, and `qwen_vl` Qwen2-VL's code, only for the rewards that use them)
 _import_structure = {
     ".base": [
-        "GroupRewards",
         "RewardFunc",
         "RewardScorer",
-        "call_reward_funcs",
         "check_reward_funcs",
-        "combine_rewards",
         "load_reward_func",
-        "normalize_per_group",
         "random_reward",
         "redness",
-        "reward_func_name",
         "score_group",
     ],
-    ".clip": ["AestheticMLP", "AestheticReward", "CLIPScoreReward", "load_aesthetic_head"],
+    ".clip": ["AestheticReward", "CLIPScoreReward", "load_aesthetic_head"],
     ".hpsv3": ["HPSv3Reward"],
     ".judge": ["VLMJudgeReward"],
     ".qwen_vl": ["QwenVLReward", "QwenVLRewardModel"],
-    ".registry": ["REWARD_FAMILIES", "RewardFamily", "RewardSpec", "parse_reward_spec", "reward_names"],
+    ".registry": ["RewardSpec", "parse_reward_spec", "reward_names"],
     ".remote": ["RemoteReward", "RemoteRewardError"],
     ".server": ["RewardServer", "serve"],
     ".server_client": ["RewardServerClient"],
     ".server_limits": ["ServerLimits"],
     ".video_metrics": ["FlickerReward", "MotionMagnitudeReward", "SharpnessReward"],
-    ".videoalign": ["VIDEOALIGN_CALIBRATION", "VideoAlignReward", "remap_videoalign_state_dict"],
+    ".videoalign": ["VideoAlignReward"],
 }
 
 if TYPE_CHECKING:
     from .base import (
-        GroupRewards,
         RewardFunc,
         RewardScorer,
-        call_reward_funcs,
         check_reward_funcs,
-        combine_rewards,
         load_reward_func,
-        normalize_per_group,
         random_reward,
         redness,
-        reward_func_name,
         score_group,
     )
-    from .clip import AestheticMLP, AestheticReward, CLIPScoreReward, load_aesthetic_head
+    from .clip import AestheticReward, CLIPScoreReward, load_aesthetic_head
     from .hpsv3 import HPSv3Reward
     from .judge import VLMJudgeReward
     from .qwen_vl import QwenVLReward, QwenVLRewardModel
-    from .registry import REWARD_FAMILIES, RewardFamily, RewardSpec, parse_reward_spec, reward_names
+    from .registry import RewardSpec, parse_reward_spec, reward_names
     from .remote import RemoteReward, RemoteRewardError
     from .server import RewardServer, serve
     from .server_client import RewardServerClient
     from .server_limits import ServerLimits
     from .video_metrics import FlickerReward, MotionMagnitudeReward, SharpnessReward
-    from .videoalign import VIDEOALIGN_CALIBRATION, VideoAlignReward, remap_videoalign_state_dict
+    from .videoalign import VideoAlignReward
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _import_structure)

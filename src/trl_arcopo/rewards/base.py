@@ -32,6 +32,7 @@ import torch
 from ..loss import check_aggregation
 from ..quantization import quantized_parameters
 from .daemon_pool import DaemonThreadPool
+from .remote import quoted
 
 
 #: A reward function: `fn(prompts, videos, **kwargs) -> list[float | None]`, with `videos` `[N, F, C, H, W]` in
@@ -139,6 +140,37 @@ def _timed_call(func: RewardFunc, prompts: list[str], videos: torch.Tensor, kwar
     return values, time.perf_counter() - start
 
 
+def check_rewards(values: Any, n: int) -> list[float | None]:
+    """`values` (what a reward function returned for `n` videos) as JSON-ready floats and `None`s, or a `ValueError`
+    saying what is wrong: not a sequence, the wrong length, or a value that is not a real number (or does not fit a
+    float, like `10**400`)."""
+    try:
+        count = len(values)
+    except TypeError:
+        raise ValueError(
+            f"returned {quoted(repr(values), 100)} ({type(values).__name__}) for {n} videos: return a list of one "
+            "float (or None) per video"
+        ) from None
+    if count != n:
+        raise ValueError(f"returned {count} values for {n} videos: return one float (or None) per video")
+    out = []
+    for j, value in enumerate(values):
+        if value is None:
+            out.append(None)
+            continue
+        if isinstance(value, bool) or not (
+            isinstance(value, numbers.Real) or (torch.is_tensor(value) and value.numel() == 1)
+        ):
+            raise ValueError(
+                f"returned {quoted(repr(value), 100)} ({type(value).__name__}) for video {j}: return a float or None"
+            )
+        try:
+            out.append(float(value))
+        except (OverflowError, ValueError, TypeError) as error:
+            raise ValueError(f"returned {quoted(repr(value), 100)} for video {j}, not a float ({error})") from None
+    return out
+
+
 def call_reward_funcs(
     reward_funcs: Sequence[RewardFunc],
     inputs: list[dict[str, Any]],
@@ -174,21 +206,13 @@ def call_reward_funcs(
     nonfinite = None
     for i, (func, (values, _)) in enumerate(zip(reward_funcs, results)):
         name = reward_func_name(func)
-        if values is None or len(values) != len(prompts):
-            got = "None" if values is None else len(values)
-            raise ValueError(
-                f"Reward function `{name}` returned {got} values for {len(prompts)} videos (prompt {prompts[0]!r}, "
-                "...): return one float (or None) per video."
-            )
+        try:
+            values = check_rewards(values, len(prompts))
+        except ValueError as error:
+            raise ValueError(f"Reward function `{name}` {error} (prompt {prompts[0]!r}, ...).") from None
         for j, value in enumerate(values):
             if value is None:
                 continue
-            if not (isinstance(value, numbers.Real) or (torch.is_tensor(value) and value.numel() == 1)):
-                raise ValueError(
-                    f"Reward function `{name}` returned {value!r} ({type(value).__name__}) for video {j} of prompt "
-                    f"{prompts[j]!r}: return one float (or None) per video."
-                )
-            value = float(value)
             if not math.isfinite(value):
                 if nonfinite is None:
                     nonfinite = (

@@ -33,7 +33,9 @@ def frame_indices(
 ) -> list[int]:
     """
     Which frames a reward model sees: `"first"` (frame 0), `"uniform"` (`k` frames evenly spaced from the first to the
-    last; all of them if the video is shorter) or `"fps"` (one frame every `video_fps / fps` frames, from frame 0).
+    last; all of them if the video is shorter) or `"fps"` (a stride: one frame every `video_fps / fps` frames, from
+    frame 0). VideoAlign and HPSv3 sample as qwen-vl-utils does instead: a count of frames from `fps`, spread evenly
+    (`qwen_vl_inputs.qwen_vl_frame_indices`).
     """
     if num_frames < 1:
         raise ValueError(f"The videos have {num_frames} frames.")

@@ -79,7 +79,7 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def fps_frame_indices(
+def qwen_vl_frame_indices(
     num_frames: int,
     video_fps: float = 16.0,
     fps: float = 2.0,

@@ -44,9 +44,9 @@ import threading
 import time
 from typing import Any
 
-from .base import RewardFunc, reward_func_name
+from .base import RewardFunc, check_rewards, reward_func_name
 from .server_limits import ServerLimits
-from .wire import API_KEY_ENV, TIMEOUT_HEADER, check_rewards, decode_request
+from .wire import API_KEY_ENV, TIMEOUT_HEADER, decode_request
 
 
 try:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .qwen_vl import QwenVLReward, QwenVLRewardModel, load_tensors, load_tokenizer, merge_lora, remap_qwen2vl_keys
-from .qwen_vl_inputs import VIDEO_MIN_PIXELS, fps_frame_indices, prompt_criteria
+from .qwen_vl_inputs import VIDEO_MIN_PIXELS, prompt_criteria, qwen_vl_frame_indices
 
 
 VIDEOALIGN_DIMENSIONS = ("VQ", "MQ", "TA")
@@ -211,7 +211,7 @@ class VideoAlignReward(QwenVLReward):
 
     def sample_frames(self, num_frames: int) -> list[int]:
         """The indices of the frames the model sees in a video of `num_frames` frames."""
-        return fps_frame_indices(num_frames, video_fps=self.video_fps, fps=self.fps)
+        return qwen_vl_frame_indices(num_frames, video_fps=self.video_fps, fps=self.fps)
 
     def pairs(self, prompts: Sequence[str], videos: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
         return videos[:, self.sample_frames(videos.shape[1])], [videoalign_prompt(p) for p in prompts]

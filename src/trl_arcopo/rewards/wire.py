@@ -31,7 +31,6 @@ The reward server's wire format, shared by the server ([`~trl_arcopo.rewards.ser
 from __future__ import annotations
 
 import json
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,34 +78,3 @@ def decode_request(body: bytes) -> tuple[list[str], torch.Tensor, dict[str, Any]
     if not isinstance(columns, dict) or "prompts" in columns or "videos" in columns:
         raise ValueError(f"the 'kwargs' metadata must be a JSON object of columns, got {quoted(json.dumps(columns))}")
     return prompts, videos, columns
-
-
-def check_rewards(values: Any, n: int) -> list[float | None]:
-    """`values` (what a reward function returned for `n` videos) as JSON-ready floats and `None`s, or a `ValueError`
-    saying what is wrong: not a sequence, the wrong length, or a value that is not a real number (or does not fit a
-    float, like `10**400`)."""
-    try:
-        count = len(values)
-    except TypeError:
-        raise ValueError(
-            f"returned {quoted(repr(values), 100)} ({type(values).__name__}) for {n} videos: return a list of one "
-            "float (or None) per video"
-        ) from None
-    if count != n:
-        raise ValueError(f"returned {count} values for {n} videos: return one float (or None) per video")
-    out = []
-    for j, value in enumerate(values):
-        if value is None:
-            out.append(None)
-            continue
-        if isinstance(value, bool) or not (
-            isinstance(value, numbers.Real) or (torch.is_tensor(value) and value.numel() == 1)
-        ):
-            raise ValueError(
-                f"returned {quoted(repr(value), 100)} ({type(value).__name__}) for video {j}: return a float or None"
-            )
-        try:
-            out.append(float(value))
-        except (OverflowError, ValueError, TypeError) as error:
-            raise ValueError(f"returned {quoted(repr(value), 100)} for video {j}, not a float ({error})") from None
-    return out

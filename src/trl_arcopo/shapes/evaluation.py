@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..completions import gif_bytes
 from .rewards import score_videos
 
 
@@ -153,7 +154,8 @@ def save_video_grid(
                 image = Image.fromarray(frame).resize((cell_w, cell_h), Image.NEAREST)
                 canvas.paste(image, (text_w + c * (cell_w + pad), y))
         frames.append(canvas)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    with open(path, "wb") as f:
+        f.write(gif_bytes(frames, fps))
 
 
 def plot_curves(
