@@ -113,121 +113,138 @@ def _add_reward_server(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- plan
-def _add_plan(subparsers) -> None:
-    from .planning import GPUS, OPTIMIZERS_8BIT, PRESETS
+@dataclasses.dataclass
+class PlanArguments:
+    """What `trl-arcopo plan` reports, and on which GPUs (the run itself is the YAML and [`PlanOverrides`])."""
 
-    parser = subparsers.add_parser(
+    preset: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "The generator, instead of the YAML's pipeline_name_or_path (self-forcing-1.3b: "
+                  "Wan2.1-T2V-1.3B); see docs/planning.md for the presets."},
+    )  # fmt: skip
+    gpu: list[str] = dataclasses.field(default_factory=lambda: ["h100"], metadata={"help": "One or more GPUs."})
+    mfu: float = dataclasses.field(default=0.35, metadata={"help": "Assumed model FLOPs utilisation, in (0, 1]."})
+    num_processes: int | None = dataclasses.field(default=None, metadata={"help": "Data-parallel processes (1)."})
+    fit: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Print the fastest setting of gradient checkpointing, rollout_batch_size, anchor_batch_size "
+                  "and offload_text_encoder that fits each GPU."},
+    )  # fmt: skip
+    headroom: float = dataclasses.field(default=0.15, metadata={"help": "--fit: the share of GPU memory left free."})
+    grid: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "One row per GPU x gradient checkpointing on/off x optimizer (the config's, 8-bit AdamW)."},
+    )
+    json: str | None = dataclasses.field(default=None, metadata={"help": "Also write the plan(s) as JSON here."})
+
+
+@dataclasses.dataclass
+class PlanOverrides:
+    """Settings of the run that a flag overrides over the YAML's (`None`: the YAML's, else the default)."""
+
+    num_generations: int | None = None
+    num_anchors: int | None = None
+    num_iterations: int | None = None
+    per_device_train_batch_size: int | None = None
+    lora_r: int | None = None
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    num_frames_per_chunk: int | None = None
+    pivot_chunk: int | None = None
+    beta: float | None = None
+    optim: str | None = None
+    torch_dtype: str | None = dataclasses.field(default=None, metadata={"choices": ["float32", "bfloat16", "float16"]})
+    mixed_precision: str | None = dataclasses.field(default=None, metadata={"choices": ["no", "bf16", "fp16"]})
+    gradient_checkpointing: bool | None = None
+    offload_text_encoder: bool | None = None
+    split_groups_across_processes: bool | None = None
+    rollout_batch_size: int | None = None
+    anchor_batch_size: int | None = None
+    decode_batch_size: int | None = None
+    reward_window_chunks: int | None = None
+    reward_context_chunks: int | None = None
+
+
+#: Settings of the video, which the planner reads from the config rather than as overrides of the run.
+_VIDEO_SETTINGS = ("height", "width", "num_frames", "num_frames_per_chunk")
+
+
+def _add_plan(subparsers) -> None:
+    subparsers.add_parser(
         "plan",
+        add_help=False,  # `trl-arcopo plan --help` is the help of its own parser ([`_plan_parser`])
         help="Predict FLOPs, memory and seconds of one AR-CoPO iteration on a GPU (no weights are loaded).",
+    ).set_defaults(run=_run_plan)
+
+
+def _plan_parser():
+    from trl import TrlParser
+
+    from .planning import GPUS, PRESETS
+
+    parser = TrlParser(
+        (PlanArguments, PlanOverrides), prog="trl-arcopo plan", usage="trl-arcopo plan [CONFIG.yaml] [--flags]",
         description="Predict, from a config alone, one AR-CoPO iteration (one rollout and its inner updates) per "
         "process: transformer FLOPs by phase, KV-cache, activation, parameter and optimizer bytes, the peak memory, "
-        "and seconds at an assumed MFU. See docs/planning.md.",
-    )
-    parser.add_argument(
-        "config",
-        nargs="?",
-        default=None,
-        help="YAML of examples/train_arcopo.py (e.g. examples/configs/self_forcing.yaml).",
-    )
-    parser.add_argument(
-        "--preset", choices=sorted(PRESETS), default=None,
-        help="The generator, instead of the YAML's pipeline_name_or_path (self-forcing-1.3b: Wan2.1-T2V-1.3B).",
+        "and seconds at an assumed MFU. CONFIG.yaml is a YAML of examples/train_arcopo.py; each flag overrides its "
+        "setting. See docs/planning.md.",
     )  # fmt: skip
-    parser.add_argument("--gpu", nargs="+", default=["h100"], choices=sorted(GPUS), help="One or more GPUs.")
-    parser.add_argument("--mfu", type=float, default=0.35, help="Assumed model FLOPs utilisation (default 0.35).")
-    parser.add_argument("--num_processes", type=int, default=None, help="Data-parallel processes (default 1).")
-    for name, kind in (
-        ("num_generations", int), ("num_anchors", int), ("num_iterations", int), ("per_device_train_batch_size", int),
-        ("lora_r", int), ("height", int), ("width", int), ("num_frames", int), ("num_frames_per_chunk", int),
-        ("pivot_chunk", int), ("beta", float), ("optim", str), ("rollout_batch_size", int), ("anchor_batch_size", int),
-        ("decode_batch_size", int), ("reward_window_chunks", int), ("reward_context_chunks", int),
-    ):  # fmt: skip
-        parser.add_argument(f"--{name}", type=kind, default=None, help=f"Override the config's `{name}`.")
-    parser.add_argument("--torch_dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    parser.add_argument(
-        "--mixed_precision", choices=["no", "bf16", "fp16"], default=None, help="Autocast (bf16: true)."
-    )
-    parser.add_argument(
-        "--gradient_checkpointing", choices=["true", "false"], default=None, help="Override activation checkpointing."
-    )
-    parser.add_argument(
-        "--offload_text_encoder", choices=["true", "false"], default=None, help="Keep the text encoder on the CPU."
-    )
-    parser.add_argument(
-        "--split_groups_across_processes", choices=["true", "false"], default=None,
-        help="Each process rolls out G / num_processes of every group.",
-    )  # fmt: skip
-    parser.add_argument(
-        "--fit", action="store_true",
-        help="Print the fastest setting of gradient checkpointing, rollout_batch_size, anchor_batch_size and "
-        "offload_text_encoder that fits each GPU.",
-    )  # fmt: skip
-    parser.add_argument(
-        "--headroom", type=float, default=0.15, help="--fit: the share of the GPU's memory left free (default 0.15)."
-    )
-    parser.add_argument(
-        "--grid", action="store_true",
-        help=f"Print one row per GPU x gradient checkpointing on/off x optimizer (the config's, {OPTIMIZERS_8BIT[0]}).",
-    )  # fmt: skip
-    parser.add_argument("--json", default=None, help="Also write the plan(s) as JSON to this file.")
+    for action in parser._actions:  # the choices live in the planning tables, not in the dataclass
+        if action.dest == "preset":
+            action.choices = sorted(PRESETS)
+        elif action.dest == "gpu":
+            action.choices = sorted(GPUS)
+    return parser
 
-    def run(args: argparse.Namespace) -> None:
 
-        from .planning import fit, fit_report, grid_table, load_yaml, plan_config
+def _run_plan(args: argparse.Namespace) -> None:
+    from .planning import OPTIMIZERS_8BIT, fit, fit_report, grid_table, load_yaml, plan_config
 
-        overrides = {
-            k: getattr(args, k)
-            for k in ("num_generations", "num_anchors", "num_iterations", "per_device_train_batch_size", "lora_r",
-                      "pivot_chunk", "beta", "optim", "torch_dtype", "mixed_precision", "rollout_batch_size",
-                      "anchor_batch_size", "decode_batch_size", "reward_window_chunks", "reward_context_chunks")
-            if getattr(args, k) is not None
-        }  # fmt: skip
-        for flag in ("gradient_checkpointing", "offload_text_encoder", "split_groups_across_processes"):
-            if getattr(args, flag) is not None:
-                overrides[flag] = getattr(args, flag) == "true"
-        if args.fit and args.grid:
-            parser.error("--fit and --grid are two reports; pass one of them.")
-        if not 0 < args.mfu <= 1:
-            parser.error(f"--mfu {args.mfu} must be in (0, 1], e.g. 0.35.")
-        try:
-            config = load_yaml(args.config) if args.config else {}
-            for key in ("height", "width", "num_frames", "num_frames_per_chunk"):
-                if getattr(args, key) is not None:
-                    config[key] = getattr(args, key)
-            if args.fit:
-                fits = {gpu: fit(config, args.preset, gpu=gpu, mfu=args.mfu, num_processes=args.num_processes,
-                                 headroom=args.headroom, **overrides) for gpu in args.gpu}  # fmt: skip
-            variants = [{}]
-            if args.grid:
-                optim = overrides.get("optim") or config.get("optim") or "adamw_torch"
-                optims = [optim] + [o for o in (OPTIMIZERS_8BIT[0],) if o != optim]
-                variants = [{"gradient_checkpointing": c, "optim": o} for c in (False, True) for o in optims]
-            plans = [
-                plan_config(config, args.preset, gpu=gpu, mfu=args.mfu, num_processes=args.num_processes,
-                            **{**overrides, **variant})
-                for gpu in args.gpu
-                for variant in variants
-            ]  # fmt: skip
-        except (ValueError, TypeError, FileNotFoundError) as error:
-            parser.error(str(error))
-        if args.fit:
-            sys.stdout.write("\n".join(fit_report(best, tried, args.headroom) for best, tried in fits.values()))
-            plans = [best for best, _ in fits.values() if best is not None]
-        elif args.grid:
-            sys.stdout.write(plans[0].summary(per_run=False) + "\n" + grid_table(plans))
-            for gpu in dict.fromkeys(p.gpu.name for p in plans):
-                over = [p for p in plans if p.gpu.name == gpu and not p.fits]
-                if over:  # the warning of the row that comes closest says what still does not fit
-                    count = sum(p.gpu.name == gpu for p in plans)
-                    closest = min(over, key=lambda p: p.peak_memory_bytes)
-                    sys.stdout.write(f"> WARNING: {len(over)} of {count} rows do not fit; {closest.warnings[0]}\n")
-        else:
-            sys.stdout.write("\n".join(p.to_markdown() for p in plans))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump([p.to_dict() for p in plans], f, indent=1)
-
-    parser.set_defaults(run=run)
+    argv = list(args.plan_argv)
+    path = argv.pop(0) if argv and not argv[0].startswith("-") else None
+    parser = _plan_parser()
+    options, flags = parser.parse_args_into_dataclasses(argv)
+    overrides = {k: v for k, v in dataclasses.asdict(flags).items() if v is not None and k not in _VIDEO_SETTINGS}
+    if options.fit and options.grid:
+        parser.error("--fit and --grid are two reports; pass one of them.")
+    if not 0 < options.mfu <= 1:
+        parser.error(f"--mfu {options.mfu} must be in (0, 1], e.g. 0.35.")
+    try:
+        config = load_yaml(path) if path else {}
+        config |= {k: getattr(flags, k) for k in _VIDEO_SETTINGS if getattr(flags, k) is not None}
+        common = dict(mfu=options.mfu, num_processes=options.num_processes)
+        if options.fit:
+            fits = {gpu: fit(config, options.preset, gpu=gpu, headroom=options.headroom, **common, **overrides)
+                    for gpu in options.gpu}  # fmt: skip
+        variants = [{}]
+        if options.grid:
+            optim = overrides.get("optim") or config.get("optim") or "adamw_torch"
+            optims = [optim] + [o for o in (OPTIMIZERS_8BIT[0],) if o != optim]
+            variants = [{"gradient_checkpointing": c, "optim": o} for c in (False, True) for o in optims]
+        plans = [
+            plan_config(config, options.preset, gpu=gpu, **common, **{**overrides, **variant})
+            for gpu in options.gpu
+            for variant in variants
+        ]
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        parser.error(str(error))
+    if options.fit:
+        sys.stdout.write("\n".join(fit_report(best, tried, options.headroom) for best, tried in fits.values()))
+        plans = [best for best, _ in fits.values() if best is not None]
+    elif options.grid:
+        sys.stdout.write(plans[0].summary(per_run=False) + "\n" + grid_table(plans))
+        for gpu in dict.fromkeys(p.gpu.name for p in plans):
+            over = [p for p in plans if p.gpu.name == gpu and not p.fits]
+            if over:  # the warning of the row that comes closest says what still does not fit
+                count = sum(p.gpu.name == gpu for p in plans)
+                closest = min(over, key=lambda p: p.peak_memory_bytes)
+                sys.stdout.write(f"> WARNING: {len(over)} of {count} rows do not fit; {closest.warnings[0]}\n")
+    else:
+        sys.stdout.write("\n".join(p.to_markdown() for p in plans))
+    if options.json:
+        with open(options.json, "w") as f:
+            json.dump([p.to_dict() for p in plans], f, indent=1)
 
 
 SUBCOMMANDS = [_add_reward_server, _add_plan]
@@ -239,7 +256,11 @@ def main(argv: list[str] | None = None) -> None:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "plan":  # the rest is parsed by the subcommand's own `TrlParser` ([`_plan_parser`])
+        args.plan_argv = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.run(args)
 
