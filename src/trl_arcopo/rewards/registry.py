@@ -20,7 +20,7 @@ A reward is written as a string or a mapping (see docs/rewards.md, "Rewards by n
     NAME[:ARGUMENT][?KEY=VALUE[&KEY=VALUE...]]      e.g. videoalign:checkpoints/VideoReward?dimensions=VQ+MQ+TA
     {name: NAME, <argument>: ARGUMENT, KEY: VALUE}   e.g. {name: videoalign, path: checkpoints/VideoReward}
 
-`NAME` is a reward family (`videoalign`, `pickscore`, `judge`, ...), a toy, a metric or a Moving Shapes reward; any
+`NAME` is a reward family (`videoalign`, `pickscore`, `judge`, ...), a toy, a metric or a registered reward; any
 other `MODULE:CALLABLE` or `package.module.function` is imported. The argument runs from the first `:` to the first
 `?`, so it may hold `:` (URLs, Windows drives); options follow the first `?`, separated by `&`, each value
 percent-decoded (`%26` is `&`, `%3F` is `?`) and typed as JSON when the option is not a string (`8`, `0.5`, `true`,
@@ -33,7 +33,9 @@ imported when a reward of that family is built.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import json
@@ -300,34 +302,36 @@ REWARD_FAMILIES: dict[str, RewardFamily] = {
 }  # fmt: skip
 
 
-def world_reward_names() -> list[str]:
-    """The Moving Shapes world's rewards (`trl_arcopo.shapes`), which are names too."""
-    from .. import shapes
-
-    return sorted(name for name in shapes.__all__ if name.endswith("_reward") and callable(getattr(shapes, name)))
+#: The entry-point group in which an installed package registers reward functions by name: each entry point names a
+#: mapping `name -> reward function` (the Moving Shapes world registers its rewards so, in `pyproject.toml`).
+REWARD_ENTRY_POINTS = "trl_arcopo.rewards"
 
 
-def _world_reward(name: str):
-    if name.startswith("_") or not name.endswith("_reward"):
-        return None
-    from .. import shapes
+@functools.cache
+def registered_rewards() -> dict[str, Callable]:
+    """The reward functions installed packages register by name ([`REWARD_ENTRY_POINTS`]), loaded on first use."""
+    rewards = {}
+    for entry_point in importlib.metadata.entry_points(group=REWARD_ENTRY_POINTS):
+        rewards.update(entry_point.load())
+    return rewards
 
-    reward = getattr(shapes, name, None)
-    return reward if callable(reward) else None
+
+def _registered(name: str) -> Callable | None:
+    return registered_rewards().get(name)
 
 
 def reward_names() -> list[str]:
     """Every name [`load_reward_func`] resolves without an import path."""
-    return sorted(REWARD_FAMILIES) + world_reward_names()
+    return sorted(REWARD_FAMILIES) + sorted(registered_rewards())
 
 
 def _unknown(name: str) -> ValueError:
-    world = world_reward_names()
-    close = difflib.get_close_matches(name, [*REWARD_FAMILIES, *world], n=1)
+    registered = sorted(registered_rewards())
+    close = difflib.get_close_matches(name, [*REWARD_FAMILIES, *registered], n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return ValueError(
         f"Unknown reward {name!r}.{hint} Known names: {', '.join(repr(n) for n in sorted(REWARD_FAMILIES))}; the "
-        f"Moving Shapes rewards {', '.join(repr(n) for n in world)}; or an import path 'package.module.function' or "
+        f"registered rewards {', '.join(repr(n) for n in registered)}; or an import path 'package.module.function' or "
         f"'MODULE:CALLABLE' (see {DOCS})."
     )
 
@@ -336,7 +340,7 @@ def _unknown(name: str) -> ValueError:
 @dataclass(frozen=True)
 class RewardSpec:
     """
-    A resolved reward name: `name` (a family of `REWARD_FAMILIES`, a Moving Shapes reward, or an import path
+    A resolved reward name: `name` (a family of `REWARD_FAMILIES`, a registered reward, or an import path
     `MODULE:CALLABLE` / `package.module.function`) and its options, converted and checked. `build()` makes the reward
     function. Two specs that denote the same reward compare equal, whichever form (string or mapping) they came from.
     """
@@ -352,8 +356,8 @@ class RewardSpec:
         """The reward function (a family's model is loaded now)."""
         family = self.family
         if family is None:
-            world = _world_reward(self.name)
-            return world if world is not None else _import_callable(self.name, self.options)
+            registered = _registered(self.name)
+            return registered if registered is not None else _import_callable(self.name, self.options)
         if family.requires is not None and importlib.util.find_spec(family.requires[0]) is None:
             raise ImportError(
                 f"Reward {self.name!r} needs the `{family.requires[0]}` package: "
@@ -417,8 +421,8 @@ def _from_string(spec: str) -> tuple[str, dict[str, Any]]:
         return prefix, options
     if not head:
         raise ValueError(f"{spec!r} names no reward; see {DOCS}.")
-    if colon or "." in head or _world_reward(head) is not None:  # an import path, or a Moving Shapes reward
-        typed = options if _world_reward(head) is not None else {k: _scalar(v) for k, v in options.items()}
+    if colon or "." in head or _registered(head) is not None:  # an import path, or a registered reward
+        typed = options if _registered(head) is not None else {k: _scalar(v) for k, v in options.items()}
         return head, typed
     raise _unknown(head)
 
@@ -466,11 +470,11 @@ def parse_reward_spec(spec: str | Mapping[str, Any] | RewardSpec | None = None, 
     raw.update(options)
     family = REWARD_FAMILIES.get(name)
     if family is None:
-        if _world_reward(name) is None:
+        if _registered(name) is None:
             _import_target(name)  # a missing module is named now, before anything loads
         elif raw:
             raise ValueError(
-                f"Reward {name!r} has no option {next(iter(raw))!r}: a Moving Shapes reward takes no options."
+                f"Reward {name!r} has no option {next(iter(raw))!r}: a registered reward takes no options."
             )
         return RewardSpec(name, raw)
     converted = {}
@@ -507,7 +511,8 @@ def load_reward_func(spec: str | Mapping[str, Any] | RewardSpec | None = None, /
       `"pickscore[:PATH_OR_HUB_ID]"`, `"clip_score:PATH_OR_HUB_ID"`, `"aesthetic:HEAD_PATH"`, `"judge:BASE_URL"`,
       `"server:URL[,URL...]"`, e.g. `"videoalign:checkpoints/VideoReward?dimensions=VQ+MQ+TA&dtype=bfloat16"`;
     - the weight-free metrics `"motion_magnitude"`, `"flicker"`, `"sharpness"` (`"motion_magnitude?scale=20"`);
-    - the toys `"redness"` and `"random"`, and the Moving Shapes world's rewards (`"prominence_reward"`, ...);
+    - the toys `"redness"` and `"random"`, and the rewards installed packages register ([`registered_rewards`]), such
+      as the Moving Shapes world's (`"prominence_reward"`, ...);
     - an import path `"package.module.function"` or `"MODULE:CALLABLE"`: a class is instantiated with the options;
       a function given options is called with them to build the reward (a factory); without, it is the reward.
 

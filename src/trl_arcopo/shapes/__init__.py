@@ -56,6 +56,14 @@ from .world import (
 )
 
 
+#: The world's rewards by name, which `trl_arcopo.rewards.load_reward_func` resolves: registered under the entry point
+#: group `trl_arcopo.rewards` in `pyproject.toml`.
+REWARDS = {
+    reward.__name__: reward
+    for reward in (colour_reward, combined_reward, direction_reward, prominence_reward, shape_reward,
+                   temporal_quality_reward)
+}  # fmt: skip
+
 __all__ = [
     "ALL_PROMPTS",
     "COLOURS",
@@ -65,6 +73,7 @@ __all__ = [
     "PRETRAINED_PATH",
     "REPORTED_DIFFERENCES",
     "REPORT_KEYS",
+    "REWARDS",
     "SHAPES",
     "TRAIN_PROMPTS",
     "VERIFIABLE_REWARDS",
