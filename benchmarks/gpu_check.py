@@ -62,7 +62,7 @@ from trl_arcopo.planning import (
     DEFAULT_LORA_TARGETS,
     GPUS,
     WAN_2_1_T2V_1_3B,
-    GeneratorSpec,
+    GeneratorProfile,
     format_bytes,
     format_flops,
     plan_config,
@@ -223,7 +223,7 @@ def measure(fn, device: torch.device):
 
 
 def choose_group_size(
-    config: dict, generator: GeneratorSpec, gpu: str | None, requested: int
+    config: dict, generator: GeneratorProfile, gpu: str | None, requested: int
 ) -> tuple[int, int | None]:
     """
     `(G, rollout_batch_size)`: the largest `G <= requested`, with the largest branch sub-batch (`None`: all at once),
@@ -280,7 +280,7 @@ def main(argv=None):
               f"{'ok' if r['passed'] else 'FAILED'}", flush=True)  # fmt: skip
 
     # 2. the plan of this run (G lowered if the group would not fit)
-    generator = GeneratorSpec.from_pipeline(pipe)
+    generator = GeneratorProfile.from_pipeline(pipe)
     pivot = args.pivot if args.pivot is not None else setup["pivot"]
     config = dict(
         num_generations=args.num_generations, num_anchors=args.num_anchors, num_iterations=1, pivot_chunk=pivot,

@@ -15,7 +15,7 @@ from trl_arcopo.planning import (
     DEFAULT_LORA_TARGETS,
     PRESETS,
     UMT5_XXL_ENCODER,
-    GeneratorSpec,
+    GeneratorProfile,
     RunSettings,
     TransformerShape,
     VideoShape,
@@ -227,8 +227,8 @@ def test_yaml_generators_resolve_like_the_loaded_pipelines():
     pipe = tiny_pipeline()
     assert tiny.parameters["transformer"] == sum(p.numel() for p in pipe.transformer.parameters())
     assert tiny.parameters["text_encoder"] == sum(p.numel() for p in pipe.text_encoder.parameters())
-    folder = GeneratorSpec.resolve("moving-shapes")
-    loaded = GeneratorSpec.from_pipeline(load_pretrained_pipeline())
+    folder = GeneratorProfile.resolve("moving-shapes")
+    loaded = GeneratorProfile.from_pipeline(load_pretrained_pipeline())
     assert folder.video == loaded.video and folder.text_encoder_parameters == loaded.text_encoder_parameters
     assert (folder.num_denoising_steps, folder.sampler) == (loaded.num_denoising_steps, loaded.sampler)
     assert transformer_parameters(TransformerShape.from_config(folder.transformer)) == loaded.transformer_parameters
@@ -345,7 +345,7 @@ def test_presets_stream_as_the_converted_pipelines(name):
     from trl_arcopo.convert import pipeline_settings
 
     settings = pipeline_settings(*CONVERTED[name])
-    preset, spec = PRESETS[name], GeneratorSpec.from_preset(name)
+    preset, spec = PRESETS[name], GeneratorProfile.from_preset(name)
     video = preset.video
     assert spec.video == video and spec.transformer == preset.transformer
     assert (video.num_frames_per_chunk, video.cache_policy, video.local_attn_frames, video.sink_frames) == (
@@ -355,7 +355,7 @@ def test_presets_stream_as_the_converted_pipelines(name):
     assert preset.num_denoising_steps == len(settings["default_sigmas"] or [1.0, 0.75, 0.5, 0.25])
     assert (video.height, video.width, video.latent_frames) == (480, 832, 21)
     assert preset.text_encoder_parameters == PRESETS["self-forcing-1.3b"].text_encoder_parameters
-    # wherever self-forcing-1.3b works: plan, plan_config, GeneratorSpec.resolve and the CLI
+    # wherever self-forcing-1.3b works: plan, plan_config, GeneratorProfile.resolve and the CLI
     p = plan({"torch_dtype": "bfloat16", "bf16": True}, name)
     shape = TransformerShape.from_config(preset.transformer)
     assert p.video == video and p.parameters["transformer"] == transformer_parameters(shape)
@@ -390,7 +390,7 @@ def test_kv_cache_of_every_policy_equals_the_built_caches(policy, window, sink, 
     video = VideoShape.from_pipeline(pipe)
     assert (video.cache_policy, video.local_attn_frames, video.sink_frames) == (policy, window, sink)
     pipe.save_pretrained(tmp_path)
-    assert GeneratorSpec.from_folder(str(tmp_path)).video == video
+    assert GeneratorProfile.from_folder(str(tmp_path)).video == video
     embeds, _ = pipe.encode_prompt(["a red fox", "a cat"])
     noise = RolloutNoise.sample(pipe.latent_shape(2, 16, 16, 12, 3), 3, 4, generator=torch.Generator().manual_seed(0))
     timesteps, sigmas = pipe.get_schedule()

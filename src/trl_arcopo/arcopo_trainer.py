@@ -39,7 +39,7 @@ from .completions import Completions, log_to_trackers
 from .data import EpochRepeatSampler, check_datasets, seeded_generator
 from .ema import AdapterEMA
 from .generator import StreamingGenerator, check_generator
-from .hub import HubMixin, save_sample_gif
+from .hub import ARCOPO_BIBTEX, ARCOPO_PAPER, HubMixin, save_sample_gif
 from .loss import LossStats, get_loss_strategy, x0_penalty
 from .nonfinite import NonFiniteGuard
 from .policy import add_policy_adapter, check_adapters_in_sync, prepare_for_training, reference_policy
@@ -92,6 +92,7 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
 
     _tag_names = ["trl", "arcopo"]
     _name = "AR-CoPO"
+    _paper = {**ARCOPO_PAPER, "citation": ARCOPO_BIBTEX}
 
     def __init__(
         self,

@@ -47,7 +47,11 @@ __all__ = [
     "push_adapter_to_hub",
 ]
 
-PAPER_URL = "https://huggingface.co/papers/2603.17461"
+#: The method's paper, as TRL's trainers declare theirs (`_paper`): what the model card links and cites.
+ARCOPO_PAPER = {
+    "title": "AR-CoPO: Align Autoregressive Video Generation with Contrastive Policy Optimization",
+    "id": "2603.17461",
+}
 REQUIRED_TAGS = ["trl", "arcopo", "diffusers", "lora", "text-to-video"]
 #: What a push uploads from a training folder: the diffusers-format adapter and its model card, nothing else (not the
 #: checkpoints, the replay buffer, completions, logs or `training_args.bin`).
@@ -206,6 +210,7 @@ def create_model_card(
     dataset_name: str | None = None,
     adapter_names: list[str] | None = None,
     citation: str = ARCOPO_BIBTEX,
+    paper_id: str = ARCOPO_PAPER["id"],
 ) -> ModelCard:
     r"""
     Write the model card (`README.md`) of a LoRA adapter trained with AR-CoPO, offline and atomically.
@@ -239,6 +244,8 @@ def create_model_card(
             The adapters trained in the run, listed in the card.
         citation (`str`, defaults to `ARCOPO_BIBTEX`):
             The BibTeX entry of the method; TRL's is always added.
+        paper_id (`str`, defaults to AR-CoPO's):
+            The arXiv id of the method's paper, linked as `https://huggingface.co/papers/<id>`.
 
     Returns:
         [`~huggingface_hub.ModelCard`]: the card, as written to `output_dir/README.md`.
@@ -265,7 +272,8 @@ def create_model_card(
     training_config = _as_mapping(training_config)
     card = ModelCard.from_template(  # the template's variables
         card_data, template_str=MODEL_CARD_TEMPLATE, model_name=model_name, base_model=base_model,
-        base_model_md=base_model_md, repo_id=repo_id, trainer_name=trainer_name, paper_url=PAPER_URL,
+        base_model_md=base_model_md, repo_id=repo_id, trainer_name=trainer_name,
+        paper_url=f"https://huggingface.co/papers/{paper_id}",
         dataset_name=dataset_name, adapter_names=list(adapter_names or []), framework_versions=_framework_versions(),
         training_config_yaml=_config_yaml(training_config) if training_config else "", citation=citation.strip(),
         trl_citation=TRL_BIBTEX,
@@ -371,8 +379,8 @@ class HubMixin:
     """
     [`~trl_arcopo.ARCoPOTrainer`]'s saving and sharing hooks on `transformers.Trainer`: the saved model is the adapter
     and its model card, and only those (plus sample videos on request) reach the Hub. Needs the trainer's
-    `pipeline`, `adapter_name`, `adapter_state_dict()` and `ema_weights(folder)` (the context in which the adapter holds
-    the weights to save into `folder`).
+    `pipeline`, `adapter_name`, `adapter_state_dict()`, `ema_weights(folder)` (the context in which the adapter holds
+    the weights to save into `folder`), and TRL's `_name`, `_tag_names` and `_paper` for the model card.
     """
 
     # `_save` and `_push_from_checkpoint` are private in `Trainer`: `save_model` and the checkpoint pushes call them,
@@ -429,13 +437,16 @@ class HubMixin:
         """Write the model card (`README.md`, into `output_dir` or `folder`): base model, tags, configuration, citations."""
         if not self.is_world_process_zero():
             return
-        create_model_card(
+        create_model_card(  # the trainer's TRL pieces: `_name`, `_tag_names` and `_paper`
             folder or self.args.output_dir,
             base_model=self.pipeline.name_or_path or None,
             model_name=model_name or os.path.basename(self.args.output_dir.rstrip("/")),
             hub_model_id=self.args.hub_model_id,
+            trainer_name=self._name,
             training_config=card_training_config(self.args),
-            tags=[tags] if isinstance(tags, str) else list(tags or []),
+            tags=[*self._tag_names, *([tags] if isinstance(tags, str) else list(tags or []))],
+            citation=self._paper["citation"],
+            paper_id=self._paper["id"],
             dataset_name=dataset_name,
             adapter_names=[self.adapter_name],
         )

@@ -17,7 +17,7 @@ parameter and optimizer bytes, the peak memory of a process, and seconds on a gi
 
 The package: `inputs` (GPUs, transformer and video shapes, presets), `settings` (the run's settings), `costs` (the
 LoRA layout, parameter counts, FLOPs and saved activations of one pass), `report` (a plan and its report), `planner`
-([`plan`]), and here the front end on configs and pipelines ([`plan_config`], [`fit`], [`GeneratorSpec`]).
+([`plan`]), and here the front end on configs and pipelines ([`plan_config`], [`fit`], [`GeneratorProfile`]).
 
 Everything is computed from the configuration alone (closed forms over the transformer config and the video size; the
 parameter counts of the frozen components from `torch.device("meta")` builds), without weights. The closed forms
@@ -107,7 +107,7 @@ __all__ = [
     "WAN_2_1_VAE_PARAMETERS",
     "ActivationEstimate",
     "GPUSpec",
-    "GeneratorSpec",
+    "GeneratorProfile",
     "MemoryItem",
     "ModelPreset",
     "PhaseCost",
@@ -140,7 +140,7 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------------- configs and pipelines
 @dataclass(frozen=True)
-class GeneratorSpec:
+class GeneratorProfile:
     r"""
     What the plan needs of a generator: its transformer config, default video, frozen components and schedule.
 
@@ -159,13 +159,13 @@ class GeneratorSpec:
     sampler: str = "consistency"
 
     @classmethod
-    def from_preset(cls, name: str) -> GeneratorSpec:
+    def from_preset(cls, name: str) -> GeneratorProfile:
         p = get_preset(name)
         return cls(p.transformer, p.video, p.text_encoder_parameters, p.vae_parameters, None, p.num_denoising_steps,
                    p.sampler)  # fmt: skip
 
     @classmethod
-    def from_pipeline(cls, pipeline) -> GeneratorSpec:
+    def from_pipeline(cls, pipeline) -> GeneratorProfile:
         """From a loaded `SelfForcingPipeline` (counts its modules' parameters)."""
 
         def count(module):
@@ -184,7 +184,7 @@ class GeneratorSpec:
         )
 
     @classmethod
-    def from_folder(cls, path: str) -> GeneratorSpec:
+    def from_folder(cls, path: str) -> GeneratorProfile:
         """
         From a `SelfForcingPipeline` folder's JSON configs only (no weights are read): `model_index.json` (the
         defaults and the cache policy), the transformer's and VAE's `config.json`; the text encoder and VAE are counted
@@ -219,7 +219,7 @@ class GeneratorSpec:
         )
 
     @classmethod
-    def resolve(cls, name_or_path: str | None, preset: str | None = None) -> GeneratorSpec:
+    def resolve(cls, name_or_path: str | None, preset: str | None = None) -> GeneratorProfile:
         """
         The generator of a YAML's `pipeline_name_or_path` (as `examples/train_arcopo.py` reads it): a `preset`
         wins; then a preset name, `"tiny-random"`, `"moving-shapes"` (the default) or a local pipeline folder.
@@ -287,7 +287,7 @@ def load_yaml(path: str) -> dict:
 
 def plan_config(
     config: Mapping | Any | None = None,
-    generator: GeneratorSpec | str | None = None,
+    generator: GeneratorProfile | str | None = None,
     *,
     gpu: str | GPUSpec = "h100",
     mfu: float = 0.35,
@@ -296,12 +296,12 @@ def plan_config(
 ) -> Plan:
     """
     [`plan`] for a run config (a dict such as a YAML of `examples/train_arcopo.py`, or an [`ARCoPOConfig`]) on a
-    generator: a [`GeneratorSpec`], a preset name, or `None` to resolve the config's `pipeline_name_or_path`.
+    generator: a [`GeneratorProfile`], a preset name, or `None` to resolve the config's `pipeline_name_or_path`.
     """
     config = {} if config is None else config
-    if not isinstance(generator, GeneratorSpec):
+    if not isinstance(generator, GeneratorProfile):
         name = config.get("pipeline_name_or_path") if isinstance(config, Mapping) else None
-        generator = GeneratorSpec.resolve(name, preset=generator)
+        generator = GeneratorProfile.resolve(name, preset=generator)
     get = config.get if isinstance(config, Mapping) else (lambda k: getattr(config, k, None))
     defaults = {}
     if get("denoising_sigmas") is None:
@@ -317,7 +317,7 @@ def plan_config(
 
 def fit(
     config: Mapping | Any | None = None,
-    generator: GeneratorSpec | str | None = None,
+    generator: GeneratorProfile | str | None = None,
     *,
     headroom: float = 0.15,
     **overrides,
