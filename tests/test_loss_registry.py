@@ -54,7 +54,7 @@ def test_a_registered_loss_trains_with_its_steps_and_temperature(tmp_path, best_
     assert all(torch.equal(c["temperature"], torch.full((n, steps), 2.0)) for c in CALLS)  # the loss's own
 
 
-def test_the_planner_and_the_errors_read_the_registry(best_of_group):
+def test_the_planner_and_the_errors_read_the_registry(tmp_path, best_of_group):
     settings = RunSettings(loss_type="best_of_group", num_denoising_steps=4)
     assert settings.trained_steps == (0, 1, 2)  # it cannot train the last step
     with pytest.raises(ValueError, match="already registered"):
@@ -63,3 +63,9 @@ def test_the_planner_and_the_errors_read_the_registry(best_of_group):
         get_loss_strategy("dpo")
     with pytest.raises(ValueError, match="`loss_type='best_of_group'` cannot train the last.*at least 2"):
         RunSettings(loss_type="best_of_group", num_denoising_steps=1)
+    unknown = register_loss(LossStrategy("wander", _best_of_group_loss, exploration="wander"))
+    try:  # refused when the trainer is built, before any rollout
+        with pytest.raises(ValueError, match="`loss_type='wander'` explores with 'wander'.*'neighbors', 'sde'"):
+            tiny_trainer(tmp_path, loss_type="wander")
+    finally:
+        del LOSS_STRATEGIES[unknown.name]

@@ -300,6 +300,11 @@ class RolloutSpec:
         steps = min(len(spec.timesteps), len(spec.schedule(0)[0]))  # every pivot's schedule has them
         strategy = get_loss_strategy(args.loss_type)
         strategy.check(spec.sampler, steps)  # the sampler may be the pipeline's `default_sampler`
+        if strategy.exploration not in EXPLORATIONS:
+            raise ValueError(
+                f"`loss_type={args.loss_type!r}` explores with {strategy.exploration!r}, which `sample_group` does not "
+                f"know: register the loss with an exploration of {EXPLORATIONS}."
+            )
         trainable = strategy.trainable_steps(steps)
         if args.train_denoising_steps is not None and max(args.train_denoising_steps) >= trainable:
             raise ValueError(
