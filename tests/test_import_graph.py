@@ -26,7 +26,16 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: list[tuple[str, set[str]]] = [
     (
         "utilities",
-        {PACKAGE, "dependency_logging", "import_utils", "io_utils", "attention_window", "latent_frames", "nonfinite"},
+        {
+            PACKAGE,
+            "dependency_logging",
+            "import_utils",
+            "io_utils",
+            "attention_window",
+            "latent_frames",
+            "nonfinite",
+            "run_checks",
+        },
     ),
     ("numerics and models", {"sampling", "loss", "kv_cache", "models", "quantization", "text_encoders"}),
     ("generation and rewards", {"generator", "pipelines", "rollout_group", "rollout", "rewards"}),

@@ -23,6 +23,7 @@ import torch
 from transformers import TrainingArguments
 
 from .loss import DISTANCE_REDUCTIONS, SCALE_REWARDS, check_aggregation, check_delta, get_loss_strategy
+from .run_checks import SUB_BATCH_FIELDS, check_group_settings
 from .sampling import check_sampler, check_sigmas
 
 
@@ -415,20 +416,13 @@ class ARCoPOConfig(TrainingArguments):
         for fields, optional in ((INTEGER_FIELDS, False), (OPTIONAL_INTEGER_FIELDS, True)):
             for name, example in fields.items():
                 setattr(self, name, check_integer(name, getattr(self, name), example, optional))
-        if self.num_generations < 2:
-            raise ValueError(
-                f"`num_generations={self.num_generations}`: a group needs at least 2 candidates to have advantages; "
-                "set `num_generations >= 2` (paper: 12)."
-            )
-        if not 1 <= self.num_anchors <= self.num_generations:
-            raise ValueError(
-                f"`num_anchors={self.num_anchors}` must be between 1 and `num_generations={self.num_generations}` "
-                "(anchors are drawn among the candidates); lower `num_anchors` or raise `num_generations`."
-            )
-        for name in ("rollout_batch_size", "anchor_batch_size", "decode_batch_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"`{name}={value!r}` must be a positive integer or None (no sub-batches).")
+        if self.train_denoising_steps is not None:
+            for j in self.train_denoising_steps:
+                check_integer("train_denoising_steps", j, 0)
+        check_group_settings(  # the rules the planner's settings obey too
+            self.num_generations, self.num_anchors, self.num_iterations, self.per_device_train_batch_size, self.beta,
+            self.train_denoising_steps, **{name: getattr(self, name) for name in SUB_BATCH_FIELDS},
+        )  # fmt: skip
         if not 0 < self.fork_noise_scale <= 1:
             raise ValueError(f"`fork_noise_scale={self.fork_noise_scale}` must be in (0, 1] (paper: 0.5).")
         if self.sampler is not None:
@@ -436,8 +430,6 @@ class ARCoPOConfig(TrainingArguments):
         get_loss_strategy(self.loss_type).check(
             self.sampler, None if self.denoising_sigmas is None else len(self.denoising_sigmas)
         )  # again on the pipeline's schedule and sampler ([`~trl_arcopo.rollout.RolloutSpec.from_config`])
-        if self.num_iterations < 1:
-            raise ValueError(f"`num_iterations={self.num_iterations}` must be at least 1 (paper: 2).")
         if self.reward_window_chunks is not None and self.reward_window_chunks < 1:
             raise ValueError(
                 f"`reward_window_chunks={self.reward_window_chunks}` must be at least 1 (the pivot chunk), or None "
@@ -464,11 +456,6 @@ class ARCoPOConfig(TrainingArguments):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name}={value}` must be a positive size, or None for the pipeline's default.")
-        if self.per_device_train_batch_size < 1:
-            raise ValueError(
-                f"`per_device_train_batch_size={self.per_device_train_batch_size}` is the number of prompts per step "
-                "and process: set it to at least 1."
-            )
         if self.gradient_accumulation_steps < 1:
             raise ValueError(f"`gradient_accumulation_steps={self.gradient_accumulation_steps}` must be at least 1.")
         if self.max_steps == 0:
@@ -498,17 +485,6 @@ class ARCoPOConfig(TrainingArguments):
             raise ValueError(f"`scale_rewards={self.scale_rewards!r}` is not one of {SCALE_REWARDS}.")
         if self.quasi_norm_p is not None and not 0 < self.quasi_norm_p <= 2:
             raise ValueError(f"`quasi_norm_p={self.quasi_norm_p}` must be in (0, 2] (Neighbor GRPO: 0.8).")
-        if not 0 <= self.beta < math.inf:
-            raise ValueError(f"`beta={self.beta}` must be non-negative and finite (0: no penalty).")
-        if self.train_denoising_steps is not None:
-            steps = list(self.train_denoising_steps)
-            for j in steps:
-                check_integer("train_denoising_steps", j, 0)
-            if not steps or any(j < 0 for j in steps) or len(set(steps)) != len(steps):
-                raise ValueError(
-                    f"`train_denoising_steps={steps}` must be a non-empty list of distinct step indices (>= 0, "
-                    "0 = the step from pure noise), or None for every step."
-                )
         if self.num_frames_per_chunk is not None and self.num_frames_per_chunk < 1:
             raise ValueError(f"`num_frames_per_chunk={self.num_frames_per_chunk}` must be at least 1.")
         if self.pivot_chunk is not None and self.pivot_chunk < 0:

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..run_checks import SUB_BATCH_FIELDS, check_group_settings
 from .inputs import DEFAULT_LORA_TARGETS, SELF_FORCING_NUM_STEPS
 
 
@@ -94,18 +95,14 @@ class RunSettings:
     fsdp: bool = False
 
     def __post_init__(self):
+        check_group_settings(  # the config's rules ([`~trl_arcopo.run_checks`])
+            self.num_generations, self.num_anchors, self.num_iterations, self.per_device_train_batch_size, self.beta,
+            self.train_denoising_steps, **{name: getattr(self, name) for name in SUB_BATCH_FIELDS},
+        )  # fmt: skip
         checks = [
-            ("num_generations", self.num_generations >= 2, "at least 2 (paper: 12)"),
-            ("num_anchors", 1 <= self.num_anchors <= self.num_generations, "in [1, num_generations]"),
-            ("num_iterations", self.num_iterations >= 1, "at least 1"),
-            ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, "at least 1"),
             ("num_processes", self.num_processes >= 1, "at least 1"),
             ("num_denoising_steps", self.num_denoising_steps >= 1, "at least 1"),
             ("lora_r", self.lora_r >= 1, "at least 1"),
-            ("beta", self.beta >= 0, "non-negative"),
-            ("rollout_batch_size", self.rollout_batch_size is None or self.rollout_batch_size >= 1, "None or >= 1"),
-            ("anchor_batch_size", self.anchor_batch_size is None or self.anchor_batch_size >= 1, "None or >= 1"),
-            ("decode_batch_size", self.decode_batch_size is None or self.decode_batch_size >= 1, "None or >= 1"),
         ]
         if self.fsdp:
             checks.append(("num_processes", self.num_processes >= 2, "at least 2 with `fsdp` (it shards over them)"))
@@ -128,10 +125,10 @@ class RunSettings:
                 "inner updates); plan with `training_mode='on_policy'` (a semi-on-policy step costs one update plus "
                 "the reference forwards and the prefix rebuild of the drawn groups)."
             )
-        steps = self.trained_steps
-        if not steps or max(steps) >= self.num_denoising_steps or min(steps) < 0:
+        if max(self.trained_steps) >= self.num_denoising_steps:
             raise ValueError(
-                f"`train_denoising_steps={list(steps)}` must be distinct step indices in [0, {self.num_denoising_steps})."
+                f"`train_denoising_steps={list(self.trained_steps)}` must be step indices in "
+                f"[0, {self.num_denoising_steps})."
             )
 
     @property
