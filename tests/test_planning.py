@@ -554,3 +554,25 @@ def test_a_reward_window_keeps_only_its_frames_of_the_decoded_videos():
     latents = 12 * 16 * 240 * 60 * 104 * 4
     assert whole.memory_by_phase("decode") == 12 * pixels + latents
     assert window.memory_by_phase("decode") == 12 * (pixels * 3 // 80 + pixels // 12) + latents
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(num_generations=1, num_anchors=1),
+        dict(num_generations=4, num_anchors=5),
+        dict(num_iterations=0),
+        dict(per_device_train_batch_size=0),
+        dict(beta=-1.0),
+        dict(rollout_batch_size=0),
+        dict(train_denoising_steps=[1, 1]),
+    ],
+)
+def test_the_planner_refuses_what_the_config_refuses_with_the_same_message(tmp_path, bad):
+    from trl_arcopo import ARCoPOConfig
+
+    with pytest.raises(ValueError) as config_error:
+        ARCoPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **bad)
+    with pytest.raises(ValueError) as plan_error:
+        RunSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in bad.items()})
+    assert str(plan_error.value) == str(config_error.value)
