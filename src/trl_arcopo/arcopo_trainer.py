@@ -438,7 +438,6 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         groups in the step); gradients are synchronised after the `final` backward. Returns the detached total loss.
         """
         args, metrics = self.args, self._metrics["train"]
-        self._with_temperature(group)  # a group made outside the trainer's rollout ([`accumulate_gradients`])
         anchors = AnchorBatch.draw(group, args.num_anchors, self._rng(_ANCHORS), iteration)
         if args.split_groups_across_processes and iteration is not None:  # this process's share of the anchors
             anchors = anchors.sub_batches(args.num_anchors // self.accelerator.num_processes)[
@@ -473,6 +472,7 @@ class ARCoPOTrainer(HubMixin, CheckpointMixin, Trainer):
         default, `None` as for replay-buffer groups. Returns the detached loss.
         """
         self.model.train()
+        self._with_temperature(group)  # a group made outside the trainer's rollout has no temperature yet
         return self._update(self.model, group, iteration)
 
     def compute_loss(self, model, inputs: AnchorBatch, return_outputs=False, num_items_in_batch=None) -> torch.Tensor:
